@@ -1,0 +1,22 @@
+//! Core of the task queue: the [`Broker`] trait every adapter implements, the signed
+//! [`TaskPackage`] codec every broker carries, shared settings and errors, and (feature
+//! `testkit`) the conformance kit that proves an adapter.
+#![warn(missing_docs)]
+
+mod broker;
+pub mod codec;
+mod error;
+mod package;
+mod settings;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use broker::{
+    AckId, Broker, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId, Stat,
+};
+pub use codec::{Codec, CodecError};
+pub use error::BrokerError;
+pub use package::{TaskId, TaskOptions, TaskPackage, TraceContext, now_us};
+pub use settings::{MAX_QUEUE_NAME, QueueSettings, mask_url, redact, url_password};
+
+pub use async_trait::async_trait;

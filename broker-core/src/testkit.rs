@@ -1,0 +1,1025 @@
+//! The conformance kit: one call proves an adapter against the semantics of [`Broker`].
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use broker_core::{testkit::Kit, Broker, QueueSettings};
+//! # async fn make(s: QueueSettings) -> Result<Arc<dyn Broker>, broker_core::BrokerError> { todo!() }
+//! # async fn t() {
+//! Kit::new(|settings| Box::pin(make(settings)))
+//!     .run()
+//!     .await; // panics with the list of failed checks
+//! # }
+//! ```
+//!
+//! The factory gets [`QueueSettings`] with a queue name no other check uses and must return a
+//! broker for exactly that queue (several calls with the same name must share the queue: the
+//! concurrency check opens four consumers). Checks that need an optional capability are skipped,
+//! loudly, when [`Broker::capabilities`] does not declare it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::{Broker, BrokerError, Delivery, Message, QueueSettings};
+
+/// What a factory returns.
+pub type BrokerFuture = Pin<Box<dyn Future<Output = Result<Arc<dyn Broker>, BrokerError>> + Send>>;
+type Factory = Arc<dyn Fn(QueueSettings) -> BrokerFuture + Send + Sync>;
+type Unreachable = Arc<dyn Fn() -> BrokerFuture + Send + Sync>;
+type CheckResult = Result<Outcome, String>;
+
+/// How one check ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The check ran and held.
+    Passed,
+    /// The check does not apply to this broker; the reason is printed.
+    Skipped(String),
+}
+
+/// The conformance kit for one adapter.
+#[derive(Clone)]
+pub struct Kit {
+    make: Factory,
+    unreachable: Option<Unreachable>,
+    secret: Option<String>,
+    prefix: String,
+    retry: Duration,
+}
+
+/// Every check the kit runs, by name, in order.
+pub const CHECKS: &[&str] = &[
+    "round_trip",
+    "enqueue_many_in_order",
+    "bulk_limit",
+    "acknowledge_removes",
+    "fail_keeps_package",
+    "receipts_redeliver_after_retry",
+    "stale_receipt_is_ignored",
+    "lock_size_counts_in_flight",
+    "queue_size_counts_waiting",
+    "purge_queue",
+    "delete_queue",
+    "queues_are_isolated",
+    "hostile_queue_name",
+    "oversize_is_refused",
+    "info_fields",
+    "ping",
+    "ping_unreachable",
+    "priority",
+    "delay",
+    "dead_letter",
+    "stats",
+    "concurrent_consumers",
+];
+
+impl Kit {
+    /// A kit that makes brokers with `make`.
+    pub fn new<F>(make: F) -> Self
+    where
+        F: Fn(QueueSettings) -> BrokerFuture + Send + Sync + 'static,
+    {
+        Self {
+            make: Arc::new(make),
+            unreachable: None,
+            secret: None,
+            prefix: format!("kit{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
+            retry: Duration::from_secs(3),
+        }
+    }
+
+    /// A factory for a broker pointed at an address where nothing answers; `ping` (or building the
+    /// broker) must fail within a few seconds, not hang.
+    pub fn unreachable<F>(mut self, make: F) -> Self
+    where
+        F: Fn() -> BrokerFuture + Send + Sync + 'static,
+    {
+        self.unreachable = Some(Arc::new(make));
+        self
+    }
+
+    /// A secret (a password in the URL) that must never show in `info`, `Debug` or errors.
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+
+    /// The lease used by the receipt checks (default 3 s).
+    pub fn retry(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Runs every check; panics listing the ones that failed.
+    pub async fn run(&self) {
+        self.run_only(CHECKS).await
+    }
+
+    /// Runs the named checks; panics listing the ones that failed.
+    pub async fn run_only(&self, names: &[&str]) {
+        let mut failed = Vec::new();
+        for name in names {
+            let started = Instant::now();
+            let limit = if *name == "concurrent_consumers" {
+                300
+            } else {
+                60
+            };
+            let result = tokio::time::timeout(Duration::from_secs(limit), self.check(name))
+                .await
+                .unwrap_or_else(|_| Err(format!("did not finish within {limit} s")));
+            let ms = started.elapsed().as_millis();
+            match result {
+                Ok(Outcome::Passed) => eprintln!("conformance {name}: ok ({ms} ms)"),
+                Ok(Outcome::Skipped(why)) => eprintln!("conformance {name}: skipped: {why}"),
+                Err(e) => {
+                    eprintln!("conformance {name}: FAILED ({ms} ms): {e}");
+                    failed.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{} conformance check(s) failed:\n  {}",
+            failed.len(),
+            failed.join("\n  ")
+        );
+    }
+
+    async fn check(&self, name: &str) -> CheckResult {
+        match name {
+            "round_trip" => self.round_trip().await,
+            "enqueue_many_in_order" => self.enqueue_many_in_order().await,
+            "bulk_limit" => self.bulk_limit().await,
+            "acknowledge_removes" => self.acknowledge_removes().await,
+            "fail_keeps_package" => self.fail_keeps_package().await,
+            "receipts_redeliver_after_retry" => self.receipts_redeliver().await,
+            "stale_receipt_is_ignored" => self.stale_receipt().await,
+            "lock_size_counts_in_flight" => self.lock_size().await,
+            "queue_size_counts_waiting" => self.queue_size().await,
+            "purge_queue" => self.purge().await,
+            "delete_queue" => self.delete_queue().await,
+            "queues_are_isolated" => self.isolated().await,
+            "hostile_queue_name" => self.hostile_name().await,
+            "oversize_is_refused" => self.oversize().await,
+            "info_fields" => self.info_fields().await,
+            "ping" => self.ping().await,
+            "ping_unreachable" => self.ping_unreachable().await,
+            "priority" => self.priority().await,
+            "delay" => self.delay().await,
+            "dead_letter" => self.dead_letter().await,
+            "stats" => self.stats().await,
+            "concurrent_consumers" => self.concurrent().await,
+            other => Err(format!("no such check {other:?}")),
+        }
+    }
+
+    fn settings(&self, check: &str) -> QueueSettings {
+        QueueSettings {
+            queue: format!("{}-{check}", self.prefix),
+            bulk: 1,
+            retry: self.retry,
+            wait: Duration::from_millis(300),
+            poll: Duration::from_millis(50),
+            max_message_size: None,
+        }
+    }
+
+    async fn open(&self, settings: QueueSettings) -> Result<Arc<dyn Broker>, String> {
+        let b = (self.make)(settings.clone())
+            .await
+            .map_err(|e| format!("factory failed for queue {:?}: {e}", settings.queue))?;
+        // Each check starts from an empty queue even if a former run left something behind.
+        b.delete_queue().await.map_err(err("delete_queue"))?;
+        Ok(b)
+    }
+
+    async fn open_bulk(&self, check: &str, bulk: usize) -> Result<Arc<dyn Broker>, String> {
+        let probe = self.open(self.settings(check)).await?;
+        let bulk = bulk.min(probe.capabilities().max_bulk);
+        self.open(QueueSettings {
+            bulk,
+            ..self.settings(check)
+        })
+        .await
+    }
+
+    async fn round_trip(&self) -> CheckResult {
+        let b = self.open(self.settings("round_trip")).await?;
+        let all: Vec<u8> = (0..=255u8).collect();
+        let payloads = vec![
+            vec![0u8],
+            all.clone(),
+            all.iter()
+                .rev()
+                .cycle()
+                .take(70_000)
+                .copied()
+                .collect::<Vec<u8>>(),
+            b"\x00\xff'\";--\\ DROP TABLE x".to_vec(),
+        ];
+        for p in &payloads {
+            b.enqueue(Message::new(p.clone()))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let got = drain(&*b, payloads.len(), Duration::from_secs(10)).await?;
+        for (d, p) in got.iter().zip(&payloads) {
+            if &d.payload != p {
+                return Err(format!(
+                    "payload of {} bytes came back as {} bytes, or changed",
+                    p.len(),
+                    d.payload.len()
+                ));
+            }
+            if let Some(n) = d.deliveries
+                && n != 1
+            {
+                return Err(format!("first delivery counted as {n}"));
+            }
+        }
+        ack_all(&*b, &got).await?;
+        expect_empty(&*b).await
+    }
+
+    async fn enqueue_many_in_order(&self) -> CheckResult {
+        let b = self.open_bulk("many", 10).await?;
+        let msgs: Vec<Message> = (0..25).map(|i| Message::new(payload(i))).collect();
+        let ids = b.enqueue_many(msgs).await.map_err(err("enqueue_many"))?;
+        if ids.len() != 25 {
+            return Err(format!("enqueue_many of 25 returned {} ids", ids.len()));
+        }
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        if unique.len() != 25 {
+            return Err("enqueue_many returned duplicate ids".into());
+        }
+        let got = drain(&*b, 25, Duration::from_secs(10)).await?;
+        let order: Vec<Vec<u8>> = got.iter().map(|d| d.payload.clone()).collect();
+        let want: Vec<Vec<u8>> = (0..25).map(payload).collect();
+        if order != want {
+            return Err("packages of one enqueue_many did not come back in order".into());
+        }
+        let delivered: Vec<_> = got.iter().map(|d| d.message_id.clone()).collect();
+        if delivered != ids {
+            return Err(
+                "ids returned by enqueue_many differ from the delivered message ids".into(),
+            );
+        }
+        ack_all(&*b, &got).await?;
+        expect_empty(&*b).await
+    }
+
+    async fn bulk_limit(&self) -> CheckResult {
+        let probe = self.open(self.settings("bulk")).await?;
+        let max = probe.capabilities().max_bulk;
+        let over = QueueSettings {
+            bulk: max.saturating_add(1),
+            ..self.settings("bulk")
+        };
+        if max < usize::MAX && (self.make)(over).await.is_ok() {
+            return Err(format!("bulk = max_bulk + 1 = {} was accepted", max + 1));
+        }
+        let bulk = max.min(10);
+        let b = self
+            .open(QueueSettings {
+                bulk,
+                ..self.settings("bulk")
+            })
+            .await?;
+        let n = bulk * 2 + 3;
+        let msgs = (0..n).map(|i| Message::new(payload(i))).collect();
+        b.enqueue_many(msgs).await.map_err(err("enqueue_many"))?;
+        let mut seen = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut full_batch = false;
+        while seen < n && Instant::now() < deadline {
+            let batch = b.dequeue().await.map_err(err("dequeue"))?;
+            if batch.len() > bulk {
+                return Err(format!("dequeue returned {} with bulk {bulk}", batch.len()));
+            }
+            full_batch |= batch.len() == bulk;
+            seen += batch.len();
+            ack_all(&*b, &batch).await?;
+        }
+        if seen != n {
+            return Err(format!("{seen} of {n} packages delivered"));
+        }
+        if !full_batch {
+            return Err(format!("never returned a full batch of {bulk}"));
+        }
+        expect_empty(&*b).await
+    }
+
+    async fn acknowledge_removes(&self) -> CheckResult {
+        let b = self.open(self.settings("ack")).await?;
+        for i in 0..2 {
+            b.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let got = drain(&*b, 2, Duration::from_secs(10)).await?;
+        b.acknowledge(&got[0].ack)
+            .await
+            .map_err(err("acknowledge"))?;
+        // `delete` removes a delivered package for good too.
+        b.delete(&got[1].ack).await.map_err(err("delete"))?;
+        // Past the lease, neither may come back.
+        tokio::time::sleep(self.retry + Duration::from_millis(300)).await;
+        let again = b.dequeue().await.map_err(err("dequeue"))?;
+        if !again.is_empty() {
+            return Err("an acknowledged or deleted package was delivered again".into());
+        }
+        // Acknowledging twice is harmless.
+        b.acknowledge(&got[0].ack)
+            .await
+            .map_err(err("second acknowledge"))?;
+        expect_empty(&*b).await
+    }
+
+    async fn fail_keeps_package(&self) -> CheckResult {
+        let b = self.open(self.settings("fail")).await?;
+        for i in 0..3 {
+            b.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let got = drain(&*b, 3, Duration::from_secs(10)).await?;
+        let before = total(&*b).await?;
+        b.fail(&got[0].ack).await.map_err(err("fail"))?;
+        let after = total(&*b).await?;
+        if after != before || before != 3 {
+            return Err(format!(
+                "waiting + in flight + dead letters went from {before} to {after} (3 enqueued)"
+            ));
+        }
+        ack_all(&*b, &got[1..]).await?;
+        let caps = b.capabilities();
+        // Back well before the lease would have run out: a `fail` that did nothing would only
+        // bring it back after `retry`.
+        let back = drain(&*b, 1, self.retry / 2).await;
+        match back {
+            Ok(back) => {
+                if back[0].payload != got[0].payload {
+                    return Err("a different package came back after fail".into());
+                }
+                if let Some(n) = back[0].deliveries
+                    && n != 2
+                {
+                    return Err(format!(
+                        "failed package came back with delivery count {n}, not 2"
+                    ));
+                }
+                ack_all(&*b, &back).await?;
+            }
+            Err(e) if caps.dead_letter => {
+                let dead = b.dead_letters(10).await.map_err(err("dead_letters"))?;
+                if !dead.iter().any(|d| d.payload == got[0].payload) {
+                    return Err(format!(
+                        "failed package neither came back nor is a dead letter: {e}"
+                    ));
+                }
+            }
+            Err(e) => return Err(format!("failed package did not come back: {e}")),
+        }
+        expect_empty(&*b).await
+    }
+
+    async fn receipts_redeliver(&self) -> CheckResult {
+        let b = self.open(self.settings("receipts")).await?;
+        if !b.capabilities().receipts {
+            return Ok(Outcome::Skipped("broker declares no receipts".into()));
+        }
+        b.enqueue(Message::new(payload(7)))
+            .await
+            .map_err(err("enqueue"))?;
+        // Taken before the lease starts: time since t0 is never shorter than time since the lease.
+        let t0 = Instant::now();
+        let first = drain(&*b, 1, Duration::from_secs(10)).await?;
+        tokio::time::sleep(self.retry / 2).await;
+        let early = b.dequeue().await.map_err(err("dequeue"))?;
+        if !early.is_empty() && t0.elapsed() < self.retry {
+            return Err(format!(
+                "unacknowledged package came back after {:?}, before retry = {:?}",
+                t0.elapsed(),
+                self.retry
+            ));
+        }
+        let again = drain(&*b, 1, self.retry + Duration::from_secs(10)).await?;
+        let after = t0.elapsed();
+        if after + Duration::from_millis(100) < self.retry {
+            return Err(format!(
+                "came back after {after:?}, before retry = {:?}",
+                self.retry
+            ));
+        }
+        if again[0].payload != first[0].payload {
+            return Err("a different package came back".into());
+        }
+        if let Some(n) = again[0].deliveries
+            && n != 2
+        {
+            return Err(format!("redelivery counted as {n}, not 2"));
+        }
+        ack_all(&*b, &again).await?;
+        expect_empty(&*b).await
+    }
+
+    async fn stale_receipt(&self) -> CheckResult {
+        let b = self.open(self.settings("stale")).await?;
+        if !b.capabilities().receipts {
+            return Ok(Outcome::Skipped("broker declares no receipts".into()));
+        }
+        b.enqueue(Message::new(payload(8)))
+            .await
+            .map_err(err("enqueue"))?;
+        let first = drain(&*b, 1, Duration::from_secs(10)).await?;
+        let second = drain(&*b, 1, self.retry + Duration::from_secs(10)).await?;
+        // The first holder's late answers must not undo the second holder's lease.
+        b.fail(&first[0].ack)
+            .await
+            .map_err(err("fail with a stale receipt"))?;
+        b.acknowledge(&first[0].ack)
+            .await
+            .map_err(err("acknowledge with a stale receipt"))?;
+        if b.capabilities().dead_letter {
+            b.dead_letter(&first[0].ack, "stale")
+                .await
+                .map_err(err("dead_letter with a stale receipt"))?;
+            let dead = b
+                .dead_letter_size()
+                .await
+                .map_err(err("dead_letter_size"))?;
+            if dead != Some(0) {
+                return Err(format!(
+                    "dead_letter with a stale receipt moved the package ({dead:?} dead letters)"
+                ));
+            }
+        }
+        let in_flight = b.lock_size().await.map_err(err("lock_size"))?;
+        let waiting = b.queue_size().await.map_err(err("queue_size"))?;
+        if waiting + in_flight.unwrap_or(1) != 1 {
+            return Err(format!(
+                "after stale fail + acknowledge: {waiting} waiting, {in_flight:?} in flight; want 0 and 1"
+            ));
+        }
+        let early = b.dequeue().await.map_err(err("dequeue"))?;
+        if !early.is_empty() {
+            return Err("a stale fail made a leased package deliverable again".into());
+        }
+        ack_all(&*b, &second).await?;
+        expect_empty(&*b).await
+    }
+
+    async fn lock_size(&self) -> CheckResult {
+        let b = self.open(self.settings("locks")).await?;
+        for i in 0..5 {
+            b.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let got = drain(&*b, 3, Duration::from_secs(10)).await?;
+        let locked = b.lock_size().await.map_err(err("lock_size"))?;
+        let Some(locked) = locked else {
+            return Ok(Outcome::Skipped(
+                "lock_size is None (broker cannot tell)".into(),
+            ));
+        };
+        let waiting = b.queue_size().await.map_err(err("queue_size"))?;
+        if (locked, waiting) != (3, 2) {
+            return Err(format!(
+                "3 of 5 delivered: lock_size {locked}, queue_size {waiting}"
+            ));
+        }
+        b.acknowledge(&got[0].ack)
+            .await
+            .map_err(err("acknowledge"))?;
+        let locked = b.lock_size().await.map_err(err("lock_size"))?;
+        if locked != Some(2) {
+            return Err(format!(
+                "after one acknowledge lock_size is {locked:?}, not 2"
+            ));
+        }
+        ack_all(&*b, &got[1..]).await?;
+        let rest = drain(&*b, 2, Duration::from_secs(10)).await?;
+        ack_all(&*b, &rest).await?;
+        expect_empty(&*b).await
+    }
+
+    async fn queue_size(&self) -> CheckResult {
+        let b = self.open(self.settings("size")).await?;
+        expect_size(&*b, 0).await?;
+        let msgs = (0..7).map(|i| Message::new(payload(i))).collect();
+        b.enqueue_many(msgs).await.map_err(err("enqueue_many"))?;
+        expect_size(&*b, 7).await?;
+        let got = drain(&*b, 2, Duration::from_secs(10)).await?;
+        expect_size(&*b, 5).await?;
+        ack_all(&*b, &got).await?;
+        expect_size(&*b, 5).await?;
+        Ok(Outcome::Passed)
+    }
+
+    async fn purge(&self) -> CheckResult {
+        let b = self.open(self.settings("purge")).await?;
+        let other = self.open(self.settings("purge-other")).await?;
+        let msgs = (0..11).map(|i| Message::new(payload(i))).collect();
+        b.enqueue_many(msgs).await.map_err(err("enqueue_many"))?;
+        other
+            .enqueue(Message::new(payload(99)))
+            .await
+            .map_err(err("enqueue"))?;
+        // One package in flight: purge leaves it to its holder.
+        let held = drain(&*b, 1, Duration::from_secs(10)).await?;
+        let n = b.purge_queue().await.map_err(err("purge_queue"))?;
+        if n != 10 {
+            return Err(format!("purge_queue reported {n}, not the 10 waiting"));
+        }
+        expect_size(&*b, 0).await?;
+        if let Some(l) = b.lock_size().await.map_err(err("lock_size"))?
+            && l != 1
+        {
+            return Err(format!(
+                "purge_queue touched packages in flight: lock_size {l}, not 1"
+            ));
+        }
+        ack_all(&*b, &held).await?;
+        if !b.dequeue().await.map_err(err("dequeue"))?.is_empty() {
+            return Err("dequeue after purge returned a package".into());
+        }
+        expect_size(&*other, 1)
+            .await
+            .map_err(|e| format!("purge touched another queue: {e}"))?;
+        other.delete_queue().await.map_err(err("delete_queue"))?;
+        Ok(Outcome::Passed)
+    }
+
+    async fn delete_queue(&self) -> CheckResult {
+        let b = self.open(self.settings("delete")).await?;
+        for i in 0..4 {
+            b.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let _in_flight = drain(&*b, 1, Duration::from_secs(10)).await?;
+        b.delete_queue().await.map_err(err("delete_queue"))?;
+        // A fresh handle on the same name sees an empty queue.
+        let fresh = self.open_no_reset(self.settings("delete")).await?;
+        expect_size(&*fresh, 0).await?;
+        if let Some(n) = fresh.lock_size().await.map_err(err("lock_size"))?
+            && n != 0
+        {
+            return Err(format!("lock_size {n} after delete_queue"));
+        }
+        Ok(Outcome::Passed)
+    }
+
+    async fn open_no_reset(&self, settings: QueueSettings) -> Result<Arc<dyn Broker>, String> {
+        (self.make)(settings).await.map_err(err("factory"))
+    }
+
+    async fn isolated(&self) -> CheckResult {
+        let a = self.open(self.settings("iso-a")).await?;
+        let b = self.open(self.settings("iso-b")).await?;
+        a.enqueue(Message::new(payload(1)))
+            .await
+            .map_err(err("enqueue"))?;
+        if !b.dequeue().await.map_err(err("dequeue"))?.is_empty() {
+            return Err("a package enqueued on one queue was delivered from another".into());
+        }
+        expect_size(&*b, 0).await?;
+        // On an empty queue dequeue waits at most about `wait` (300 ms here), then returns empty.
+        let t0 = Instant::now();
+        let none = b.dequeue().await.map_err(err("dequeue"))?;
+        if !none.is_empty() || t0.elapsed() > Duration::from_secs(3) {
+            return Err(format!(
+                "empty dequeue returned {} packages after {:?} (wait = 300 ms)",
+                none.len(),
+                t0.elapsed()
+            ));
+        }
+        let got = drain(&*a, 1, Duration::from_secs(10)).await?;
+        ack_all(&*a, &got).await?;
+        Ok(Outcome::Passed)
+    }
+
+    async fn hostile_name(&self) -> CheckResult {
+        let mut s = self.settings("x");
+        s.queue = format!("{}-x'; DROP TABLE qcluster_queue; --\"`\\", self.prefix);
+        let b = self.open(s).await?;
+        b.enqueue(Message::new(payload(5)))
+            .await
+            .map_err(err("enqueue"))?;
+        expect_size(&*b, 1).await?;
+        let got = drain(&*b, 1, Duration::from_secs(10)).await?;
+        ack_all(&*b, &got).await?;
+        // Other queues still work: nothing was dropped.
+        let other = self.open(self.settings("x-after")).await?;
+        other
+            .enqueue(Message::new(payload(6)))
+            .await
+            .map_err(err("enqueue after hostile name"))?;
+        expect_size(&*other, 1).await?;
+        other.delete_queue().await.map_err(err("delete_queue"))?;
+        expect_empty(&*b).await
+    }
+
+    async fn oversize(&self) -> CheckResult {
+        let limit = 100_000;
+        let b = self
+            .open(QueueSettings {
+                max_message_size: Some(limit),
+                ..self.settings("oversize")
+            })
+            .await?;
+        let exact: Vec<u8> = (0..limit).map(|i| (i % 251) as u8).collect();
+        b.enqueue(Message::new(exact.clone()))
+            .await
+            .map_err(err("enqueue at the limit"))?;
+        let mut over = exact.clone();
+        over.push(1);
+        match b.enqueue(Message::new(over.clone())).await {
+            Err(BrokerError::TooLarge { size, limit: l, .. })
+                if size == limit + 1 && l == limit => {}
+            Err(e) => {
+                return Err(format!(
+                    "oversize gave {e:?}, not TooLarge {{ size: {}, limit: {limit} }}",
+                    limit + 1
+                ));
+            }
+            Ok(_) => return Err("a package over max_message_size was accepted".into()),
+        }
+        match b
+            .enqueue_many(vec![Message::new(payload(1)), Message::new(over)])
+            .await
+        {
+            Err(BrokerError::TooLarge { .. }) => {}
+            other => return Err(format!("oversize in enqueue_many gave {other:?}")),
+        }
+        let got = drain(&*b, 1, Duration::from_secs(10)).await?;
+        if got[0].payload != exact {
+            return Err(format!(
+                "package at the limit came back as {} bytes",
+                got[0].payload.len()
+            ));
+        }
+        ack_all(&*b, &got).await?;
+        // What enqueue_many may have stored before refusing is the adapter's documented business;
+        // the refused package itself must not be there.
+        while let Some(d) = b.dequeue().await.map_err(err("dequeue"))?.pop() {
+            if d.payload.len() > limit {
+                return Err("the refused package was stored".into());
+            }
+            b.acknowledge(&d.ack).await.map_err(err("acknowledge"))?;
+        }
+        // The adapter's own limit holds too.
+        let own = self.open(self.settings("oversize-own")).await?;
+        let cap = own.capabilities().max_message_size;
+        if cap <= 64 * 1024 * 1024 {
+            match own.enqueue(Message::new(vec![0u8; cap + 1])).await {
+                Err(BrokerError::TooLarge { .. }) => {}
+                other => {
+                    return Err(format!(
+                        "package of max_message_size + 1 = {} bytes gave {other:?}",
+                        cap + 1
+                    ));
+                }
+            }
+        }
+        Ok(Outcome::Passed)
+    }
+
+    async fn info_fields(&self) -> CheckResult {
+        let s = self.settings("info");
+        let b = self.open(s.clone()).await?;
+        let info = b.info().await.map_err(err("info"))?;
+        if info.broker.is_empty() || info.endpoint.is_empty() {
+            return Err(format!("info has an empty broker or endpoint: {info:?}"));
+        }
+        if info.queue != s.queue {
+            return Err(format!("info.queue is {:?}, not {:?}", info.queue, s.queue));
+        }
+        let caps = b.capabilities();
+        if info.receipts != caps.receipts {
+            return Err("info.receipts disagrees with capabilities".into());
+        }
+        if !caps.receipts && info.notes.is_empty() {
+            return Err(
+                "a broker without receipts must say in info.notes that dequeued packages are gone"
+                    .into(),
+            );
+        }
+        if let Some(secret) = &self.secret {
+            let views = [
+                format!("{info:?}"),
+                format!("{b:?}"),
+                info.endpoint.clone(),
+                format!("{:?}", info.details),
+            ];
+            if views.iter().any(|v| v.contains(secret.as_str())) {
+                return Err("the secret shows in info or Debug output".into());
+            }
+        }
+        Ok(Outcome::Passed)
+    }
+
+    async fn ping(&self) -> CheckResult {
+        let b = self.open(self.settings("ping")).await?;
+        b.ping().await.map_err(err("ping"))?;
+        Ok(Outcome::Passed)
+    }
+
+    async fn ping_unreachable(&self) -> CheckResult {
+        let Some(make) = &self.unreachable else {
+            return Ok(Outcome::Skipped("no unreachable factory given".into()));
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(15), async {
+            match make().await {
+                Err(e) => Err(e),
+                Ok(b) => b.ping().await,
+            }
+        })
+        .await;
+        let took = started.elapsed();
+        let e = match result {
+            Err(_) => return Err("ping against an unreachable address hung for 15 s".into()),
+            Ok(Ok(())) => return Err("ping against an unreachable address succeeded".into()),
+            Ok(Err(e)) => e,
+        };
+        if took > Duration::from_secs(10) {
+            return Err(format!("ping against an unreachable address took {took:?}"));
+        }
+        if let Some(secret) = &self.secret
+            && (e.to_string().contains(secret.as_str())
+                || format!("{e:?}").contains(secret.as_str()))
+        {
+            return Err(format!("the secret shows in the error: {e}"));
+        }
+        Ok(Outcome::Passed)
+    }
+
+    async fn priority(&self) -> CheckResult {
+        let b = self.open_bulk("prio", 3).await?;
+        if !b.capabilities().priority {
+            return Ok(Outcome::Skipped("broker declares no priority".into()));
+        }
+        for (i, p) in [(0usize, 0i16), (1, 5), (2, 1)] {
+            b.enqueue(Message::new(payload(i)).with_priority(p))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let got = drain(&*b, 3, Duration::from_secs(10)).await?;
+        let order: Vec<Vec<u8>> = got.iter().map(|d| d.payload.clone()).collect();
+        if order != vec![payload(1), payload(2), payload(0)] {
+            return Err("priorities 0, 5, 1 were not delivered as 5, 1, 0".into());
+        }
+        ack_all(&*b, &got).await?;
+        expect_empty(&*b).await
+    }
+
+    async fn delay(&self) -> CheckResult {
+        let b = self.open(self.settings("delay")).await?;
+        if !b.capabilities().delay {
+            return Ok(Outcome::Skipped("broker declares no delay".into()));
+        }
+        let wait = Duration::from_millis(1500);
+        let t0 = Instant::now();
+        b.enqueue(Message::new(payload(1)).with_delay(wait))
+            .await
+            .map_err(err("enqueue"))?;
+        expect_size(&*b, 1).await?;
+        if !b.dequeue().await.map_err(err("dequeue"))?.is_empty() && t0.elapsed() < wait {
+            return Err("a delayed package was delivered early".into());
+        }
+        let got = drain(&*b, 1, Duration::from_secs(10)).await?;
+        if t0.elapsed() + Duration::from_millis(100) < wait {
+            return Err(format!(
+                "delayed {wait:?}, delivered after {:?}",
+                t0.elapsed()
+            ));
+        }
+        // fail_after holds the package back too.
+        let t1 = Instant::now();
+        b.fail_after(&got[0].ack, wait)
+            .await
+            .map_err(err("fail_after"))?;
+        if !b.dequeue().await.map_err(err("dequeue"))?.is_empty() && t1.elapsed() < wait {
+            return Err("fail_after's package came back early".into());
+        }
+        let again = drain(&*b, 1, Duration::from_secs(10)).await?;
+        if t1.elapsed() + Duration::from_millis(100) < wait {
+            return Err(format!(
+                "fail_after({wait:?}) came back after {:?}",
+                t1.elapsed()
+            ));
+        }
+        ack_all(&*b, &again).await?;
+        expect_empty(&*b).await
+    }
+
+    async fn dead_letter(&self) -> CheckResult {
+        let b = self.open(self.settings("dead")).await?;
+        if !b.capabilities().dead_letter {
+            return Ok(Outcome::Skipped(
+                "broker declares no dead-letter place".into(),
+            ));
+        }
+        b.enqueue(Message::new(payload(1)))
+            .await
+            .map_err(err("enqueue"))?;
+        b.enqueue(Message::new(payload(2)))
+            .await
+            .map_err(err("enqueue"))?;
+        let got = drain(&*b, 2, Duration::from_secs(10)).await?;
+        b.dead_letter(&got[0].ack, "bad signature")
+            .await
+            .map_err(err("dead_letter"))?;
+        if total(&*b).await? != 2 {
+            return Err("waiting + in flight + dead letters is not 2 after dead_letter".into());
+        }
+        let dead = b.dead_letters(10).await.map_err(err("dead_letters"))?;
+        if dead.len() != 1 || dead[0].payload != got[0].payload || dead[0].reason != "bad signature"
+        {
+            return Err(format!("dead_letters lists {dead:?}"));
+        }
+        ack_all(&*b, &got[1..]).await?;
+        tokio::time::sleep(self.retry + Duration::from_millis(300)).await;
+        if !b.dequeue().await.map_err(err("dequeue"))?.is_empty() {
+            return Err("a dead letter was delivered again".into());
+        }
+        b.delete_queue().await.map_err(err("delete_queue"))?;
+        if b.dead_letter_size()
+            .await
+            .map_err(err("dead_letter_size"))?
+            != Some(0)
+        {
+            return Err("delete_queue left dead letters behind".into());
+        }
+        Ok(Outcome::Passed)
+    }
+
+    async fn stats(&self) -> CheckResult {
+        let b = self.open(self.settings("stats")).await?;
+        if !b.capabilities().stats {
+            return Ok(Outcome::Skipped("broker declares no stats store".into()));
+        }
+        // `_` and `%` in the prefix are plain characters, not wildcards.
+        let p = format!("{}:st_t%:", self.prefix);
+        // Written in this order: `a` is overwritten; the last two must not match the prefix.
+        let writes: [(String, &[u8], u64); 5] = [
+            (format!("{p}a"), b"one", 60),
+            (format!("{p}a"), b"uno", 60),
+            (format!("{p}b"), b"two", 4),
+            (format!("{}:other", self.prefix), b"x", 60),
+            (format!("{}:stXtY:a", self.prefix), b"wildcard", 60),
+        ];
+        for (key, value, ttl) in &writes {
+            b.set_stat(key, value, Duration::from_secs(*ttl))
+                .await
+                .map_err(err("set_stat"))?;
+        }
+        let mut got = b.get_stats(&p).await.map_err(err("get_stats"))?;
+        got.sort_by(|x, y| x.key.cmp(&y.key));
+        let pairs: Vec<(String, Vec<u8>)> = got.into_iter().map(|s| (s.key, s.value)).collect();
+        let want = vec![
+            (format!("{p}a"), b"uno".to_vec()),
+            (format!("{p}b"), b"two".to_vec()),
+        ];
+        if pairs != want {
+            return Err(format!("get_stats gave {pairs:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(4300)).await;
+        let got = b.get_stats(&p).await.map_err(err("get_stats"))?;
+        if got.len() != 1 || got[0].key != format!("{p}a") {
+            return Err(format!("after the ttl get_stats gave {got:?}"));
+        }
+        Ok(Outcome::Passed)
+    }
+
+    async fn concurrent(&self) -> CheckResult {
+        const N: usize = 1000;
+        const CONSUMERS: usize = 4;
+        let s = QueueSettings {
+            retry: Duration::from_secs(120),
+            ..self.settings("conc")
+        };
+        let producer = self.open(s.clone()).await?;
+        let bulk = producer.capabilities().max_bulk.min(10);
+        let msgs = (0..N).map(|i| Message::new(payload(i))).collect();
+        producer
+            .enqueue_many(msgs)
+            .await
+            .map_err(err("enqueue_many"))?;
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut handles = Vec::new();
+        for c in 0..CONSUMERS {
+            let b = (self.make)(QueueSettings { bulk, ..s.clone() })
+                .await
+                .map_err(err("factory"))?;
+            let done = done.clone();
+            handles.push(tokio::spawn(async move {
+                let mut seen: Vec<Vec<u8>> = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(240);
+                while done.load(Ordering::SeqCst) < N && Instant::now() < deadline {
+                    let batch = b
+                        .dequeue()
+                        .await
+                        .map_err(|e| format!("consumer {c}: dequeue: {e}"))?;
+                    let acks: Vec<_> = batch.iter().map(|d| d.ack.clone()).collect();
+                    if !acks.is_empty() {
+                        b.acknowledge_many(&acks)
+                            .await
+                            .map_err(|e| format!("consumer {c}: ack: {e}"))?;
+                    }
+                    done.fetch_add(batch.len(), Ordering::SeqCst);
+                    seen.extend(batch.into_iter().map(|d| d.payload));
+                }
+                Ok::<_, String>(seen)
+            }));
+        }
+        let mut count: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut per_consumer = Vec::new();
+        for h in handles {
+            let seen = h.await.map_err(|e| format!("consumer panicked: {e}"))??;
+            per_consumer.push(seen.len());
+            for p in seen {
+                *count.entry(p).or_default() += 1;
+            }
+        }
+        let twice = count.values().filter(|&&n| n > 1).count();
+        let missing = (0..N).filter(|i| !count.contains_key(&payload(*i))).count();
+        if twice > 0 || missing > 0 {
+            return Err(format!(
+                "{N} packages, {CONSUMERS} consumers: {missing} never delivered, {twice} delivered twice (per consumer {per_consumer:?})"
+            ));
+        }
+        expect_empty(&*producer).await
+    }
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    let mut p = format!("package-{i:06}-").into_bytes();
+    p.extend_from_slice(&[0, 0xff, b'\'', b'"', (i % 256) as u8]);
+    p
+}
+
+fn err(op: &'static str) -> impl Fn(BrokerError) -> String {
+    move |e| format!("{op}: {e}")
+}
+
+/// Dequeues until `n` packages came, in delivery order; fails after `within`.
+async fn drain(b: &dyn Broker, n: usize, within: Duration) -> Result<Vec<Delivery>, String> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {n} packages delivered within {within:?}",
+                got.len()
+            ));
+        }
+        got.extend(b.dequeue().await.map_err(err("dequeue"))?);
+    }
+    if got.len() > n {
+        return Err(format!("{} packages delivered, {n} expected", got.len()));
+    }
+    Ok(got)
+}
+
+async fn ack_all(b: &dyn Broker, ds: &[Delivery]) -> Result<(), String> {
+    for d in ds {
+        b.acknowledge(&d.ack).await.map_err(err("acknowledge"))?;
+    }
+    Ok(())
+}
+
+async fn total(b: &dyn Broker) -> Result<u64, String> {
+    let q = b.queue_size().await.map_err(err("queue_size"))?;
+    let l = b.lock_size().await.map_err(err("lock_size"))?.unwrap_or(0);
+    let d = b
+        .dead_letter_size()
+        .await
+        .map_err(err("dead_letter_size"))?
+        .unwrap_or(0);
+    Ok(q + l + d)
+}
+
+async fn expect_size(b: &dyn Broker, n: u64) -> Result<(), String> {
+    let got = b.queue_size().await.map_err(err("queue_size"))?;
+    if got != n {
+        return Err(format!("queue_size is {got}, expected {n}"));
+    }
+    Ok(())
+}
+
+async fn expect_empty(b: &dyn Broker) -> CheckResult {
+    expect_size(b, 0).await?;
+    if let Some(n) = b.lock_size().await.map_err(err("lock_size"))?
+        && n != 0
+    {
+        return Err(format!("lock_size is {n} at the end, expected 0"));
+    }
+    Ok(Outcome::Passed)
+}

@@ -1,0 +1,250 @@
+//! The SQL each backend speaks. Every value goes in as a bound parameter; the only text spliced
+//! into statements is fixed table names and the backend's clock expression.
+
+use std::sync::Arc;
+
+/// A SQL backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite (file or memory).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    MySql,
+}
+
+impl Dialect {
+    /// Picks the backend from a URL's scheme.
+    pub fn from_url(url: &str) -> Option<Self> {
+        let scheme = url.split(':').next()?.to_ascii_lowercase();
+        match scheme.as_str() {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            "mysql" | "mariadb" => Some(Self::MySql),
+            _ => None,
+        }
+    }
+
+    /// Adapter name used in errors and `info`.
+    pub fn broker_name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "orm/sqlite",
+            Self::Postgres => "orm/postgres",
+            Self::MySql => "orm/mysql",
+        }
+    }
+
+    /// The Cargo feature that compiles this backend in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+            Self::MySql => "mysql",
+        }
+    }
+
+    /// The server's clock in microseconds since the Unix epoch, as an SQL expression. Leases use
+    /// the database's clock so that clusters on machines with skewed clocks agree.
+    fn now_us(self) -> &'static str {
+        match self {
+            Self::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)",
+            Self::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT",
+            Self::MySql => "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)",
+        }
+    }
+
+    /// Renders a template: `NOW_US` becomes the clock expression, and on PostgreSQL each `?`
+    /// becomes `$1`, `$2`, ...
+    pub fn render(self, template: &str) -> String {
+        let sql = template.replace("NOW_US", self.now_us());
+        if self != Self::Postgres {
+            return sql;
+        }
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut n = 0;
+        for ch in sql.chars() {
+            if ch == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(ch);
+            }
+        }
+        out
+    }
+}
+
+/// Statements prepared once per broker, rendered for its dialect.
+#[derive(Debug)]
+pub struct Statements {
+    pub enqueue: Arc<str>,
+    pub claim: Arc<str>,
+    pub ack: Arc<str>,
+    pub fail: Arc<str>,
+    pub delete: Arc<str>,
+    pub dead_copy: Arc<str>,
+    pub dead_delete: Arc<str>,
+    pub dead_list: Arc<str>,
+    pub dead_size: Arc<str>,
+    pub purge: Arc<str>,
+    pub drop_queue: Arc<str>,
+    pub drop_dead: Arc<str>,
+    pub queue_size: Arc<str>,
+    pub lock_size: Arc<str>,
+    pub set_stat: Arc<str>,
+    pub prune_stats: Arc<str>,
+    pub get_stats: Arc<str>,
+    /// Start of a multi-row insert (values appended by a query builder).
+    pub insert_head: &'static str,
+    /// `NOW_US` rendered, for builders.
+    pub now: &'static str,
+}
+
+const CLAIM_ORDER: &str = "ORDER BY priority DESC, visible_at, id";
+
+impl Statements {
+    pub fn new(d: Dialect) -> Self {
+        let r = |t: &str| -> Arc<str> { d.render(t).into() };
+        let claim = match d {
+            // One statement: the subquery locks up to `bulk` ready rows, skipping rows another
+            // consumer holds, and the update leases them.
+            Dialect::Postgres => format!(
+                "UPDATE qcluster_queue SET visible_at = NOW_US + ?, leased = 1, deliveries = deliveries + 1 \
+                 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? AND visible_at <= NOW_US \
+                 {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, payload, deliveries, priority"
+            ),
+            // A write statement takes SQLite's write lock when it starts: claims are serialised.
+            Dialect::Sqlite => format!(
+                "UPDATE qcluster_queue SET visible_at = NOW_US + ?, leased = 1, deliveries = deliveries + 1 \
+                 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? AND visible_at <= NOW_US \
+                 {CLAIM_ORDER} LIMIT ?) \
+                 RETURNING id, payload, deliveries, priority"
+            ),
+            // MariaDB has no UPDATE ... RETURNING: lock with SKIP LOCKED, then lease, in one
+            // transaction (see `claim_mark`).
+            Dialect::MySql => format!(
+                "SELECT id, payload, deliveries, priority FROM qcluster_queue \
+                 WHERE queue = ? AND visible_at <= NOW_US {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED"
+            ),
+        };
+        let upsert = match d {
+            Dialect::MySql => {
+                "INSERT INTO qcluster_stat (stat_key, stat_value, expires_at) VALUES (?, ?, NOW_US + ?) \
+                 ON DUPLICATE KEY UPDATE stat_value = VALUES(stat_value), expires_at = VALUES(expires_at)"
+            }
+            _ => {
+                "INSERT INTO qcluster_stat (stat_key, stat_value, expires_at) VALUES (?, ?, NOW_US + ?) \
+                 ON CONFLICT (stat_key) DO UPDATE SET stat_value = excluded.stat_value, expires_at = excluded.expires_at"
+            }
+        };
+        let stat_key = match d {
+            Dialect::MySql => "CONVERT(stat_key USING utf8mb4)",
+            _ => "stat_key",
+        };
+        let enqueue = match d {
+            Dialect::MySql => {
+                "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
+                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, NOW_US)"
+            }
+            // The notification rides in the same statement (delivered at its commit).
+            Dialect::Postgres => {
+                "WITH ins AS (INSERT INTO qcluster_queue \
+                 (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
+                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, NOW_US) RETURNING id), \
+                 n AS (SELECT pg_notify(?, ?) AS sent) SELECT ins.id FROM ins, n"
+            }
+            _ => {
+                "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
+                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, NOW_US) RETURNING id"
+            }
+        };
+        let now: &'static str = d.now_us();
+        Self {
+            enqueue: r(enqueue),
+            claim: r(&claim),
+            ack: r(
+                "DELETE FROM qcluster_queue WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
+            ),
+            fail: r(
+                "UPDATE qcluster_queue SET leased = 0, visible_at = NOW_US + ? \
+                 WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
+            ),
+            delete: r("DELETE FROM qcluster_queue WHERE id = ? AND queue = ?"),
+            dead_copy: r(
+                "INSERT INTO qcluster_dead (queue, message_id, payload, reason, deliveries, dead_at) \
+                 SELECT queue, id, payload, ?, deliveries, NOW_US FROM qcluster_queue \
+                 WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
+            ),
+            dead_delete: r(
+                "DELETE FROM qcluster_queue WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
+            ),
+            dead_list: r(
+                "SELECT message_id, payload, reason, deliveries, dead_at FROM qcluster_dead \
+                 WHERE queue = ? ORDER BY id LIMIT ?",
+            ),
+            dead_size: r("SELECT COUNT(*) FROM qcluster_dead WHERE queue = ?"),
+            purge: r(
+                "DELETE FROM qcluster_queue WHERE queue = ? AND NOT (leased = 1 AND visible_at > NOW_US)",
+            ),
+            drop_queue: r("DELETE FROM qcluster_queue WHERE queue = ?"),
+            drop_dead: r("DELETE FROM qcluster_dead WHERE queue = ?"),
+            queue_size: r(
+                "SELECT COUNT(*) FROM qcluster_queue WHERE queue = ? AND NOT (leased = 1 AND visible_at > NOW_US)",
+            ),
+            lock_size: r(
+                "SELECT COUNT(*) FROM qcluster_queue WHERE queue = ? AND leased = 1 AND visible_at > NOW_US",
+            ),
+            set_stat: r(upsert),
+            prune_stats: r("DELETE FROM qcluster_stat WHERE expires_at <= NOW_US"),
+            get_stats: r(&format!(
+                "SELECT {stat_key} AS stat_key, stat_value FROM qcluster_stat \
+                 WHERE stat_key LIKE ? ESCAPE '!' AND expires_at > NOW_US"
+            )),
+            insert_head: "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) ",
+            now,
+        }
+    }
+}
+
+/// Escapes `prefix` for `LIKE ... ESCAPE '!'` and appends the wildcard.
+pub fn like_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1);
+    for ch in prefix.chars() {
+        if matches!(ch, '!' | '%' | '_') {
+            out.push('!');
+        }
+        out.push(ch);
+    }
+    out.push('%');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_placeholders_are_numbered() {
+        assert_eq!(
+            Dialect::Postgres.render("a = ? AND b = ?"),
+            "a = $1 AND b = $2"
+        );
+        assert_eq!(Dialect::MySql.render("a = ?"), "a = ?");
+    }
+
+    #[test]
+    fn like_prefix_escapes_wildcards() {
+        assert_eq!(like_prefix("a_b%c!"), "a!_b!%c!!%");
+    }
+
+    #[test]
+    fn schemes() {
+        assert_eq!(Dialect::from_url("postgresql://x"), Some(Dialect::Postgres));
+        assert_eq!(Dialect::from_url("mariadb://x"), Some(Dialect::MySql));
+        assert_eq!(Dialect::from_url("sqlite::memory:"), Some(Dialect::Sqlite));
+        assert_eq!(Dialect::from_url("redis://x"), None);
+    }
+}

@@ -1,0 +1,929 @@
+//! SQL broker on `sqlx`: SQLite (feature `sqlite`, default), PostgreSQL (`postgres`) and
+//! MySQL/MariaDB (`mysql`).
+//!
+//! One table, `qcluster_queue`, holds every queue's packages. A claim leases up to `bulk` ready
+//! rows atomically (`FOR UPDATE SKIP LOCKED` on PostgreSQL and MariaDB/MySQL; SQLite's single
+//! writer on SQLite): a leased row is invisible until `now + retry`, and comes back by itself if it
+//! is not acknowledged by then. `acknowledge` deletes the row; `fail` makes it visible again with
+//! its delivery count raised. Receipts carry the delivery count, so the late answer of a consumer
+//! whose lease ran out never touches the lease of the consumer that holds the row now.
+//! Time is the database's clock, so clusters on machines with skewed clocks agree on leases.
+//!
+//! On PostgreSQL, `LISTEN/NOTIFY` wakes waiting consumers as soon as a package is enqueued;
+//! elsewhere (and as a fallback) a waiting `dequeue` looks again every `poll`.
+#![warn(missing_docs)]
+
+mod config;
+mod db;
+mod dialect;
+mod migrate;
+#[cfg(feature = "postgres")]
+mod notify;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use broker_core::{
+    AckId, Broker, BrokerError, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId,
+    QueueSettings, Stat, async_trait,
+};
+use sqlx::{Executor as _, QueryBuilder, Row as _};
+use tokio::sync::Notify;
+
+pub use config::OrmConfig;
+pub use dialect::Dialect;
+
+use db::{Ctx, Db, on_db};
+use dialect::{Statements, like_prefix};
+
+/// Largest `bulk` a claim takes.
+pub const MAX_BULK: usize = 1000;
+/// Default package size limit (the MySQL server's `max_allowed_packet` may lower it).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+/// Rows per `INSERT` in `enqueue_many`.
+const INSERT_CHUNK: usize = 500;
+#[cfg(feature = "postgres")]
+const LISTEN_CHANNEL: &str = "qcluster_queue";
+
+/// The SQL broker for one queue. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct OrmBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    replica: Option<Db>,
+    sql: Statements,
+    settings: QueueSettings,
+    ctx: Ctx,
+    replica_endpoint: Option<String>,
+    max_message_size: usize,
+    server: String,
+    pool_size: u32,
+    id_step: i64,
+    wake: Arc<Notify>,
+    listening: Arc<AtomicBool>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.listener.take() {
+            task.abort();
+        }
+    }
+}
+
+impl fmt::Debug for OrmBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrmBroker")
+            .field("broker", &self.inner.ctx.dialect.broker_name())
+            .field("endpoint", &self.inner.ctx.endpoint)
+            .field("replica", &self.inner.replica_endpoint)
+            .field("queue", &self.inner.settings.queue)
+            .finish()
+    }
+}
+
+fn parse_ack(ack: &AckId, broker: &'static str) -> Result<(i64, i32), BrokerError> {
+    let bad = || BrokerError::InvalidReceipt {
+        broker,
+        receipt: ack.as_str().to_owned(),
+    };
+    let (id, n) = ack.as_str().split_once(':').ok_or_else(bad)?;
+    Ok((
+        id.parse().map_err(|_| bad())?,
+        n.parse().map_err(|_| bad())?,
+    ))
+}
+
+fn micros(d: Duration) -> i64 {
+    // Far from i64::MAX, so `now + micros` cannot overflow in SQL.
+    i64::try_from(d.as_micros())
+        .unwrap_or(i64::MAX)
+        .min(i64::MAX / 4)
+}
+
+impl OrmBroker {
+    /// Connects (in bounded time), creates or upgrades the schema, and on PostgreSQL starts
+    /// listening for new packages.
+    pub async fn connect(config: &OrmConfig, settings: QueueSettings) -> Result<Self, BrokerError> {
+        settings.validate(MAX_BULK)?;
+        let dialect = Dialect::from_url(&config.url).ok_or_else(|| {
+            BrokerError::config(
+                "orm.url",
+                format!(
+                    "{:?} is not a sqlite://, postgres:// or mysql:// URL",
+                    broker_core::mask_url(&config.url)
+                ),
+            )
+        })?;
+        let mut urls = vec![config.url.as_str()];
+        if let Some(r) = &config.replica_url {
+            if Dialect::from_url(r) != Some(dialect) {
+                return Err(BrokerError::config(
+                    "orm.replica_url",
+                    "must use the same database kind as orm.url",
+                ));
+            }
+            urls.push(r);
+        }
+        let ctx = Ctx::new(dialect, &urls, config.connect_timeout);
+        let listens = dialect == Dialect::Postgres;
+        let db = db::connect(
+            &config.url,
+            "orm.url",
+            &ctx,
+            config.pool_size,
+            listens as u32,
+        )
+        .await?;
+        let replica = match &config.replica_url {
+            Some(r) => Some(db::connect(r, "orm.replica_url", &ctx, config.pool_size, 0).await?),
+            None => None,
+        };
+        migrate(&db, dialect, &ctx).await?;
+        let (server, packet, id_step) = server_facts(&db, &ctx).await?;
+        let mut max_message_size = settings
+            .max_message_size
+            .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+        if let Some(packet) = packet {
+            // Leave room for the rest of the statement in the packet.
+            let room = packet.saturating_sub(64 * 1024);
+            if settings.max_message_size.is_some_and(|m| m > room) {
+                return Err(BrokerError::config(
+                    "max_message_size",
+                    format!(
+                        "{} bytes does not fit the server's max_allowed_packet of {packet} bytes",
+                        max_message_size
+                    ),
+                ));
+            }
+            max_message_size = max_message_size.min(room);
+        }
+        let wake = Arc::new(Notify::new());
+        let listening = Arc::new(AtomicBool::new(false));
+        #[allow(unused_mut)]
+        let mut listener = None;
+        #[cfg(feature = "postgres")]
+        #[allow(irrefutable_let_patterns)]
+        if let Db::Postgres(pool) = &db {
+            listener = Some(tokio::spawn(notify::listen(
+                pool.clone(),
+                LISTEN_CHANNEL,
+                settings.queue.clone(),
+                wake.clone(),
+                listening.clone(),
+                ctx.clone(),
+            )));
+        }
+        let pool_size = on_db!(&db, p => p.options().get_max_connections());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                replica,
+                sql: Statements::new(dialect),
+                replica_endpoint: config.replica_url.as_deref().map(broker_core::mask_url),
+                settings,
+                ctx,
+                max_message_size,
+                server,
+                pool_size,
+                id_step,
+                wake,
+                listening,
+                listener,
+            }),
+        })
+    }
+
+    /// The backend in use.
+    pub fn dialect(&self) -> Dialect {
+        self.inner.ctx.dialect
+    }
+
+    /// The queue settings this handle was opened with.
+    pub fn settings(&self) -> &QueueSettings {
+        &self.inner.settings
+    }
+
+    fn read_db(&self) -> &Db {
+        self.inner.replica.as_ref().unwrap_or(&self.inner.db)
+    }
+
+    fn broker(&self) -> &'static str {
+        self.inner.ctx.dialect.broker_name()
+    }
+
+    fn check_size(&self, m: &Message) -> Result<(), BrokerError> {
+        if m.payload.len() > self.inner.max_message_size {
+            return Err(BrokerError::TooLarge {
+                broker: self.broker(),
+                size: m.payload.len(),
+                limit: self.inner.max_message_size,
+            });
+        }
+        Ok(())
+    }
+
+    async fn count(&self, db: &Db, sql: &Arc<str>, op: &'static str) -> Result<u64, BrokerError> {
+        let q = &self.inner.settings.queue;
+        let n: i64 = on_db!(db, p => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(q.as_str())
+            .fetch_one(p)
+            .await
+            .map_err(self.inner.ctx.err(op))?);
+        Ok(n.max(0) as u64)
+    }
+
+    /// Leases up to `bulk` ready rows (chosen by priority, then visibility time, then id) and
+    /// returns them by priority, then id (enqueue order).
+    async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
+        let i = &self.inner;
+        let retry = micros(i.settings.retry);
+        let bulk = i.settings.bulk as i64;
+        let queue = i.settings.queue.as_str();
+        let err = i.ctx.err("dequeue");
+        let sql = sqlx::AssertSqlSafe(i.sql.claim.clone());
+        let mut rows: Vec<(i64, Vec<u8>, i32, i16)> = match &i.db {
+            #[cfg(feature = "mysql")]
+            Db::MySql(p) => {
+                let mut tx = p.begin().await.map_err(&err)?;
+                let found = sqlx::query(sql)
+                    .bind(queue)
+                    .bind(bulk)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(&err)?;
+                if found.is_empty() {
+                    tx.rollback().await.map_err(&err)?;
+                    return Ok(Vec::new());
+                }
+                let mut rows = Vec::with_capacity(found.len());
+                for r in &found {
+                    let n: i32 = r.try_get(2).map_err(&err)?;
+                    rows.push((
+                        r.try_get(0).map_err(&err)?,
+                        r.try_get(1).map_err(&err)?,
+                        n + 1,
+                        r.try_get(3).map_err(&err)?,
+                    ));
+                }
+                let mut qb = QueryBuilder::new("UPDATE qcluster_queue SET visible_at = ");
+                qb.push(i.sql.now)
+                    .push(" + ")
+                    .push_bind(retry)
+                    .push(", leased = 1, deliveries = deliveries + 1 WHERE id IN (");
+                let mut ids = qb.separated(", ");
+                for r in &rows {
+                    ids.push_bind(r.0);
+                }
+                qb.push(")");
+                qb.build().execute(&mut *tx).await.map_err(&err)?;
+                tx.commit().await.map_err(&err)?;
+                rows
+            }
+            #[allow(unreachable_patterns)]
+            other => on_db!(other, p => {
+                let found = sqlx::query(sql)
+                    .bind(retry)
+                    .bind(queue)
+                    .bind(bulk)
+                    .fetch_all(p)
+                    .await
+                    .map_err(&err)?;
+                let mut rows = Vec::with_capacity(found.len());
+                for r in &found {
+                    rows.push((
+                        r.try_get(0).map_err(&err)?,
+                        r.try_get(1).map_err(&err)?,
+                        r.try_get(2).map_err(&err)?,
+                        r.try_get(3).map_err(&err)?,
+                    ));
+                }
+                rows
+            }),
+        };
+        rows.sort_by(|a, b| b.3.cmp(&a.3).then(a.0.cmp(&b.0)));
+        Ok(rows
+            .into_iter()
+            .map(|(id, payload, n, _)| Delivery {
+                ack: AckId::new(format!("{id}:{n}")),
+                message_id: MessageId(id.to_string()),
+                payload,
+                deliveries: Some(n.max(0) as u32),
+            })
+            .collect())
+    }
+}
+
+/// Longest a start-up waits for another cluster's schema upgrade.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn migrate(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerError> {
+    match tokio::time::timeout(MIGRATE_TIMEOUT, migrate_locked(db, d, ctx)).await {
+        Ok(r) => r,
+        Err(_) => Err(BrokerError::Timeout {
+            broker: d.broker_name(),
+            operation: "migrate (waiting for the schema lock)",
+            endpoint: ctx.endpoint.clone(),
+            after: MIGRATE_TIMEOUT,
+        }),
+    }
+}
+
+async fn migrate_locked(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerError> {
+    let err = ctx.err("migrate");
+    // Recording a version twice is harmless (SQLite has no named lock: two first starts may both
+    // run the idempotent statements).
+    let record = d.render(match d {
+        Dialect::MySql => "INSERT IGNORE INTO qcluster_migrations (version, description, applied_at) VALUES (?, ?, NOW_US)",
+        _ => "INSERT INTO qcluster_migrations (version, description, applied_at) VALUES (?, ?, NOW_US) ON CONFLICT (version) DO NOTHING",
+    });
+    on_db!(db, p => {
+        let mut conn = p.acquire().await.map_err(&err)?;
+        // Several clusters may start at once: one upgrades, the others wait and find it done.
+        let lock = match d {
+            Dialect::Postgres => Some(("SELECT pg_advisory_lock(7215113901)", "SELECT pg_advisory_unlock(7215113901)")),
+            Dialect::MySql => Some(("SELECT GET_LOCK('qcluster_migrate', 60)", "SELECT RELEASE_LOCK('qcluster_migrate')")),
+            Dialect::Sqlite => None,
+        };
+        if let Some((take, _)) = lock {
+            if d == Dialect::MySql {
+                // 1 = taken; 0 = timed out; NULL = error. Only 1 lets us go on.
+                let got: Option<i64> = sqlx::query_scalar(take).fetch_one(&mut *conn).await.map_err(&err)?;
+                if got != Some(1) {
+                    return Err(BrokerError::Timeout {
+                        broker: d.broker_name(),
+                        operation: "migrate (GET_LOCK qcluster_migrate)",
+                        endpoint: ctx.endpoint.clone(),
+                        after: MIGRATE_TIMEOUT,
+                    });
+                }
+            } else {
+                conn.execute(take).await.map_err(&err)?;
+            }
+        }
+        let result: Result<(), BrokerError> = async {
+            conn.execute(migrate::bookkeeping(d)).await.map_err(&err)?;
+            let done: Vec<i64> = sqlx::query_scalar("SELECT version FROM qcluster_migrations")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(&err)?;
+            for m in migrate::MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
+                for stmt in m.statements(d) {
+                    conn.execute(*stmt).await.map_err(&err)?;
+                }
+                sqlx::query(sqlx::AssertSqlSafe(record.clone()))
+                    .bind(m.version)
+                    .bind(m.description)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(&err)?;
+                tracing::info!(version = m.version, broker = d.broker_name(), "schema migrated: {}", m.description);
+            }
+            Ok(())
+        }
+        .await;
+        let released = match lock {
+            Some((_, release)) => conn.execute(release).await.map(drop).map_err(&err),
+            None => Ok(()),
+        };
+        // The migration's own error matters more than a failed release.
+        result.and(released)
+    })
+}
+
+/// Server name and version, MySQL's `max_allowed_packet` and `auto_increment_increment`.
+async fn server_facts(db: &Db, ctx: &Ctx) -> Result<(String, Option<usize>, i64), BrokerError> {
+    let err = ctx.err("connect");
+    match db {
+        #[cfg(feature = "sqlite")]
+        Db::Sqlite(p) => {
+            let v: String = sqlx::query_scalar("SELECT sqlite_version()")
+                .fetch_one(p)
+                .await
+                .map_err(&err)?;
+            Ok((format!("SQLite {v}"), None, 1))
+        }
+        #[cfg(feature = "postgres")]
+        Db::Postgres(p) => {
+            let v: String = sqlx::query_scalar("SHOW server_version")
+                .fetch_one(p)
+                .await
+                .map_err(&err)?;
+            Ok((format!("PostgreSQL {v}"), None, 1))
+        }
+        #[cfg(feature = "mysql")]
+        Db::MySql(p) => {
+            let row = sqlx::query(
+                "SELECT VERSION(), CAST(@@max_allowed_packet AS SIGNED), \
+                 CAST(@@auto_increment_increment AS SIGNED)",
+            )
+            .fetch_one(p)
+            .await
+            .map_err(&err)?;
+            let v: String = row.try_get(0).map_err(&err)?;
+            let packet: i64 = row.try_get(1).map_err(&err)?;
+            let step: i64 = row.try_get(2).map_err(&err)?;
+            Ok((
+                format!("MySQL {v}"),
+                Some(packet.max(0) as usize),
+                step.max(1),
+            ))
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for OrmBroker {
+    async fn enqueue(&self, message: Message) -> Result<MessageId, BrokerError> {
+        self.check_size(&message)?;
+        let i = &self.inner;
+        let err = i.ctx.err("enqueue");
+        let queue = i.settings.queue.as_str();
+        let delay = message.delay.map(micros).unwrap_or(0);
+        let sql = sqlx::AssertSqlSafe(i.sql.enqueue.clone());
+        let id: i64 = match &i.db {
+            #[cfg(feature = "mysql")]
+            Db::MySql(p) => sqlx::query(sql)
+                .bind(queue)
+                .bind(&message.payload[..])
+                .bind(message.priority)
+                .bind(delay)
+                .execute(p)
+                .await
+                .map_err(&err)?
+                .last_insert_id() as i64,
+            #[cfg(feature = "postgres")]
+            // One statement, one round trip: the insert and its notification (sent at commit).
+            Db::Postgres(p) => sqlx::query_scalar(sql)
+                .bind(queue)
+                .bind(&message.payload[..])
+                .bind(message.priority)
+                .bind(delay)
+                .bind(LISTEN_CHANNEL)
+                .bind(queue)
+                .fetch_one(p)
+                .await
+                .map_err(&err)?,
+            #[allow(unreachable_patterns)]
+            other => on_db!(other, p => sqlx::query_scalar(sql)
+                .bind(queue)
+                .bind(&message.payload[..])
+                .bind(message.priority)
+                .bind(delay)
+                .fetch_one(p)
+                .await
+                .map_err(&err)?),
+        };
+        i.wake.notify_waiters();
+        Ok(MessageId(id.to_string()))
+    }
+
+    /// All or nothing: the batch goes in one transaction, and every size is checked first.
+    async fn enqueue_many(&self, messages: Vec<Message>) -> Result<Vec<MessageId>, BrokerError> {
+        for m in &messages {
+            self.check_size(m)?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let i = &self.inner;
+        let err = i.ctx.err("enqueue_many");
+        let queue = i.settings.queue.as_str();
+        // Keep each statement well inside MySQL's packet and every backend's bind limits.
+        // Half the package limit per statement leaves room for the other bound values (a row
+        // bigger than that goes alone, and fits: the limit itself is under the packet size).
+        let byte_budget = i.max_message_size / 2;
+        let mut chunks: Vec<&[Message]> = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (n, m) in messages.iter().enumerate() {
+            if n > start && (n - start >= INSERT_CHUNK || bytes + m.payload.len() > byte_budget) {
+                chunks.push(&messages[start..n]);
+                start = n;
+                bytes = 0;
+            }
+            bytes += m.payload.len();
+        }
+        chunks.push(&messages[start..]);
+        let mut ids: Vec<i64> = Vec::with_capacity(messages.len());
+        on_db!(&i.db, p => {
+            let mut tx = p.begin().await.map_err(&err)?;
+            for chunk in chunks {
+                let mut qb = QueryBuilder::new(i.sql.insert_head);
+                qb.push_values(chunk, |mut b, m| {
+                    b.push_bind(queue)
+                        .push_bind(&m.payload[..])
+                        .push_bind(m.priority)
+                        .push(format!("{} + ", i.sql.now))
+                        .push_bind_unseparated(m.delay.map(micros).unwrap_or(0))
+                        .push("0")
+                        .push("0")
+                        .push(i.sql.now);
+                });
+                if i.ctx.dialect == Dialect::MySql {
+                    let done = qb.build().execute(&mut *tx).await.map_err(&err)?;
+                    let first = done.last_id();
+                    // A multi-row INSERT of known size takes evenly spaced auto-increment values
+                    // (`auto_increment_increment` apart: more than 1 on Galera/multi-primary).
+                    let step = i.id_step;
+                    ids.extend((0..chunk.len() as i64).map(|k| first + k * step));
+                } else {
+                    qb.push(" RETURNING id");
+                    let mut got: Vec<i64> = qb
+                        .build_query_scalar()
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(&err)?;
+                    got.sort_unstable();
+                    ids.extend(got);
+                }
+            }
+            #[cfg(feature = "postgres")]
+            if i.ctx.dialect == Dialect::Postgres {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(LISTEN_CHANNEL)
+                    .bind(queue)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&err)?;
+            }
+            tx.commit().await.map_err(&err)?;
+        });
+        i.wake.notify_waiters();
+        Ok(ids
+            .into_iter()
+            .map(|id| MessageId(id.to_string()))
+            .collect())
+    }
+
+    async fn dequeue(&self) -> Result<Vec<Delivery>, BrokerError> {
+        let s = &self.inner.settings;
+        let deadline = Instant::now() + s.wait;
+        loop {
+            // Register for a wake-up before looking, so an enqueue between the look and the
+            // wait is not missed.
+            let woken = self.inner.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let got = self.claim().await?;
+            let now = Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let nap = s.poll.min(deadline - now);
+            let _ = tokio::time::timeout(nap, woken).await;
+        }
+    }
+
+    async fn acknowledge(&self, ack: &AckId) -> Result<(), BrokerError> {
+        let (id, n) = parse_ack(ack, self.broker())?;
+        let i = &self.inner;
+        let sql = sqlx::AssertSqlSafe(i.sql.ack.clone());
+        on_db!(&i.db, p => sqlx::query(sql)
+            .bind(id)
+            .bind(i.settings.queue.as_str())
+            .bind(n)
+            .execute(p)
+            .await
+            .map_err(i.ctx.err("acknowledge"))?.rows_affected());
+        Ok(())
+    }
+
+    /// One statement for the whole batch.
+    async fn acknowledge_many(&self, acks: &[AckId]) -> Result<(), BrokerError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let parsed = acks
+            .iter()
+            .map(|a| parse_ack(a, self.broker()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let i = &self.inner;
+        let err = i.ctx.err("acknowledge");
+        for chunk in parsed.chunks(MAX_BULK) {
+            on_db!(&i.db, p => {
+                // On SQLite `+queue` keeps the planner on the primary key: with a long OR list
+                // it would otherwise pick the queue index and scan the whole queue.
+                let head = match i.ctx.dialect {
+                    Dialect::Sqlite => "DELETE FROM qcluster_queue WHERE +queue = ",
+                    _ => "DELETE FROM qcluster_queue WHERE queue = ",
+                };
+                let mut qb = QueryBuilder::new(head);
+                qb.push_bind(i.settings.queue.as_str()).push(" AND leased = 1 AND id IN (");
+                let mut ids = qb.separated(", ");
+                for (id, _) in chunk {
+                    ids.push_bind(*id);
+                }
+                qb.push(") AND (");
+                for (k, (id, n)) in chunk.iter().enumerate() {
+                    if k > 0 {
+                        qb.push(" OR ");
+                    }
+                    qb.push("(id = ").push_bind(*id).push(" AND deliveries = ").push_bind(*n).push(")");
+                }
+                qb.push(")");
+                qb.build().execute(p).await.map_err(&err)?;
+            });
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, ack: &AckId) -> Result<(), BrokerError> {
+        self.fail_after(ack, Duration::ZERO).await
+    }
+
+    async fn fail_after(&self, ack: &AckId, delay: Duration) -> Result<(), BrokerError> {
+        let (id, n) = parse_ack(ack, self.broker())?;
+        let i = &self.inner;
+        let sql = sqlx::AssertSqlSafe(i.sql.fail.clone());
+        on_db!(&i.db, p => sqlx::query(sql)
+            .bind(micros(delay))
+            .bind(id)
+            .bind(i.settings.queue.as_str())
+            .bind(n)
+            .execute(p)
+            .await
+            .map_err(i.ctx.err("fail"))?.rows_affected());
+        if delay.is_zero() {
+            i.wake.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
+        let (id, _) = parse_ack(ack, self.broker())?;
+        let i = &self.inner;
+        let sql = sqlx::AssertSqlSafe(i.sql.delete.clone());
+        on_db!(&i.db, p => sqlx::query(sql)
+            .bind(id)
+            .bind(i.settings.queue.as_str())
+            .execute(p)
+            .await
+            .map_err(i.ctx.err("delete"))?.rows_affected());
+        Ok(())
+    }
+
+    /// Copies the row to `qcluster_dead` and deletes it, in one transaction, if this receipt still
+    /// holds the lease (a stale receipt must not pull a package from under its new holder).
+    async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
+        let (id, n) = parse_ack(ack, self.broker())?;
+        let i = &self.inner;
+        let err = i.ctx.err("dead_letter");
+        let queue = i.settings.queue.as_str();
+        let moved = on_db!(&i.db, p => {
+            let mut tx = p.begin().await.map_err(&err)?;
+            let copied = sqlx::query(sqlx::AssertSqlSafe(i.sql.dead_copy.clone()))
+                .bind(reason)
+                .bind(id)
+                .bind(queue)
+                .bind(n)
+                .execute(&mut *tx)
+                .await
+                .map_err(&err)?
+                .rows_affected();
+            if copied == 1 {
+                sqlx::query(sqlx::AssertSqlSafe(i.sql.dead_delete.clone()))
+                    .bind(id)
+                    .bind(queue)
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&err)?;
+                tx.commit().await.map_err(&err)?;
+            } else {
+                tx.rollback().await.map_err(&err)?;
+            }
+            copied == 1
+        });
+        if moved {
+            tracing::warn!(
+                queue,
+                message_id = id,
+                reason,
+                "package moved to dead letters"
+            );
+        } else {
+            tracing::debug!(
+                queue,
+                message_id = id,
+                "dead_letter with a stale receipt ignored"
+            );
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        let i = &self.inner;
+        let err = i.ctx.err("dead_letters");
+        let sql = sqlx::AssertSqlSafe(i.sql.dead_list.clone());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        on_db!(self.read_db(), p => {
+            let rows = sqlx::query(sql)
+                .bind(i.settings.queue.as_str())
+                .bind(limit)
+                .fetch_all(p)
+                .await
+                .map_err(&err)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let id: i64 = r.try_get(0).map_err(&err)?;
+                let n: i32 = r.try_get(3).map_err(&err)?;
+                out.push(DeadLetter {
+                    message_id: MessageId(id.to_string()),
+                    payload: r.try_get(1).map_err(&err)?,
+                    reason: r.try_get(2).map_err(&err)?,
+                    deliveries: Some(n.max(0) as u32),
+                    dead_at_us: r.try_get(4).map_err(&err)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
+        let n = self
+            .count(
+                self.read_db(),
+                &self.inner.sql.dead_size,
+                "dead_letter_size",
+            )
+            .await?;
+        Ok(Some(n))
+    }
+
+    async fn purge_queue(&self) -> Result<u64, BrokerError> {
+        let i = &self.inner;
+        let sql = sqlx::AssertSqlSafe(i.sql.purge.clone());
+        let n = on_db!(&i.db, p => sqlx::query(sql)
+            .bind(i.settings.queue.as_str())
+            .execute(p)
+            .await
+            .map_err(i.ctx.err("purge_queue"))?
+            .rows_affected());
+        Ok(n)
+    }
+
+    async fn delete_queue(&self) -> Result<(), BrokerError> {
+        let i = &self.inner;
+        let err = i.ctx.err("delete_queue");
+        let queue = i.settings.queue.as_str();
+        on_db!(&i.db, p => {
+            let mut tx = p.begin().await.map_err(&err)?;
+            for sql in [&i.sql.drop_queue, &i.sql.drop_dead] {
+                sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                    .bind(queue)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&err)?;
+            }
+            tx.commit().await.map_err(&err)?;
+        });
+        Ok(())
+    }
+
+    async fn queue_size(&self) -> Result<u64, BrokerError> {
+        self.count(self.read_db(), &self.inner.sql.queue_size, "queue_size")
+            .await
+    }
+
+    async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
+        let n = self
+            .count(self.read_db(), &self.inner.sql.lock_size, "lock_size")
+            .await?;
+        Ok(Some(n))
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let i = &self.inner;
+        let pinging = async {
+            on_db!(&i.db, p => p.execute("SELECT 1").await.map(|_| ()).map_err(i.ctx.err("ping")))
+        };
+        match tokio::time::timeout(i.ctx.timeout + Duration::from_millis(500), pinging).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout {
+                broker: self.broker(),
+                operation: "ping",
+                endpoint: i.ctx.endpoint.clone(),
+                after: i.ctx.timeout,
+            }),
+        }
+    }
+
+    async fn info(&self) -> Result<BrokerInfo, BrokerError> {
+        let i = &self.inner;
+        let mut details = BTreeMap::new();
+        details.insert("table".into(), "qcluster_queue".into());
+        details.insert("dead_letter_table".into(), "qcluster_dead".into());
+        details.insert("pool_size".into(), i.pool_size.to_string());
+        details.insert("bulk".into(), i.settings.bulk.to_string());
+        details.insert("poll_ms".into(), i.settings.poll.as_millis().to_string());
+        details.insert("max_message_size".into(), i.max_message_size.to_string());
+        if let Some(r) = &i.replica_endpoint {
+            details.insert("replica".into(), r.clone());
+        }
+        let wake_up = match i.ctx.dialect {
+            Dialect::Postgres if i.listening.load(Ordering::Relaxed) => {
+                "LISTEN/NOTIFY (poll as fallback)"
+            }
+            Dialect::Postgres => "poll (LISTEN connection down, reconnecting)",
+            _ => "poll (and in-process wake-up)",
+        };
+        details.insert("wake_up".into(), wake_up.into());
+        Ok(BrokerInfo {
+            broker: self.broker().into(),
+            server: Some(i.server.clone()),
+            endpoint: i.ctx.endpoint.clone(),
+            queue: i.settings.queue.clone(),
+            receipts: true,
+            retry_secs: Some(i.settings.retry.as_secs_f64()),
+            notes: vec![
+                "at least once: a package not acknowledged within `retry` is delivered again".into(),
+                "acknowledge deletes the row; fail makes it visible again with its delivery count raised".into(),
+                "claims are atomic: a package is leased to one consumer at a time".into(),
+            ],
+            details,
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            receipts: true,
+            atomic: true,
+            max_bulk: MAX_BULK,
+            max_message_size: self.inner.max_message_size,
+            text_only: false,
+            dead_letter: true,
+            priority: true,
+            delay: true,
+            stats: true,
+        }
+    }
+
+    async fn set_stat(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), BrokerError> {
+        let i = &self.inner;
+        let err = i.ctx.err("set_stat");
+        on_db!(&i.db, p => {
+            sqlx::query(sqlx::AssertSqlSafe(i.sql.prune_stats.clone()))
+                .execute(p)
+                .await
+                .map_err(&err)?;
+            sqlx::query(sqlx::AssertSqlSafe(i.sql.set_stat.clone()))
+                .bind(key)
+                .bind(value)
+                .bind(micros(ttl))
+                .execute(p)
+                .await
+                .map_err(&err)?;
+        });
+        Ok(())
+    }
+
+    async fn get_stats(&self, prefix: &str) -> Result<Vec<Stat>, BrokerError> {
+        let i = &self.inner;
+        let err = i.ctx.err("get_stats");
+        let sql = sqlx::AssertSqlSafe(i.sql.get_stats.clone());
+        let rows: Vec<(String, Vec<u8>)> = on_db!(self.read_db(), p => sqlx::query_as(sql)
+            .bind(like_prefix(prefix))
+            .fetch_all(p)
+            .await
+            .map_err(&err)?);
+        // SQLite's LIKE ignores ASCII case: the exact prefix test is made here.
+        Ok(rows
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(key, value)| Stat { key, value })
+            .collect())
+    }
+}
+
+/// The first id of the last insert, where the driver reports it (MySQL).
+trait LastId {
+    fn last_id(&self) -> i64;
+}
+
+#[cfg(feature = "mysql")]
+impl LastId for sqlx::mysql::MySqlQueryResult {
+    fn last_id(&self) -> i64 {
+        self.last_insert_id() as i64
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl LastId for sqlx::sqlite::SqliteQueryResult {
+    fn last_id(&self) -> i64 {
+        self.last_insert_rowid()
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl LastId for sqlx::postgres::PgQueryResult {
+    fn last_id(&self) -> i64 {
+        0
+    }
+}

@@ -1,0 +1,63 @@
+//! PostgreSQL LISTEN/NOTIFY: wakes this process's waiting consumers when a package arrives.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool};
+use tokio::sync::Notify;
+
+use crate::db::Ctx;
+
+/// Listens until the broker is dropped (the task is aborted then). Reconnects after errors, with
+/// a growing pause, and wakes every waiter after a reconnect since notifications may have been
+/// missed meanwhile. Logged errors are scrubbed of passwords.
+pub(crate) async fn listen(
+    pool: PgPool,
+    channel: &'static str,
+    queue: String,
+    wake: Arc<Notify>,
+    listening: Arc<AtomicBool>,
+    ctx: Ctx,
+) {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %ctx.scrub(&e.to_string()), "LISTEN connection failed; polling meanwhile");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(channel).await {
+            tracing::debug!(error = %ctx.scrub(&e.to_string()), "LISTEN failed; polling meanwhile");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(10));
+            continue;
+        }
+        listening.store(true, Ordering::Relaxed);
+        wake.notify_waiters();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    pause = Duration::from_millis(250);
+                    if n.payload() == queue {
+                        wake.notify_waiters();
+                    }
+                }
+                // The connection was lost and sqlx has already reconnected and listens again:
+                // whatever was sent meanwhile is lost, so every waiter looks once more.
+                Ok(None) => wake.notify_waiters(),
+                Err(e) => {
+                    tracing::debug!(error = %ctx.scrub(&e.to_string()), "LISTEN connection broke; reconnecting");
+                    listening.store(false, Ordering::Relaxed);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                    break;
+                }
+            }
+        }
+    }
+}

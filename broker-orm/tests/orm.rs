@@ -1,0 +1,313 @@
+//! Behaviour specific to the SQL broker: errors, replica, wake-ups, migrations.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use broker_core::{AckId, Broker, BrokerError, Message, QueueSettings};
+use broker_orm::{OrmBroker, OrmConfig};
+use common::*;
+
+fn queue(name: &str) -> QueueSettings {
+    QueueSettings::for_queue(format!("orm-{name}-{}", uuid::Uuid::now_v7().simple()))
+}
+
+async fn open(url: &str, s: QueueSettings) -> OrmBroker {
+    OrmBroker::connect(&OrmConfig::new(url), s)
+        .await
+        .unwrap_or_else(|e| panic!("connect {}: {e}", broker_core::mask_url(url)))
+}
+
+/// The error names the host, masks the password, and comes within the connect timeout.
+async fn assert_unreachable(url: &str) {
+    let mut cfg = OrmConfig::new(url);
+    cfg.connect_timeout = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let e = OrmBroker::connect(&cfg, QueueSettings::for_queue("q"))
+        .await
+        .unwrap_err();
+    let took = t0.elapsed();
+    let text = e.to_string();
+    assert!(took < Duration::from_secs(5), "took {took:?}: {text}");
+    assert!(text.contains("127.0.0.1:1"), "host not named: {text}");
+    assert!(
+        !text.contains(SECRET) && !format!("{e:?}").contains(SECRET),
+        "password leaked: {text}"
+    );
+    assert!(text.contains("***"), "password not shown masked: {text}");
+    assert!(
+        e.is_transient(),
+        "connection failure should be transient: {e:?}"
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn unreachable_postgres_names_host_and_masks_password() {
+    assert_unreachable(&format!("postgres://postgres:{SECRET}@127.0.0.1:1/test")).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn unreachable_mariadb_names_host_and_masks_password() {
+    assert_unreachable(&format!("mysql://root:{SECRET}@127.0.0.1:1/test")).await;
+}
+
+#[tokio::test]
+async fn bad_urls_and_settings_name_the_key() {
+    let e = OrmBroker::connect(
+        &OrmConfig::new(format!("redis://u:{SECRET}@h/0")),
+        queue("x"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, BrokerError::Config { key, .. } if key == "orm.url"),
+        "{e:?}"
+    );
+    assert!(!e.to_string().contains(SECRET), "{e}");
+
+    let mut s = queue("bulk");
+    s.bulk = 0;
+    let e = OrmBroker::connect(&OrmConfig::new("sqlite::memory:"), s)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BrokerError::Config { key, .. } if key == "bulk"),
+        "{e:?}"
+    );
+
+    let mut s = queue("bulk");
+    s.bulk = broker_orm::MAX_BULK + 1;
+    let e = OrmBroker::connect(&OrmConfig::new("sqlite::memory:"), s)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 1000"), "{e}");
+
+    let mut cfg = OrmConfig::new("sqlite::memory:");
+    cfg.replica_url = Some("postgres://h/db".into());
+    let e = OrmBroker::connect(&cfg, queue("r")).await.unwrap_err();
+    assert!(
+        matches!(&e, BrokerError::Config { key, .. } if key == "orm.replica_url"),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_receipts_are_typed_errors() {
+    let b = open("sqlite::memory:", queue("receipt")).await;
+    for bad in ["", "12", "x:1", "1:y", "1:2:3"] {
+        let e = b.acknowledge(&AckId::new(bad)).await.unwrap_err();
+        assert!(
+            matches!(e, BrokerError::InvalidReceipt { .. }),
+            "{bad:?}: {e:?}"
+        );
+        let e = b.fail(&AckId::new(bad)).await.unwrap_err();
+        assert!(
+            matches!(e, BrokerError::InvalidReceipt { .. }),
+            "{bad:?}: {e:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn replica_serves_queue_size_and_info() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let primary = format!("sqlite://{}/primary.sqlite3", dir.path().display());
+    let replica = format!("sqlite://{}/replica.sqlite3", dir.path().display());
+    let s = queue("replica");
+    // The replica has the schema (a real replica gets it from the primary) but not the rows.
+    drop(open(&replica, s.clone()).await);
+    let mut cfg = OrmConfig::new(&primary);
+    cfg.replica_url = Some(replica.clone());
+    let b = OrmBroker::connect(&cfg, s.clone())
+        .await
+        .expect("connect with replica");
+    for i in 0..3u8 {
+        b.enqueue(Message::new(vec![i; 40])).await.expect("enqueue");
+    }
+    assert_eq!(
+        b.queue_size().await.expect("size"),
+        0,
+        "queue_size must read the replica"
+    );
+    assert_eq!(open(&primary, s).await.queue_size().await.expect("size"), 3);
+    let info = b.info().await.expect("info");
+    assert!(info.details.contains_key("replica"), "{info:?}");
+}
+
+#[tokio::test]
+async fn migrations_run_once_and_are_recorded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/m.sqlite3", dir.path().display());
+    for _ in 0..3 {
+        drop(open(&url, queue("mig")).await);
+    }
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("pool");
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM qcluster_migrations")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(n, broker_orm_migrations());
+}
+
+/// SQLite has no named lock: four first starts at once on a new file must all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_concurrent_first_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/race.sqlite3", dir.path().display());
+    first_start_four_at_once(&url).await;
+}
+
+fn broker_orm_migrations() -> i64 {
+    1
+}
+
+fn fresh_db_url(url: &str) -> (String, String) {
+    let name = format!(
+        "qcluster_mig_{}",
+        &uuid::Uuid::now_v7().simple().to_string()[18..]
+    );
+    let (base, _) = url.rsplit_once('/').expect("url has a database");
+    (name.clone(), format!("{base}/{name}"))
+}
+
+/// Four clusters starting at once on an empty database: every one starts, the schema is made once.
+async fn first_start_four_at_once(url: &str) {
+    let mut joins = Vec::new();
+    for k in 0..4 {
+        let url = url.to_owned();
+        joins.push(tokio::spawn(async move {
+            OrmBroker::connect(
+                &OrmConfig::new(url),
+                QueueSettings::for_queue(format!("m{k}")),
+            )
+            .await
+            .map(drop)
+        }));
+    }
+    for j in joins {
+        j.await.expect("join").expect("concurrent first start");
+    }
+    let b = open(url, queue("after")).await;
+    b.enqueue(Message::new(vec![1; 40]))
+        .await
+        .expect("enqueue after migration");
+}
+
+/// Creates a fresh database, starts four brokers on it at once, checks the schema was recorded
+/// once, and drops the database.
+macro_rules! first_start_test {
+    ($name:ident, $feature:literal, $pool:ty, $admin_url:expr, $drop_suffix:literal) => {
+        #[cfg(feature = $feature)]
+        #[tokio::test]
+        async fn $name() {
+            use sqlx::AssertSqlSafe;
+            let admin_url = $admin_url;
+            if !reachable(&admin_url).await {
+                return;
+            }
+            let (name, url) = fresh_db_url(&admin_url);
+            let admin = <$pool>::connect(&admin_url).await.expect("admin");
+            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&admin)
+                .await
+                .expect("create database");
+            first_start_four_at_once(&url).await;
+            let pool = <$pool>::connect(&url).await.expect("pool");
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM qcluster_migrations")
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+            pool.close().await;
+            sqlx::query(AssertSqlSafe(format!(
+                "DROP DATABASE {name}{}",
+                $drop_suffix
+            )))
+            .execute(&admin)
+            .await
+            .expect("drop database");
+            assert_eq!(n, broker_orm_migrations());
+        }
+    };
+}
+
+first_start_test!(
+    postgres_concurrent_first_start_migrates_once,
+    "postgres",
+    sqlx::PgPool,
+    postgres_url(),
+    " WITH (FORCE)"
+);
+first_start_test!(
+    mariadb_concurrent_first_start_migrates_once,
+    "mysql",
+    sqlx::MySqlPool,
+    mysql_url(),
+    ""
+);
+
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn mariadb_limit_follows_max_allowed_packet() {
+    let url = mysql_url();
+    if !reachable(&url).await {
+        return;
+    }
+    let mut s = queue("packet");
+    s.max_message_size = Some(2 << 30);
+    let e = OrmBroker::connect(&OrmConfig::new(&url), s)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BrokerError::Config { key, message } if key == "max_message_size" && message.contains("max_allowed_packet")),
+        "{e:?}"
+    );
+    let b = open(&url, queue("packet")).await;
+    let cap = broker_core::Broker::capabilities(&b).max_message_size;
+    assert!(cap > 1024 * 1024 && cap <= 16 * 1024 * 1024, "limit {cap}");
+}
+
+/// With LISTEN/NOTIFY a waiting consumer wakes when another connection enqueues, long before its
+/// poll interval: without the notification this dequeue would come back empty after 8 s.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notify_wakes_a_waiting_consumer() {
+    let url = postgres_url();
+    if !reachable(&url).await {
+        return;
+    }
+    let mut s = queue("notify");
+    s.poll = Duration::from_secs(10);
+    s.wait = Duration::from_secs(8);
+    let consumer = open(&url, s.clone()).await;
+    let producer = open(&url, s).await;
+    // Let the LISTEN connection come up.
+    for _ in 0..50 {
+        let info = consumer.info().await.expect("info");
+        if info
+            .details
+            .get("wake_up")
+            .is_some_and(|w| w.starts_with("LISTEN"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waiting = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let got = consumer.dequeue().await.expect("dequeue");
+        (got.len(), t0.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    producer
+        .enqueue(Message::new(vec![7; 40]))
+        .await
+        .expect("enqueue");
+    let (n, took) = waiting.await.expect("join");
+    assert_eq!(n, 1, "the waiting consumer got nothing");
+    assert!(
+        took < Duration::from_secs(3),
+        "woke after {took:?}: notification not used"
+    );
+}
