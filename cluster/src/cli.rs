@@ -1,0 +1,618 @@
+//! The `qcluster` command line, reusable by binaries that add their own tasks:
+//! `cluster::cli::main(registry)`.
+//!
+//! Exit codes: 0 success, 1 task or runtime failure, 2 usage or configuration error.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker_core::{TaskId, TaskOptions};
+use clap::{Args, Parser, Subcommand};
+use figment::value::Value;
+use serde::Deserialize;
+
+use crate::config::{Config, Loaded, parse_flag};
+use crate::error::{ConfigError, Error};
+use crate::sentinel::{Cluster, STATUS_PREFIX, Status};
+use crate::store::{Store, TaskRecord};
+use crate::{Client, EnqueueOptions, NewTask, Registry};
+
+mod quickstart;
+
+/// Exit code for task or runtime failures.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for usage and configuration errors.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "qcluster", version, about = "Distributed background tasks with pluggable brokers")]
+struct Cli {
+    /// Config file (default: $QCLUSTER_CONFIG, else ./qcluster.toml if present).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Override any key: `--set workers=4 --set orm.url=postgres://…` (flags beat env and file).
+    #[arg(short = 's', long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Same as --set workers=N.
+    #[arg(long, global = true)]
+    workers: Option<usize>,
+    /// Same as --set broker=NAME.
+    #[arg(long, global = true)]
+    broker: Option<String>,
+    /// Same as --set name=NAME.
+    #[arg(long, global = true)]
+    name: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a local config and secret if missing, enqueue sample tasks, run them, summarise.
+    Quickstart {
+        /// How many sample tasks.
+        #[arg(long, default_value_t = 1000)]
+        tasks: usize,
+    },
+    /// Run the cluster until SIGTERM or SIGINT.
+    Run,
+    /// Enqueue a task (or many with --from).
+    Enqueue(EnqueueArgs),
+    /// Show a task's result.
+    Result {
+        /// Task id.
+        id: String,
+        /// Wait up to this many seconds for a final result.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<f64>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Show the broker, the queue and the running clusters.
+    Info {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Check that the broker and the result store answer.
+    Ping {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Delete every waiting package of this cluster's queue.
+    Purge {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// List quarantined packages (failed verification).
+    Quarantine {
+        /// Most entries shown.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Print the effective configuration and where each value came from.
+    Config {
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Out {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct EnqueueArgs {
+    /// Task name (required unless --from is given).
+    func: Option<String>,
+    /// Arguments as JSON.
+    #[arg(long, default_value = "null")]
+    args: String,
+    /// Read tasks from FILE (`-` for stdin): one JSON object per line, `{"func": …, "args": …}`.
+    #[arg(long, value_name = "FILE", conflicts_with = "func")]
+    from: Option<PathBuf>,
+    /// Wait up to SECS for the result and print it (exit 1 if the task failed).
+    #[arg(long, value_name = "SECS")]
+    wait: Option<f64>,
+    /// Result group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Result name.
+    #[arg(long = "task-name")]
+    task_name: Option<String>,
+    /// Priority (higher first).
+    #[arg(long, default_value_t = 0)]
+    priority: i16,
+    /// Run no earlier than SECS from now.
+    #[arg(long, value_name = "SECS")]
+    delay: Option<f64>,
+    /// This task's timeout in seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// This task's attempt limit.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    #[command(flatten)]
+    out: Out,
+}
+
+/// One line of `enqueue --from`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    func: String,
+    #[serde(default)]
+    args: serde_json::Value,
+    group: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    priority: i16,
+    delay: Option<f64>,
+    timeout: Option<f64>,
+    max_attempts: Option<u32>,
+}
+
+/// A failure with the exit code it maps to.
+pub(crate) struct Fail {
+    code: u8,
+    message: String,
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Self {
+            code: if e.is_usage() { EXIT_USAGE } else { EXIT_FAILURE },
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ConfigError> for Fail {
+    fn from(e: ConfigError) -> Self {
+        Error::from(e).into()
+    }
+}
+
+impl Fail {
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+    pub(crate) fn runtime(message: impl Into<String>) -> Self {
+        Self {
+            code: EXIT_FAILURE,
+            message: message.into(),
+        }
+    }
+}
+
+type Res<T = ()> = Result<T, Fail>;
+
+/// Runs the `qcluster` command line with `registry`'s tasks and returns the exit code.
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let verbose = matches!(cli.command, Command::Run | Command::Quickstart { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QCLUSTER_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if verbose { "info,sqlx=warn" } else { "warn,sqlx=error" })
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = rt.block_on(dispatch(cli, registry));
+    // Blocking tasks that overran their timeout cannot be killed; do not wait for them.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Res<Loaded> {
+    let mut flags: Vec<(String, Value)> = Vec::new();
+    for raw in &cli.set {
+        flags.push(parse_flag(raw)?);
+    }
+    if let Some(w) = cli.workers {
+        flags.push(("workers".into(), Value::from(w as u64)));
+    }
+    if let Some(b) = &cli.broker {
+        flags.push(("broker".into(), Value::from(b.clone())));
+    }
+    if let Some(n) = &cli.name {
+        flags.push(("name".into(), Value::from(n.clone())));
+    }
+    Ok(Config::load(cli.config.as_deref(), &flags)?)
+}
+
+fn secs(key: &str, v: f64) -> Res<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| Fail::usage(format!("{key}: `{v}` is not a number of seconds")))
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+async fn dispatch(cli: Cli, registry: Registry) -> Res {
+    if let Command::Quickstart { tasks } = &cli.command {
+        return quickstart::run(&cli, *tasks, registry).await;
+    }
+    let loaded = load(&cli)?;
+    let config = loaded.config.clone();
+    match cli.command {
+        Command::Quickstart { .. } => Ok(()),
+        Command::Config { out } => show_config(&loaded, out.json),
+        Command::Run => {
+            let cluster = Cluster::connect(config, registry).await?;
+            let stop = async {
+                if let Err(e) = crate::shutdown_signal().await {
+                    tracing::error!("cannot listen for signals: {e}");
+                    std::future::pending::<()>().await;
+                }
+            };
+            cluster.run(stop).await?;
+            Ok(())
+        }
+        Command::Enqueue(args) => enqueue(&config, registry, args).await,
+        Command::Result { id, wait, out } => {
+            let id: TaskId = id
+                .parse()
+                .map_err(|e| Fail::usage(format!("`{id}` is not a task id: {e}")))?;
+            let store = Store::connect(&config.store_url(), config.orm.connect_timeout).await?;
+            let r = match wait {
+                Some(w) => wait_for(&store, id, secs("--wait", w)?).await?,
+                None => store.get(id).await?,
+            };
+            show_result(id, r, out.json)
+        }
+        Command::Info { out } => info(&config, out.json).await,
+        Command::Ping { out } => ping(&config, out.json).await,
+        Command::Purge { out } => {
+            let broker = crate::broker::from_config(&config).await?;
+            let n = broker.purge_queue().await.map_err(Error::from)?;
+            if out.json {
+                print_json(&serde_json::json!({ "queue": config.name, "purged": n }));
+            } else {
+                println!("purged {n} packages from queue `{}`", config.name);
+            }
+            Ok(())
+        }
+        Command::Quarantine { limit, out } => {
+            let broker = crate::broker::from_config(&config).await?;
+            let dead = broker.dead_letters(limit).await.map_err(Error::from)?;
+            let rows: Vec<serde_json::Value> = dead
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "message_id": d.message_id.to_string(),
+                        "reason": d.reason,
+                        "bytes": d.payload.len(),
+                        "deliveries": d.deliveries,
+                        "at": crate::store::rfc3339(d.dead_at_us),
+                    })
+                })
+                .collect();
+            if out.json {
+                print_json(&serde_json::Value::Array(rows));
+            } else if rows.is_empty() {
+                println!("nothing quarantined in queue `{}`", config.name);
+            } else {
+                for d in &dead {
+                    println!(
+                        "{}  {}  {}",
+                        crate::store::rfc3339(d.dead_at_us),
+                        d.message_id,
+                        d.reason
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn show_config(loaded: &Loaded, json: bool) -> Res {
+    let entries = loaded.entries();
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = entries
+            .into_iter()
+            .map(|e| {
+                (
+                    e.key,
+                    serde_json::json!({ "value": e.value, "source": e.source }),
+                )
+            })
+            .collect();
+        print_json(&serde_json::Value::Object(map));
+    } else {
+        let width = entries.iter().map(|e| e.key.len()).max().unwrap_or(0);
+        for e in entries {
+            println!("{:width$} = {:<32} # {}", e.key, e.value.to_string(), e.source);
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for(store: &Store, id: TaskId, timeout: Duration) -> Res<Option<TaskRecord>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = store.get(id).await?;
+        if r.as_ref().is_some_and(|r| r.done) || Instant::now() >= deadline {
+            return Ok(r);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn show_result(id: TaskId, r: Option<TaskRecord>, json: bool) -> Res {
+    let Some(r) = r else {
+        if json {
+            print_json(&serde_json::json!({ "id": id.to_string(), "success": null, "done": false }));
+        }
+        return Err(Fail::runtime(format!("no result for task {id} yet")));
+    };
+    if json {
+        print_json(&r.to_json());
+    } else {
+        println!("id        {}", r.id);
+        println!("func      {}", r.func);
+        println!("args      {}", r.args);
+        println!(
+            "state     {}",
+            match (r.success, r.done) {
+                (true, _) => "success",
+                (false, true) => "failed",
+                (false, false) => "failed, will retry",
+            }
+        );
+        println!("result    {}", r.result.as_deref().unwrap_or("null"));
+        println!("attempts  {}", r.attempts);
+        println!("started   {}", crate::store::rfc3339(r.started_us));
+        println!("stopped   {}", crate::store::rfc3339(r.stopped_us));
+        if let Some(g) = &r.group {
+            println!("group     {g}");
+        }
+    }
+    if r.success {
+        Ok(())
+    } else {
+        Err(Fail::runtime(String::new()))
+    }
+}
+
+fn options(
+    group: Option<String>,
+    name: Option<String>,
+    priority: i16,
+    delay: Option<f64>,
+    timeout: Option<f64>,
+    max_attempts: Option<u32>,
+) -> Res<EnqueueOptions> {
+    Ok(EnqueueOptions {
+        options: TaskOptions {
+            timeout: timeout.map(|t| secs("timeout", t)).transpose()?,
+            max_attempts,
+            group,
+            name,
+            priority,
+            ..TaskOptions::default()
+        },
+        delay: delay.map(|d| secs("delay", d)).transpose()?,
+    })
+}
+
+/// Reads `enqueue --from` input; every line is checked before anything is sent.
+fn read_lines(path: &PathBuf) -> Res<Vec<NewTask>> {
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(path)
+            .map_err(|e| Fail::usage(format!("--from {}: {e}", path.display())))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let mut tasks = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: Line = serde_json::from_str(&line)
+            .map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
+        let opts = options(l.group, l.name, l.priority, l.delay, l.timeout, l.max_attempts)
+            .map_err(|f| Fail::usage(format!("--from line {}: {}", n + 1, f.message)))?;
+        let args = serde_json::to_vec(&l.args)
+            .map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
+        tasks.push(NewTask {
+            func: l.func,
+            args,
+            options: opts,
+        });
+    }
+    Ok(tasks)
+}
+
+async fn enqueue(config: &Config, registry: Registry, a: EnqueueArgs) -> Res {
+    let registry = Arc::new(registry);
+    let tasks = match (&a.from, &a.func) {
+        (Some(path), _) => read_lines(path)?,
+        (None, Some(func)) => {
+            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&a.args) {
+                return Err(Fail::usage(format!("--args is not JSON: {e}")));
+            }
+            vec![NewTask {
+                func: func.clone(),
+                args: a.args.clone().into_bytes(),
+                options: options(
+                    a.group.clone(),
+                    a.task_name.clone(),
+                    a.priority,
+                    a.delay,
+                    a.timeout,
+                    a.max_attempts,
+                )?,
+            }]
+        }
+        (None, None) => return Err(Fail::usage("enqueue needs FUNC or --from FILE")),
+    };
+    // Check every task against the registry before connecting to anything.
+    for (i, t) in tasks.iter().enumerate() {
+        registry.check(&t.func, &t.args).map_err(|e| {
+            if a.from.is_some() {
+                Fail::usage(format!("task {} of --from: {e}", i + 1))
+            } else {
+                Fail::from(e)
+            }
+        })?;
+    }
+    let client = Client::connect(config).await?.with_registry(registry);
+    let mut stdout = std::io::stdout().lock();
+    let mut ids = Vec::with_capacity(tasks.len());
+    for chunk in tasks.chunks(1000) {
+        let got = client.enqueue_many(chunk.to_vec()).await?;
+        for id in &got {
+            if a.out.json {
+                let _ = writeln!(stdout, "{}", serde_json::json!({ "id": id.to_string() }));
+            } else {
+                let _ = writeln!(stdout, "{id}");
+            }
+        }
+        ids.extend(got);
+    }
+    drop(stdout);
+    if let (Some(w), [id]) = (a.wait, ids.as_slice()) {
+        let store = client
+            .store()
+            .ok_or_else(|| Fail::runtime("no result store"))?;
+        let r = wait_for(store, *id, secs("--wait", w)?).await?;
+        return show_result(*id, r, a.out.json);
+    }
+    Ok(())
+}
+
+async fn info(config: &Config, json: bool) -> Res {
+    let broker = crate::broker::from_config(config).await?;
+    let info = broker.info().await.map_err(Error::from)?;
+    let queued = broker.queue_size().await.map_err(Error::from)?;
+    let in_flight = broker.lock_size().await.map_err(Error::from)?;
+    let quarantined = broker.dead_letter_size().await.map_err(Error::from)?;
+    let mut clusters: Vec<Status> = broker
+        .get_stats(STATUS_PREFIX)
+        .await
+        .map_err(Error::from)?
+        .iter()
+        .filter_map(|s| serde_json::from_slice(&s.value).ok())
+        .filter(|s: &Status| s.name == config.name)
+        .collect();
+    clusters.sort_by(|a, b| a.host.cmp(&b.host).then(a.pid.cmp(&b.pid)));
+    if json {
+        print_json(&serde_json::json!({
+            "broker": info,
+            "queue": config.name,
+            "queued": queued,
+            "in_flight": in_flight,
+            "quarantined": quarantined,
+            "clusters": clusters,
+        }));
+        return Ok(());
+    }
+    println!("broker       {} at {}", info.broker, info.endpoint);
+    if let Some(s) = &info.server {
+        println!("server       {s}");
+    }
+    println!("queue        {}", config.name);
+    println!("queued       {queued}");
+    match in_flight {
+        Some(n) => println!("in flight    {n}"),
+        None => println!("in flight    (not tracked by this broker)"),
+    }
+    if let Some(q) = quarantined {
+        println!("quarantined  {q}");
+    }
+    for n in &info.notes {
+        println!("note         {n}");
+    }
+    if clusters.is_empty() {
+        println!("clusters     none running");
+    }
+    for c in clusters {
+        println!(
+            "cluster      {} {}@{} pid {}: {} workers, {} running, {} processed, {} failed, up {:.0}s",
+            c.state,
+            c.label,
+            c.host,
+            c.pid,
+            c.workers,
+            c.running,
+            c.totals.processed,
+            c.totals.failed,
+            c.uptime_secs
+        );
+    }
+    Ok(())
+}
+
+async fn ping(config: &Config, json: bool) -> Res {
+    let t = Instant::now();
+    let broker = crate::broker::from_config(config).await;
+    let broker_ok = match &broker {
+        Ok(b) => b.ping().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let broker_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let store_ok = Store::connect(&config.store_url(), config.orm.connect_timeout)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string());
+    let store_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        print_json(&serde_json::json!({
+            "broker": { "ok": broker_ok.is_ok(), "error": broker_ok.as_ref().err(), "ms": broker_ms },
+            "store": { "ok": store_ok.is_ok(), "error": store_ok.as_ref().err(), "ms": store_ms },
+        }));
+    } else {
+        match &broker_ok {
+            Ok(()) => println!("broker {}: ok ({broker_ms:.1} ms)", config.broker),
+            Err(e) => println!("broker {}: FAILED: {e}", config.broker),
+        }
+        match &store_ok {
+            Ok(()) => println!("store: ok ({store_ms:.1} ms)"),
+            Err(e) => println!("store: FAILED: {e}"),
+        }
+    }
+    if broker_ok.is_ok() && store_ok.is_ok() {
+        Ok(())
+    } else {
+        Err(Fail::runtime(String::new()))
+    }
+}

@@ -1,0 +1,674 @@
+//! `qcluster.toml`: Django Q's cluster keys, loaded with precedence flags > environment > file >
+//! defaults, validated with errors that name the key, and reported with where each value came from.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::ConfigError;
+
+/// Environment variables that start with `QCLUSTER_` but are not configuration keys.
+const ENV_NOT_KEYS: &[&str] = &["config", "log", "require_services"];
+
+/// Name under which the default values are reported.
+pub const SOURCE_DEFAULT: &str = "default";
+/// Name under which `--set` and other flags are reported.
+pub const SOURCE_FLAG: &str = "command-line flag";
+
+/// The whole cluster configuration. Field names are the keys of `qcluster.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Cluster name: names the queue, keys the signatures (two clusters with different names
+    /// cannot run each other's packages) and tags results.
+    pub name: String,
+    /// Label shown by `info` and `monitor`.
+    pub label: String,
+    /// Which broker carries the packages: `orm` (default).
+    pub broker: String,
+    /// Concurrent task executors.
+    pub workers: usize,
+    /// Tasks a process worker runs before it is replaced (process mode, later).
+    pub recycle: u64,
+    /// Resident memory in KiB after which a process worker is replaced (process mode, later).
+    pub max_rss: Option<u64>,
+    /// CPUs each process worker is pinned to, 0 for none (process mode, later).
+    pub cpu_affinity: usize,
+    /// Longest a task may run, in seconds, before it is failed.
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// Lease in seconds: a package not acknowledged this long after delivery is delivered again.
+    /// Must be greater than `timeout`.
+    #[serde(with = "secs")]
+    pub retry: Duration,
+    /// Most attempts of a failing task, 0 for no limit.
+    pub max_attempts: u32,
+    /// Acknowledge failed tasks too (no retry).
+    pub ack_failure: bool,
+    /// Compress packages (LZ4) when that makes them smaller.
+    pub compress: bool,
+    /// Successful results kept: 0 keeps all, -1 keeps none. Failures are always kept.
+    pub save_limit: i64,
+    /// Packages held in memory between the broker and the workers; defaults to `2 × workers`.
+    pub queue_limit: Option<usize>,
+    /// Packages one dequeue claims.
+    pub bulk: usize,
+    /// Seconds between looks at an empty queue when the broker cannot wake consumers.
+    #[serde(with = "secs")]
+    pub poll: Duration,
+    /// Seconds between the sentinel's health checks and status updates.
+    #[serde(with = "secs")]
+    pub guard_cycle: Duration,
+    /// Seconds that running tasks get to finish at shutdown before they are given back.
+    #[serde(with = "secs")]
+    pub shutdown_timeout: Duration,
+    /// Run tasks inline at enqueue time instead of through the broker (for tests and debugging).
+    pub sync: bool,
+    /// Run missed schedule slots after downtime (scheduler, later).
+    pub catch_up: bool,
+    /// Largest package in bytes.
+    pub max_message_size: usize,
+    /// The signing secret. Only from `QCLUSTER_SECRET` or a flag, never from the file.
+    pub secret: Option<Secret>,
+    /// File holding the signing secret.
+    pub secret_file: Option<PathBuf>,
+    /// `[orm]`: the SQL broker.
+    pub orm: OrmSection,
+    /// `[store]`: where results are kept.
+    pub store: StoreSection,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "qcluster".to_owned(),
+            label: "qcluster".to_owned(),
+            broker: "orm".to_owned(),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            recycle: 500,
+            max_rss: None,
+            cpu_affinity: 0,
+            timeout: Duration::from_secs(30),
+            retry: Duration::from_secs(60),
+            max_attempts: 3,
+            ack_failure: false,
+            compress: false,
+            save_limit: 250,
+            queue_limit: None,
+            bulk: 10,
+            poll: Duration::from_millis(200),
+            guard_cycle: Duration::from_millis(500),
+            shutdown_timeout: Duration::from_secs(10),
+            sync: false,
+            catch_up: true,
+            max_message_size: 16 * 1024 * 1024,
+            secret: None,
+            secret_file: None,
+            orm: OrmSection::default(),
+            store: StoreSection::default(),
+        }
+    }
+}
+
+/// `[orm]`: where the SQL broker keeps its queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrmSection {
+    /// `sqlite://qcluster.sqlite3`, `postgres://…` or `mysql://…`.
+    pub url: Url,
+    /// Read replica for `info` and sizes (Django Q's `has_replica`).
+    pub replica_url: Option<Url>,
+    /// Connections in the pool.
+    pub pool_size: Option<u32>,
+    /// Seconds to wait for a connection.
+    #[serde(with = "secs")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for OrmSection {
+    fn default() -> Self {
+        Self {
+            url: Url("sqlite://qcluster.sqlite3".to_owned()),
+            replica_url: None,
+            pool_size: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[store]`: the result store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Defaults to the ORM broker's database when `broker = "orm"`, else `sqlite://qcluster.sqlite3`.
+    pub url: Option<Url>,
+}
+
+/// A URL whose password is masked wherever it is printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Url(pub String);
+
+impl fmt::Debug for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&broker_core::mask_url(&self.0))
+    }
+}
+
+impl fmt::Display for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&broker_core::mask_url(&self.0))
+    }
+}
+
+impl Serialize for Url {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// The signing secret: never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret's bytes, for the codec.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("********")
+    }
+}
+
+/// Seconds as a number (integer or fraction) in the file, a `Duration` in code.
+mod secs {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+                Ok(Duration::from_secs(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+                u64::try_from(v)
+                    .map(Duration::from_secs)
+                    .map_err(|_| E::custom("must not be negative"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Duration, E> {
+                Duration::try_from_secs_f64(v)
+                    .map_err(|_| E::custom("must be a finite, non-negative number of seconds"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A provider with a name of our own (so that `qcluster config` can say where a value came from).
+struct Named {
+    name: &'static str,
+    dict: Dict,
+}
+
+impl Provider for Named {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name)
+    }
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+/// Where a configuration came from, with the values. Built by [`Config::load`].
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: Config,
+    /// The file that was read, if any.
+    pub file: Option<PathBuf>,
+    figment: Figment,
+}
+
+/// One effective value and where it came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// Dotted key, e.g. `orm.url`.
+    pub key: String,
+    /// The value, secrets and passwords masked.
+    pub value: serde_json::Value,
+    /// `default`, the file, the environment variable or `command-line flag`.
+    pub source: String,
+}
+
+impl Loaded {
+    /// Every key with its effective value (masked) and source, in key order.
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let value = serde_json::to_value(&self.config).unwrap_or_default();
+        flatten("", &value, &mut out);
+        for e in &mut out {
+            e.source = self.source_of(&e.key);
+            if let serde_json::Value::String(s) = &e.value
+                && e.key.ends_with("url")
+            {
+                e.value = serde_json::Value::String(broker_core::mask_url(s));
+            }
+        }
+        out
+    }
+
+    /// Where `key` got its value: a file, an environment variable, a flag or the default.
+    pub fn source_of(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(md) if md.name.contains("environment") => format!("environment {}", env_name(key)),
+            Some(md) => match &md.source {
+                Some(figment::Source::File(p)) => format!("file {}", p.display()),
+                _ => md.name.to_string(),
+            },
+            None => SOURCE_DEFAULT.to_owned(),
+        }
+    }
+}
+
+fn env_name(key: &str) -> String {
+    format!("QCLUSTER_{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<Entry>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => out.push(Entry {
+            key: prefix.to_owned(),
+            value: other.clone(),
+            source: String::new(),
+        }),
+    }
+}
+
+/// Keys that exist in the file format, for "did you mean" suggestions.
+fn known_keys(section: Option<&str>) -> Vec<String> {
+    let value = serde_json::to_value(Config::default()).unwrap_or_default();
+    let mut out = Vec::new();
+    flatten("", &value, &mut out);
+    let mut keys: Vec<String> = out
+        .into_iter()
+        .filter_map(|e| match section {
+            Some(s) => e
+                .key
+                .strip_prefix(&format!("{s}."))
+                .map(str::to_owned),
+            None => Some(e.key.split('.').next().unwrap_or_default().to_owned()),
+        })
+        .collect();
+    // Optional keys serialise as null and still count.
+    keys.extend(
+        ["max_rss", "queue_limit", "secret", "secret_file", "replica_url", "pool_size", "url"]
+            .map(str::to_owned),
+    );
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn suggest(unknown: &str, section: Option<&str>) -> Option<String> {
+    known_keys(section)
+        .into_iter()
+        .map(|k| {
+            // Transpositions and one-letter slips in short keys count as close too.
+            let edits = strsim::damerau_levenshtein(unknown, &k);
+            let close = edits <= (k.len() / 3).max(1);
+            let score = strsim::jaro_winkler(unknown, &k) + if close { 1.0 } else { 0.0 };
+            (score, k)
+        })
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+/// Parses `KEY=VALUE` from `--set`; the value is read as TOML (`4`, `true`, `"x"`), else as text.
+pub fn parse_flag(raw: &str) -> Result<(String, Value), ConfigError> {
+    let (key, value) = raw.split_once('=').ok_or_else(|| {
+        ConfigError::new("--set", format!("`{raw}` is not KEY=VALUE"))
+    })?;
+    let key = key.trim().to_owned();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    let value = match parsed {
+        Some(v) => Value::serialize(v).map_err(|e| ConfigError::new(&key, e.to_string()))?,
+        None => Value::from(value.to_owned()),
+    };
+    Ok((key, value))
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then the file (`path`, else `QCLUSTER_CONFIG`, else
+    /// `./qcluster.toml` if present), then `QCLUSTER_*` variables, then `flags`; validates it.
+    pub fn load(path: Option<&Path>, flags: &[(String, Value)]) -> Result<Loaded, ConfigError> {
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => match std::env::var_os("QCLUSTER_CONFIG") {
+                Some(p) => Some(PathBuf::from(p)),
+                None => Some(PathBuf::from("qcluster.toml")).filter(|p| p.exists()),
+            },
+        };
+        if let Some(f) = &file
+            && !f.is_file()
+        {
+            return Err(ConfigError::new(
+                "--config",
+                format!("config file {} does not exist", f.display()),
+            ));
+        }
+        let defaults = Value::serialize(Config::default())
+            .ok()
+            .and_then(|v| v.into_dict())
+            .unwrap_or_default();
+        let mut figment = Figment::new().merge(Named {
+            name: SOURCE_DEFAULT,
+            dict: defaults,
+        });
+        if let Some(f) = &file {
+            figment = figment.merge(Toml::file_exact(f));
+        }
+        figment = figment.merge(
+            Env::prefixed("QCLUSTER_")
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    !ENV_NOT_KEYS.contains(&k.as_str()) && !k.starts_with("test_")
+                })
+                .split("__")
+                .profile(Profile::Default),
+        );
+        let mut dict = Dict::new();
+        for (key, value) in flags {
+            insert_path(&mut dict, key, value.clone());
+        }
+        figment = figment.merge(Named {
+            name: SOURCE_FLAG,
+            dict,
+        });
+
+        let config: Config = figment.extract().map_err(|e| from_figment(e, &figment))?;
+        let loaded = Loaded {
+            config,
+            file,
+            figment,
+        };
+        if loaded.config.secret.is_some()
+            && loaded.source_of("secret").starts_with("file ")
+        {
+            return Err(ConfigError::new(
+                "secret",
+                "the secret must not be written in the config file: set QCLUSTER_SECRET or \
+                 point `secret_file` at a file only you can read",
+            ));
+        }
+        loaded.config.validate()?;
+        Ok(loaded)
+    }
+
+    /// Checks values and combinations, naming the key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |k: &str, m: String| Err(ConfigError::new(k, m));
+        if self.name.trim().is_empty() {
+            return err("name", "must not be empty".into());
+        }
+        if self.name.len() > broker_core::MAX_QUEUE_NAME {
+            return err(
+                "name",
+                format!("is longer than {} bytes", broker_core::MAX_QUEUE_NAME),
+            );
+        }
+        if self.workers == 0 {
+            return err("workers", "must be at least 1".into());
+        }
+        if self.workers > 10_000 {
+            return err("workers", "must be at most 10000".into());
+        }
+        if self.timeout.is_zero() {
+            return err("timeout", "must be greater than 0".into());
+        }
+        if self.retry <= self.timeout {
+            return err(
+                "retry",
+                format!(
+                    "must be greater than timeout ({}s, retry is {}s): a task still running when \
+                     its lease runs out is delivered again and runs twice",
+                    self.timeout.as_secs_f64(),
+                    self.retry.as_secs_f64()
+                ),
+            );
+        }
+        if self.bulk == 0 {
+            return err("bulk", "must be at least 1".into());
+        }
+        if self.queue_limit == Some(0) {
+            return err("queue_limit", "must be at least 1".into());
+        }
+        if self.poll.is_zero() {
+            return err("poll", "must be greater than 0".into());
+        }
+        if self.guard_cycle.is_zero() {
+            return err("guard_cycle", "must be greater than 0".into());
+        }
+        if self.save_limit < -1 {
+            return err(
+                "save_limit",
+                "must be -1 (keep no successes), 0 (keep all) or a positive count".into(),
+            );
+        }
+        if self.max_message_size < 64 {
+            return err("max_message_size", "must be at least 64 bytes".into());
+        }
+        if !crate::broker::KNOWN.contains(&self.broker.as_str()) {
+            return err(
+                "broker",
+                format!(
+                    "unknown broker `{}`; expected one of: {}",
+                    self.broker,
+                    crate::broker::KNOWN.join(", ")
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The in-memory queue bound between pusher and workers.
+    pub fn queue_limit(&self) -> usize {
+        self.queue_limit.unwrap_or(self.workers * 2).max(1)
+    }
+
+    /// The result store's URL: `[store] url`, else the ORM database, else a local SQLite file.
+    pub fn store_url(&self) -> String {
+        match (&self.store.url, self.broker.as_str()) {
+            (Some(u), _) => u.0.clone(),
+            (None, "orm") => self.orm.url.0.clone(),
+            _ => "sqlite://qcluster.sqlite3".to_owned(),
+        }
+    }
+
+    /// The signing secret from `secret` (environment or flag) or `secret_file`.
+    pub fn load_secret(&self) -> Result<Secret, ConfigError> {
+        if let Some(s) = &self.secret {
+            if s.0.is_empty() {
+                return Err(ConfigError::new("secret", "QCLUSTER_SECRET is empty"));
+            }
+            return Ok(s.clone());
+        }
+        if let Some(path) = &self.secret_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new("secret_file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            let s = text.trim();
+            if s.is_empty() {
+                return Err(ConfigError::new(
+                    "secret_file",
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            return Ok(Secret(s.to_owned()));
+        }
+        Err(ConfigError::new(
+            "secret",
+            "no signing secret: set QCLUSTER_SECRET or `secret_file` (the same on every \
+             producer and cluster)",
+        ))
+    }
+
+    /// The queue settings the broker gets from this configuration.
+    pub fn queue_settings(&self) -> broker_core::QueueSettings {
+        broker_core::QueueSettings {
+            queue: self.name.clone(),
+            bulk: self.bulk,
+            retry: self.retry,
+            wait: Duration::from_secs(1),
+            poll: self.poll,
+            max_message_size: Some(self.max_message_size),
+        }
+    }
+}
+
+fn insert_path(dict: &mut Dict, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if entry.as_dict().is_none() {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// Turns figment's error into one that names the key, its source and the closest known key.
+fn from_figment(e: figment::Error, figment: &Figment) -> ConfigError {
+    let first = e.into_iter().next();
+    let Some(e) = first else {
+        return ConfigError::new("config", "invalid configuration".to_owned());
+    };
+    let mut path = e.path.clone();
+    let source = e
+        .metadata
+        .as_ref()
+        .map(|md| match &md.source {
+            Some(figment::Source::File(p)) => format!("file {}", p.display()),
+            _ => md.name.to_string(),
+        })
+        .unwrap_or_default();
+    let from = |key: &str| {
+        if source.contains("environment") {
+            format!(" (from {})", env_name(key))
+        } else if source.is_empty() {
+            String::new()
+        } else {
+            format!(" (from {source})")
+        }
+    };
+    match &e.kind {
+        figment::error::Kind::UnknownField(field, _) => {
+            if path.last() == Some(field) {
+                path.pop();
+            }
+            let section = path.first().cloned();
+            path.push(field.clone());
+            let key = path.join(".");
+            let hint = suggest(field, section.as_deref())
+                .map(|k| match &section {
+                    Some(s) => format!("; did you mean `{s}.{k}`?"),
+                    None => format!("; did you mean `{k}`?"),
+                })
+                .unwrap_or_default();
+            ConfigError::new(&key, format!("unknown key{}{hint}", from(&key)))
+        }
+        kind => {
+            let key = if path.is_empty() {
+                "config".to_owned()
+            } else {
+                path.join(".")
+            };
+            let _ = figment;
+            ConfigError::new(&key, format!("{kind}{}", from(&key)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions_find_the_closest_key() {
+        assert_eq!(suggest("workres", None).as_deref(), Some("workers"));
+        assert_eq!(suggest("ur", Some("orm")).as_deref(), Some("url"));
+        assert_eq!(suggest("ulr", Some("orm")).as_deref(), Some("url"));
+        assert_eq!(suggest("zzzzzz", None), None);
+    }
+
+    #[test]
+    fn flags_parse_as_toml_values() {
+        let (k, v) = parse_flag("workers=4").expect("flag");
+        assert_eq!(k, "workers");
+        assert_eq!(v.to_num().and_then(|n| n.to_u128()), Some(4));
+        let (_, v) = parse_flag("orm.url=sqlite://x.db").expect("flag");
+        assert_eq!(v.as_str(), Some("sqlite://x.db"));
+        assert!(parse_flag("workers").is_err());
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let mut c = Config::default();
+        c.secret = Some(Secret::new("hunter2-secret"));
+        c.orm.url = Url("postgres://u:pw-xyz@h/db".into());
+        let dbg = format!("{c:?}");
+        let json = serde_json::to_string(&c).expect("json");
+        for out in [dbg, json] {
+            assert!(!out.contains("hunter2-secret"), "{out}");
+        }
+        assert!(!format!("{c:?}").contains("pw-xyz"));
+    }
+}

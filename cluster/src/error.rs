@@ -1,0 +1,72 @@
+//! The cluster's error type.
+
+use broker_core::{BrokerError, CodecError};
+
+/// A configuration value that stops start-up, naming its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct ConfigError {
+    /// The dotted key (`workers`, `orm.url`) or flag at fault.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about `key`.
+    pub fn new(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything the cluster library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration (exit code 2 in `qcluster`).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// A package could not be encoded or decoded.
+    #[error("package: {0}")]
+    Codec(#[from] CodecError),
+    /// The result store failed.
+    #[error("result store ({endpoint}): {message}")]
+    Store {
+        /// The store URL, password masked.
+        endpoint: String,
+        /// What failed, secrets removed.
+        message: String,
+    },
+    /// No task of this name is registered.
+    #[error("unknown task `{0}`")]
+    UnknownTask(String),
+    /// Task arguments are not what the task takes.
+    #[error("arguments for task `{func}`: {message}")]
+    Args {
+        /// The task.
+        func: String,
+        /// What is wrong, with the JSON position.
+        message: String,
+    },
+    /// Waiting for a result ran out of time.
+    #[error("no result for task {0} yet")]
+    NotReady(String),
+    /// An I/O failure (signals, files).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// True when the error is the user's input or configuration (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Config(_) | Error::UnknownTask(_) | Error::Args { .. }
+        ) || matches!(self, Error::Broker(BrokerError::Config { .. }))
+    }
+}

@@ -1,0 +1,30 @@
+//! The qcluster task cluster: configuration, the task registry, the producer [`Client`], the
+//! result [`Store`], and the [`Cluster`] itself (sentinel, pusher, workers, monitor) on any
+//! [`broker_core::Broker`].
+//!
+//! Modelled on Django Q's cluster: the sentinel supervises a pusher that dequeues in bulk, a
+//! pool of workers that run tasks under a timeout, and a monitor that saves results and settles
+//! each package with the broker.
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod cli;
+mod builtin;
+pub mod client;
+pub mod config;
+mod error;
+mod monitor;
+mod pusher;
+pub mod sentinel;
+pub mod store;
+pub mod task;
+mod worker;
+
+pub use client::{Client, EnqueueOptions, NewTask};
+pub use config::{Config, Loaded};
+pub use error::{ConfigError, Error};
+pub use sentinel::{Cluster, Counters, Status, Summary, shutdown_signal};
+pub use store::{Store, TaskRecord};
+pub use task::{Registry, Task, TaskContext};
+
+pub use broker_core;

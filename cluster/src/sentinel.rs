@@ -1,0 +1,458 @@
+//! The sentinel: starts the pusher, the workers and the monitor, restarts any that dies, publishes
+//! this cluster's status, and shuts down without losing a package.
+//!
+//! Every delivery is entered in a ledger when the pusher receives it and leaves it only when the
+//! monitor settles it (acknowledged, retried or quarantined). Whatever is still in the ledger at
+//! the end of a shutdown is given back to the broker, so a package is always either settled or
+//! back in the queue.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use broker_core::{AckId, Broker, Codec, TaskPackage, now_us};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::store::Store;
+use crate::task::Registry;
+use crate::worker::Ran;
+
+/// Prefix of the stat keys under which clusters publish their status.
+pub const STATUS_PREFIX: &str = "cluster:";
+
+/// A verified package on its way to a worker.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub seq: u64,
+    pub ack: AckId,
+    pub deliveries: Option<u32>,
+    pub package: TaskPackage,
+}
+
+impl Job {
+    /// This run's attempt number, 1 for the first.
+    pub fn attempt(&self) -> u32 {
+        self.package
+            .attempt
+            .saturating_add(self.deliveries.unwrap_or(1).max(1))
+    }
+}
+
+/// What a worker hands to the monitor.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub job: Job,
+    /// `None`: a duplicate delivery of a task that already succeeded; acknowledge, do not run.
+    pub ran: Option<Ran>,
+    pub attempt: u32,
+}
+
+impl Outcome {
+    pub fn ran(job: Job, ran: Ran, attempt: u32) -> Self {
+        Self {
+            job,
+            ran: Some(ran),
+            attempt,
+        }
+    }
+    pub fn duplicate(job: Job) -> Self {
+        let attempt = job.attempt();
+        Self {
+            job,
+            ran: None,
+            attempt,
+        }
+    }
+}
+
+/// Running totals, published in the status and returned by [`Cluster::run`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Runs finished (success or failure).
+    pub processed: AtomicU64,
+    /// Runs that succeeded.
+    pub succeeded: AtomicU64,
+    /// Runs that failed (retried or final).
+    pub failed: AtomicU64,
+    /// Failed runs sent back for another attempt.
+    pub retried: AtomicU64,
+    /// Packages that failed verification and were quarantined.
+    pub quarantined: AtomicU64,
+    /// Deliveries of already successful tasks, discarded.
+    pub duplicates: AtomicU64,
+    /// Deliveries given back to the broker unfinished (shutdown).
+    pub given_back: AtomicU64,
+    /// Roles restarted by the guard.
+    pub reincarnations: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// Runs finished.
+    pub processed: u64,
+    /// Runs that succeeded.
+    pub succeeded: u64,
+    /// Runs that failed.
+    pub failed: u64,
+    /// Failed runs retried.
+    pub retried: u64,
+    /// Packages quarantined.
+    pub quarantined: u64,
+    /// Duplicate deliveries discarded.
+    pub duplicates: u64,
+    /// Deliveries given back unfinished.
+    pub given_back: u64,
+    /// Roles restarted.
+    pub reincarnations: u64,
+}
+
+impl Counters {
+    /// The current values.
+    pub fn summary(&self) -> Summary {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Summary {
+            processed: g(&self.processed),
+            succeeded: g(&self.succeeded),
+            failed: g(&self.failed),
+            retried: g(&self.retried),
+            quarantined: g(&self.quarantined),
+            duplicates: g(&self.duplicates),
+            given_back: g(&self.given_back),
+            reincarnations: g(&self.reincarnations),
+        }
+    }
+}
+
+/// State every role shares.
+pub(crate) struct Shared {
+    pub config: Arc<Config>,
+    pub broker: Arc<dyn Broker>,
+    pub codec: Arc<Codec>,
+    pub store: Store,
+    pub registry: Arc<Registry>,
+    pub counters: Arc<Counters>,
+    /// Cancelled when shutdown begins: stop pulling, give back what has not started.
+    pub stop: CancellationToken,
+    /// Cancelled when the shutdown deadline has passed: stop retrying the store.
+    pub hard_stop: CancellationToken,
+    /// Deliveries received and not yet settled.
+    ledger: Mutex<HashMap<u64, AckId>>,
+    next_seq: AtomicU64,
+    pub running: AtomicUsize,
+}
+
+impl Shared {
+    /// Enters a delivery in the ledger.
+    pub fn enter(&self, ack: &AckId) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.lock_ledger().insert(seq, ack.clone());
+        seq
+    }
+
+    /// Removes a settled delivery from the ledger.
+    pub fn settle(&self, seq: u64) {
+        self.lock_ledger().remove(&seq);
+    }
+
+    fn lock_ledger(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AckId>> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives an unstarted or unfinished delivery back to the broker for someone else.
+    pub async fn give_back(&self, seq: u64, ack: &AckId) {
+        match self.broker.fail(ack).await {
+            Ok(()) => {
+                self.counters.given_back.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(
+                "could not give back a delivery ({e}); it returns when its lease runs out"
+            ),
+        }
+        self.settle(seq);
+    }
+
+    /// True when the job's task already has a successful result (a repeated delivery).
+    pub async fn already_succeeded(&self, job: &Job) -> bool {
+        match self.store.succeeded(&[job.package.id]).await {
+            Ok(done) => done.contains(&job.package.id),
+            Err(e) => {
+                tracing::warn!("duplicate check for task {} failed: {e}", job.package.id);
+                false
+            }
+        }
+    }
+}
+
+/// This cluster's status, published for `qcluster info`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    /// Random id of this cluster process.
+    pub id: String,
+    /// `name` from the config.
+    pub name: String,
+    /// `label` from the config.
+    pub label: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Configured workers.
+    pub workers: usize,
+    /// Tasks running now.
+    pub running: usize,
+    /// Jobs waiting in memory for a worker.
+    pub queued: usize,
+    /// `starting`, `working`, `idle`, `stopping` or `stopped`.
+    pub state: String,
+    /// Seconds since start.
+    pub uptime_secs: f64,
+    /// Last update, µs since the epoch.
+    pub heartbeat_us: i64,
+    /// Totals so far.
+    pub totals: Summary,
+}
+
+/// Host name, for the status.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// A cluster ready to run: broker, store, codec and tasks.
+pub struct Cluster {
+    config: Arc<Config>,
+    broker: Arc<dyn Broker>,
+    store: Store,
+    codec: Arc<Codec>,
+    registry: Arc<Registry>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.config.name)
+            .field("broker", &self.broker)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() -> Result<(), Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Connects broker and store as `config` says and signs with its secret.
+    pub async fn connect(config: Config, registry: Registry) -> Result<Self, Error> {
+        let codec = crate::client::codec_from(&config)?;
+        let broker = crate::broker::from_config(&config).await?;
+        let store = Store::connect(&config.store_url(), config.orm.connect_timeout).await?;
+        Ok(Self::new(config, broker, store, codec, registry))
+    }
+
+    /// A cluster from parts.
+    pub fn new(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        store: Store,
+        codec: Codec,
+        registry: Registry,
+    ) -> Self {
+        Self {
+            config: Arc::new(config),
+            broker,
+            store,
+            codec: Arc::new(codec),
+            registry: Arc::new(registry),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Live totals (for progress displays).
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// The broker the cluster pulls from.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// Runs until `shutdown` completes, then stops pulling, lets running tasks finish within
+    /// `shutdown_timeout`, gives back what did not finish, saves results and returns the totals.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary, Error> {
+        let config = self.config.clone();
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            broker: self.broker.clone(),
+            codec: self.codec.clone(),
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            counters: self.counters.clone(),
+            stop: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            ledger: Mutex::default(),
+            next_seq: AtomicU64::new(0),
+            running: AtomicUsize::new(0),
+        });
+        let started = Instant::now();
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let host = host_name();
+        let status = |state: &str, jobs: &async_channel::Sender<Job>| Status {
+            id: id.clone(),
+            name: config.name.clone(),
+            label: config.label.clone(),
+            host: host.clone(),
+            pid: std::process::id(),
+            workers: config.workers,
+            running: shared.running.load(Ordering::Relaxed),
+            queued: jobs.len(),
+            state: state.to_owned(),
+            uptime_secs: started.elapsed().as_secs_f64(),
+            heartbeat_us: now_us(),
+            totals: shared.counters.summary(),
+        };
+
+        let (jobs_tx, jobs_rx) = async_channel::bounded::<Job>(config.queue_limit());
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(config.queue_limit() + 1024);
+        let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
+
+        let spawn_pusher = || tokio::spawn(crate::pusher::run(shared.clone(), jobs_tx.clone()));
+        let spawn_worker =
+            || tokio::spawn(crate::worker::run(shared.clone(), jobs_rx.clone(), out_tx.clone()));
+        let spawn_monitor = || tokio::spawn(crate::monitor::run(shared.clone(), out_rx.clone()));
+
+        let mut pusher = spawn_pusher();
+        let mut workers: Vec<JoinHandle<()>> = (0..config.workers).map(|_| spawn_worker()).collect();
+        let mut monitor = spawn_monitor();
+        tracing::info!(
+            "cluster {} ({}) started: {} workers, broker {}, results in {}",
+            config.name,
+            id,
+            config.workers,
+            config.broker,
+            self.store.endpoint()
+        );
+
+        let ttl = (config.guard_cycle * 4).max(Duration::from_secs(10));
+        let publish_every = config.guard_cycle.max(Duration::from_secs(1));
+        let mut last_publish: Option<Instant> = None;
+        let stat_key = format!("{STATUS_PREFIX}{id}");
+        let mut guard = tokio::time::interval(config.guard_cycle);
+        guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = guard.tick() => {}
+            }
+            // Guard: restart any role that died.
+            let restart = |what: &str| {
+                shared.counters.reincarnations.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("{what} died; starting a new one");
+            };
+            if pusher.is_finished() {
+                restart("pusher");
+                pusher = spawn_pusher();
+            }
+            for w in workers.iter_mut() {
+                if w.is_finished() {
+                    restart("worker");
+                    *w = spawn_worker();
+                }
+            }
+            if monitor.is_finished() {
+                restart("monitor");
+                monitor = spawn_monitor();
+            }
+            if last_publish.is_none_or(|t| t.elapsed() >= publish_every) {
+                last_publish = Some(Instant::now());
+                let state = if shared.running.load(Ordering::Relaxed) > 0 || !jobs_tx.is_empty() {
+                    "working"
+                } else {
+                    "idle"
+                };
+                self.publish(&stat_key, &status(state, &jobs_tx), ttl).await;
+            }
+        }
+
+        // Shutdown: stop pulling; queued jobs are given back by the workers.
+        shared.stop.cancel();
+        self.publish(&stat_key, &status("stopping", &jobs_tx), ttl)
+            .await;
+        let deadline = Instant::now() + config.shutdown_timeout;
+        let hard = shared.hard_stop.clone();
+        let hard_after = config.shutdown_timeout + Duration::from_secs(5);
+        tokio::spawn(async move {
+            tokio::time::sleep(hard_after).await;
+            hard.cancel();
+        });
+        if tokio::time::timeout_at(deadline.into(), &mut pusher)
+            .await
+            .is_err()
+        {
+            pusher.abort();
+        }
+        drop(jobs_tx);
+        for w in workers.iter_mut() {
+            if tokio::time::timeout_at(deadline.into(), &mut *w).await.is_err() {
+                tracing::warn!("a task did not finish within shutdown_timeout; giving it back");
+                w.abort();
+            }
+        }
+        drop(out_tx);
+        // The monitor saves and settles what the workers finished, then sees the channel close.
+        let monitor_deadline = Instant::now() + config.shutdown_timeout + Duration::from_secs(5);
+        if tokio::time::timeout_at(monitor_deadline.into(), &mut monitor)
+            .await
+            .is_err()
+        {
+            tracing::error!("results could not be saved in time; their tasks are given back");
+            monitor.abort();
+        }
+        // Anything still unsettled goes back to the broker.
+        let left: Vec<(u64, AckId)> = shared.lock_ledger().drain().collect();
+        for (seq, ack) in left {
+            shared.give_back(seq, &ack).await;
+        }
+        let summary = shared.counters.summary();
+        let (tx, _) = async_channel::bounded::<Job>(1);
+        self.publish(&stat_key, &status("stopped", &tx), Duration::from_secs(30))
+            .await;
+        tracing::info!(
+            "cluster {} stopped: {} processed, {} failed, {} given back",
+            config.name,
+            summary.processed,
+            summary.failed,
+            summary.given_back
+        );
+        Ok(summary)
+    }
+
+    async fn publish(&self, key: &str, status: &Status, ttl: Duration) {
+        let Ok(value) = serde_json::to_vec(status) else {
+            return;
+        };
+        if let Err(e) = self.broker.set_stat(key, &value, ttl).await {
+            tracing::debug!("status not published: {e}");
+        }
+    }
+}

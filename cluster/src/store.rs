@@ -1,0 +1,474 @@
+//! The result store: one table, `qcluster_task`, on SQLite, PostgreSQL or MySQL/MariaDB.
+//!
+//! Results are written in batches (one multi-row upsert per batch). A success is never
+//! overwritten by a later failure of a duplicate run. Times are microseconds since the epoch.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use broker_core::{TaskId, mask_url, redact, url_password};
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::error::Error;
+
+/// The SQL backend behind a store URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Dialect {
+    fn from_url(url: &str) -> Option<Self> {
+        match url.split(':').next()?.to_ascii_lowercase().as_str() {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            "mysql" | "mariadb" => Some(Self::MySql),
+            _ => None,
+        }
+    }
+}
+
+/// Rows per upsert statement (well under every backend's bound-parameter limit).
+const ROWS_PER_STATEMENT: usize = 200;
+const COLUMNS: usize = 13;
+
+/// One task's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRecord {
+    /// Task id.
+    pub id: TaskId,
+    /// Human name (`name` option, else the function).
+    pub name: String,
+    /// Registered function.
+    pub func: String,
+    /// Arguments as JSON text.
+    pub args: String,
+    /// The result as JSON text, or the failure message as a JSON string.
+    pub result: Option<String>,
+    /// When the task was enqueued, µs since the epoch.
+    pub enqueued_us: i64,
+    /// When the run started, µs since the epoch.
+    pub started_us: i64,
+    /// When the run stopped, µs since the epoch.
+    pub stopped_us: i64,
+    /// True when it succeeded.
+    pub success: bool,
+    /// True when no further attempt will run (a success, or a failure that is final).
+    pub done: bool,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    /// The group it belongs to.
+    pub group: Option<String>,
+    /// The cluster that ran it.
+    pub cluster: String,
+}
+
+impl TaskRecord {
+    /// The JSON view the CLI prints: ids and times as text, `args` and `result` as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let json = |s: &str| {
+            serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_owned()))
+        };
+        serde_json::json!({
+            "id": self.id.to_string(),
+            "name": self.name,
+            "func": self.func,
+            "args": json(&self.args),
+            "result": self.result.as_deref().map(json),
+            "success": self.success,
+            "done": self.done,
+            "attempts": self.attempts,
+            "group": self.group,
+            "cluster": self.cluster,
+            "enqueued": rfc3339(self.enqueued_us),
+            "started": rfc3339(self.started_us),
+            "stopped": rfc3339(self.stopped_us),
+            "duration_ms": (self.stopped_us - self.started_us) as f64 / 1000.0,
+        })
+    }
+}
+
+/// Formats µs since the epoch as RFC 3339 UTC.
+pub fn rfc3339(us: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// Counts of stored results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Successful results held.
+    pub success: u64,
+    /// Failed results held.
+    pub failure: u64,
+}
+
+/// A connection pool on the result store.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+    endpoint: String,
+    password: Option<String>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to `url` within `timeout` and creates the table if it is missing.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, Error> {
+        sqlx::any::install_default_drivers();
+        let endpoint = mask_url(url);
+        let dialect = Dialect::from_url(url).ok_or_else(|| {
+            crate::ConfigError::new(
+                "store.url",
+                format!("`{endpoint}` is not a sqlite://, postgres:// or mysql:// URL"),
+            )
+        })?;
+        let mut url = url.to_owned();
+        let mut max = 8;
+        if dialect == Dialect::Sqlite {
+            // One writer anyway; more connections only contend for the lock.
+            max = 2;
+            if !url.contains("mode=") && !url.contains(":memory:") {
+                url.push_str(if url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+            }
+        }
+        let password = url_password(&url);
+        let fail = |message: String| Error::Store {
+            endpoint: endpoint.clone(),
+            message: redact(&message, password.as_deref()),
+        };
+        let pool = tokio::time::timeout(
+            timeout + Duration::from_millis(500),
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(timeout)
+                .connect(&url),
+        )
+        .await
+        .map_err(|_| fail(format!("connect: no answer within {timeout:?}")))?
+        .map_err(|e| fail(format!("connect: {e}")))?;
+        let store = Self {
+            pool,
+            dialect,
+            endpoint,
+            password,
+        };
+        store.create_schema().await?;
+        Ok(store)
+    }
+
+    /// The store URL with the password masked.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn err(&self, message: String) -> Error {
+        Error::Store {
+            endpoint: self.endpoint.clone(),
+            message: redact(&message, self.password.as_deref()),
+        }
+    }
+
+    fn sql_err(&self, op: &'static str) -> impl Fn(sqlx::Error) -> Error + '_ {
+        move |e| self.err(format!("{op}: {e}"))
+    }
+
+    /// `?` placeholders, renumbered as `$n` for PostgreSQL.
+    fn render(&self, sql: &str) -> String {
+        if self.dialect != Dialect::Postgres {
+            return sql.to_owned();
+        }
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    async fn create_schema(&self) -> Result<(), Error> {
+        let text = if self.dialect == Dialect::MySql {
+            "LONGTEXT"
+        } else {
+            "TEXT"
+        };
+        let table = format!(
+            "CREATE TABLE IF NOT EXISTS qcluster_task (
+                id VARCHAR(36) NOT NULL PRIMARY KEY,
+                name VARCHAR(191) NOT NULL,
+                func VARCHAR(191) NOT NULL,
+                args {text} NOT NULL,
+                result {text},
+                enqueued BIGINT NOT NULL,
+                started BIGINT NOT NULL,
+                stopped BIGINT NOT NULL,
+                success BIGINT NOT NULL,
+                done BIGINT NOT NULL,
+                attempts BIGINT NOT NULL,
+                grp VARCHAR(191),
+                cluster VARCHAR(191) NOT NULL
+            )"
+        );
+        let indexes = [
+            "CREATE INDEX IF NOT EXISTS qcluster_task_grp ON qcluster_task (grp)",
+            "CREATE INDEX IF NOT EXISTS qcluster_task_kept ON qcluster_task (cluster, success, stopped)",
+        ];
+        // Two clusters starting at once on PostgreSQL can collide on the catalog: try again.
+        let stmts: Vec<String> = std::iter::once(table)
+            .chain(indexes.iter().map(|s| (*s).to_owned()))
+            .collect();
+        let mut last = None;
+        for _ in 0..5 {
+            let mut ok = true;
+            for stmt in &stmts {
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt.clone())).execute(&self.pool).await {
+                    last = Some(e);
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(self.err(format!(
+            "create table qcluster_task: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
+    /// Saves records in one transaction. A stored success is never replaced by a failure.
+    pub async fn save(&self, records: &[TaskRecord]) -> Result<(), Error> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(self.sql_err("save"))?;
+        for chunk in records.chunks(ROWS_PER_STATEMENT) {
+            let row = format!("({})", vec!["?"; COLUMNS].join(", "));
+            let values = vec![row.as_str(); chunk.len()].join(", ");
+            let head = "INSERT INTO qcluster_task (id, name, func, args, result, enqueued, \
+                        started, stopped, attempts, grp, cluster, done, success) VALUES ";
+            let tail = match self.dialect {
+                Dialect::MySql => {
+                    " ON DUPLICATE KEY UPDATE \
+                     name = IF(success = 1, name, VALUES(name)), \
+                     result = IF(success = 1, result, VALUES(result)), \
+                     started = IF(success = 1, started, VALUES(started)), \
+                     stopped = IF(success = 1, stopped, VALUES(stopped)), \
+                     attempts = IF(success = 1, attempts, VALUES(attempts)), \
+                     cluster = IF(success = 1, cluster, VALUES(cluster)), \
+                     done = IF(success = 1, done, VALUES(done)), \
+                     success = IF(success = 1, success, VALUES(success))"
+                }
+                _ => {
+                    " ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+                     result = excluded.result, started = excluded.started, \
+                     stopped = excluded.stopped, attempts = excluded.attempts, \
+                     cluster = excluded.cluster, done = excluded.done, \
+                     success = excluded.success \
+                     WHERE qcluster_task.success = 0"
+                }
+            };
+            let sql = self.render(&format!("{head}{values}{tail}"));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.id.to_string())
+                    .bind(r.name.clone())
+                    .bind(r.func.clone())
+                    .bind(r.args.clone())
+                    .bind(r.result.clone())
+                    .bind(r.enqueued_us)
+                    .bind(r.started_us)
+                    .bind(r.stopped_us)
+                    .bind(i64::from(r.attempts))
+                    .bind(r.group.clone())
+                    .bind(r.cluster.clone())
+                    .bind(i64::from(r.done))
+                    .bind(i64::from(r.success));
+            }
+            q.execute(&mut *tx).await.map_err(self.sql_err("save"))?;
+        }
+        tx.commit().await.map_err(self.sql_err("save"))?;
+        Ok(())
+    }
+
+    /// Deletes the oldest successes of `cluster` beyond the newest `keep`, sparing those that
+    /// stopped after `spare_after_us` (they still guard against duplicate deliveries).
+    pub async fn prune(&self, cluster: &str, keep: u64, spare_after_us: i64) -> Result<u64, Error> {
+        let cutoff: Option<i64> = sqlx::query(sqlx::AssertSqlSafe(self.render(
+            "SELECT stopped FROM qcluster_task WHERE cluster = ? AND success = 1 \
+             ORDER BY stopped DESC LIMIT 1 OFFSET ?",
+        )))
+        .bind(cluster.to_owned())
+        .bind(keep as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(self.sql_err("prune"))?
+        .map(|r| r.get::<i64, _>(0));
+        let Some(cutoff) = cutoff else {
+            return Ok(0);
+        };
+        let done = sqlx::query(sqlx::AssertSqlSafe(self.render(
+            "DELETE FROM qcluster_task WHERE cluster = ? AND success = 1 AND stopped <= ? \
+             AND stopped < ?",
+        )))
+        .bind(cluster.to_owned())
+        .bind(cutoff)
+        .bind(spare_after_us)
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql_err("prune"))?;
+        Ok(done.rows_affected())
+    }
+
+    const SELECT: &str = "SELECT id, name, func, args, result, enqueued, started, stopped, \
+                          success, attempts, grp, cluster, done FROM qcluster_task";
+
+    fn record(&self, row: &AnyRow) -> Result<TaskRecord, Error> {
+        let e = self.sql_err("read result");
+        let id: String = row.try_get(0).map_err(&e)?;
+        Ok(TaskRecord {
+            id: id
+                .parse()
+                .map_err(|x| self.err(format!("stored id `{id}` is not a UUID: {x}")))?,
+            name: row.try_get(1).map_err(&e)?,
+            func: row.try_get(2).map_err(&e)?,
+            args: row.try_get(3).map_err(&e)?,
+            result: row.try_get(4).map_err(&e)?,
+            enqueued_us: row.try_get(5).map_err(&e)?,
+            started_us: row.try_get(6).map_err(&e)?,
+            stopped_us: row.try_get(7).map_err(&e)?,
+            success: row.try_get::<i64, _>(8).map_err(&e)? != 0,
+            attempts: row.try_get::<i64, _>(9).map_err(&e)?.clamp(0, u32::MAX as i64) as u32,
+            group: row.try_get(10).map_err(&e)?,
+            cluster: row.try_get(11).map_err(&e)?,
+            done: row.try_get::<i64, _>(12).map_err(&e)? != 0,
+        })
+    }
+
+    /// The stored result of `id`, if any.
+    pub async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, Error> {
+        let sql = self.render(&format!("{} WHERE id = ?", Self::SELECT));
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.sql_err("get result"))?;
+        row.map(|r| self.record(&r)).transpose()
+    }
+
+    /// Every stored result of `group`, oldest first.
+    pub async fn group(&self, group: &str) -> Result<Vec<TaskRecord>, Error> {
+        let sql = self.render(&format!("{} WHERE grp = ? ORDER BY stopped", Self::SELECT));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(group.to_owned())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.sql_err("group results"))?;
+        rows.iter().map(|r| self.record(r)).collect()
+    }
+
+    /// Which of `ids` already have a successful result.
+    pub async fn succeeded(&self, ids: &[TaskId]) -> Result<HashSet<TaskId>, Error> {
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = self.render(&format!(
+                "SELECT id FROM qcluster_task WHERE success = 1 AND id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            ));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            let rows = q
+                .fetch_all(&self.pool)
+                .await
+                .map_err(self.sql_err("check duplicates"))?;
+            for r in rows {
+                let id: String = r.try_get(0).map_err(self.sql_err("check duplicates"))?;
+                if let Ok(id) = id.parse() {
+                    out.insert(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many of `ids` have a final result (success or final failure).
+    pub async fn done_count(&self, ids: &[TaskId]) -> Result<u64, Error> {
+        let mut n = 0;
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = self.render(&format!(
+                "SELECT COUNT(*) FROM qcluster_task WHERE done = 1 AND id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            ));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            let row = q
+                .fetch_one(&self.pool)
+                .await
+                .map_err(self.sql_err("count results"))?;
+            n += row.try_get::<i64, _>(0).map_err(self.sql_err("count results"))? as u64;
+        }
+        Ok(n)
+    }
+
+    /// Successes and failures held for `cluster`.
+    pub async fn counts(&self, cluster: &str) -> Result<Counts, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(self.render(
+            "SELECT success, COUNT(*) FROM qcluster_task WHERE cluster = ? GROUP BY success",
+        )))
+        .bind(cluster.to_owned())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.sql_err("count results"))?;
+        let mut c = Counts::default();
+        for r in rows {
+            let success: i64 = r.try_get(0).map_err(self.sql_err("count results"))?;
+            let n: i64 = r.try_get(1).map_err(self.sql_err("count results"))?;
+            if success != 0 {
+                c.success = n as u64;
+            } else {
+                c.failure = n as u64;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Deletes every stored result of `cluster`.
+    pub async fn clear(&self, cluster: &str) -> Result<u64, Error> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(self.render("DELETE FROM qcluster_task WHERE cluster = ?")))
+            .bind(cluster.to_owned())
+            .execute(&self.pool)
+            .await
+            .map_err(self.sql_err("clear results"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
