@@ -653,7 +653,7 @@ mod tests {
     fn flags_parse_as_toml_values() {
         let (k, v) = parse_flag("workers=4").expect("flag");
         assert_eq!(k, "workers");
-        assert_eq!(v.to_num().and_then(|n| n.to_u128()), Some(4));
+        assert_eq!(v.deserialize::<u64>().ok(), Some(4));
         let (_, v) = parse_flag("orm.url=sqlite://x.db").expect("flag");
         assert_eq!(v.as_str(), Some("sqlite://x.db"));
         assert!(parse_flag("workers").is_err());
