@@ -1,0 +1,198 @@
+//! Drives the real `qcluster` binary: a private directory, queue name and secret per test.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster::Store;
+use cluster::broker_core::TaskId;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_qcluster");
+
+pub fn postgres_url() -> String {
+    std::env::var("QCLUSTER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// True if the database answers; otherwise says loudly why the test is skipped, or fails it
+/// when `QCLUSTER_REQUIRE_SERVICES=1` (set by `scripts/test`).
+pub async fn reachable(url: &str) -> bool {
+    match Store::connect(url, Duration::from_secs(3)).await {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("server required but unreachable: {e}");
+            }
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+/// One test's world: a temp directory (cwd of every command), a unique cluster name, a secret.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub url: String,
+    pub secret: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl World {
+    /// `db` is `None` for a SQLite file in the temp directory.
+    pub fn new(tag: &str, db: Option<String>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = db.unwrap_or_else(|| format!("sqlite://{}/q.sqlite3", dir.path().display()));
+        let uniq = &uuid::Uuid::now_v7().simple().to_string()[16..];
+        Self {
+            dir,
+            name: format!("t_{tag}_{uniq}"),
+            url,
+            secret: format!("test-secret-{uniq}"),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: impl ToString) -> &mut Self {
+        self.env.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.dir.path().join("qcluster.toml"), text).expect("write config");
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.current_dir(self.dir.path())
+            .args(args)
+            .env_remove("QCLUSTER_CONFIG")
+            .env("QCLUSTER_LOG", "warn")
+            .env("QCLUSTER_SECRET", &self.secret)
+            .env("QCLUSTER_NAME", &self.name)
+            .env("QCLUSTER_ORM__URL", &self.url)
+            .env("QCLUSTER_GUARD_CYCLE", "0.2");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run qcluster")
+    }
+
+    /// Runs and parses stdout as JSON, asserting the exit code.
+    pub fn json(&self, args: &[&str], code: i32) -> serde_json::Value {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "qcluster {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "qcluster {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Enqueues JSON lines through `enqueue --from -`; returns the ids printed.
+    pub fn enqueue_lines(&self, lines: &[String]) -> Vec<TaskId> {
+        let mut child = self
+            .cmd(&["enqueue", "--from", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn enqueue");
+        {
+            let mut stdin = child.stdin.take().expect("stdin");
+            for l in lines {
+                writeln!(stdin, "{l}").expect("write line");
+            }
+        }
+        let out = child.wait_with_output().expect("enqueue");
+        assert!(
+            out.status.success(),
+            "enqueue failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ids: Vec<TaskId> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().parse().expect("an id per line"))
+            .collect();
+        assert_eq!(ids.len(), lines.len());
+        ids
+    }
+
+    /// Starts `qcluster run` in the background.
+    pub fn start(&self) -> Child {
+        self.cmd(&["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn run")
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::connect(&self.url, Duration::from_secs(5))
+            .await
+            .expect("store")
+    }
+
+    /// Waits until every id has a final result, or panics after `limit`.
+    pub async fn wait_done(&self, ids: &[TaskId], limit: Duration) {
+        let store = self.store().await;
+        let t = Instant::now();
+        loop {
+            let done = store.done_count(ids).await.expect("count");
+            if done == ids.len() as u64 {
+                return;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "only {done} of {} tasks finished within {limit:?}",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Sends `signal` (e.g. "TERM", "KILL") to the child.
+pub fn signal(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+/// Waits for the child to exit within `limit`; returns its exit code.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s.code();
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("qcluster did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the child when dropped, so a failed assertion leaves no cluster running.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

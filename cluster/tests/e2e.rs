@@ -1,0 +1,250 @@
+//! End to end through the real `qcluster` binary, on SQLite and on PostgreSQL: tasks run and
+//! their results are saved, failures are retried up to `max_attempts`, SIGTERM and `kill -9`
+//! lose nothing, a tampered package is quarantined and never run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Guard, World, postgres_url, reachable, signal, wait_exit};
+use sqlx::Row;
+
+/// `None`: SQLite file; `Some`: PostgreSQL (skipped loudly if down).
+async fn world(tag: &str, pg: bool) -> Option<World> {
+    if !pg {
+        return Some(World::new(tag, None));
+    }
+    let url = postgres_url();
+    if !reachable(&url).await {
+        return None;
+    }
+    Some(World::new(tag, Some(url)))
+}
+
+fn lines(n: usize, f: impl Fn(usize) -> String) -> Vec<String> {
+    (0..n).map(f).collect()
+}
+
+async fn five_hundred_tasks_all_succeed(pg: bool) {
+    let Some(mut w) = world("e2e500", pg).await else {
+        return;
+    };
+    w.set("QCLUSTER_SAVE_LIMIT", 0).set("QCLUSTER_WORKERS", 4);
+    let ids = w.enqueue_lines(&lines(500, |i| {
+        format!(r#"{{"func": "echo", "args": {{"i": {i}}}, "group": "g500"}}"#)
+    }));
+    let mut run = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(60)).await;
+    signal(&run.0, "TERM");
+    assert_eq!(wait_exit(&mut run.0, Duration::from_secs(20)), Some(0));
+
+    let results = w.store().await.group("g500").await.expect("group");
+    assert_eq!(results.len(), 500);
+    assert!(results.iter().all(|r| r.success && r.attempts == 1));
+    let mut seen: Vec<i64> = results
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value =
+                serde_json::from_str(r.result.as_deref().expect("result")).expect("json");
+            v["i"].as_i64().expect("echoed i")
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, (0..500).collect::<Vec<_>>(), "every task's own result");
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["queued"], 0);
+    assert_eq!(info["in_flight"], 0);
+}
+
+async fn failing_task_gets_three_attempts(pg: bool) {
+    let Some(mut w) = world("fail3", pg).await else {
+        return;
+    };
+    w.set("QCLUSTER_MAX_ATTEMPTS", 3);
+    let ids = w.enqueue_lines(&[r#"{"func": "fail", "args": "always"}"#.to_owned()]);
+    let _run = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(30)).await;
+    let r = w.json(&["result", "--json", &ids[0].to_string()], 1);
+    assert_eq!(r["success"], false);
+    assert_eq!(r["attempts"], 3);
+    assert_eq!(r["result"], "always");
+    assert_eq!(r["done"], true);
+    // The failure is final: nothing left in the queue, nothing in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["queued"], 0, "{info}");
+    assert_eq!(info["in_flight"], 0, "{info}");
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM qcluster_task WHERE id = '{}'",
+        ids[0]
+    )))
+    .fetch_one(&any_pool(&w.url).await)
+    .await
+    .expect("count");
+    assert_eq!(n, 1, "one saved failure");
+}
+
+async fn any_pool(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyPool::connect(url).await.expect("pool")
+}
+
+/// SIGTERM while `sleep` tasks run (shutdown_timeout shorter than a task): the cluster exits 0,
+/// gives back what did not finish, and a restart completes every task.
+async fn sigterm_then_restart_completes_everything(pg: bool) {
+    let Some(mut w) = world("term", pg).await else {
+        return;
+    };
+    w.set("QCLUSTER_WORKERS", 4)
+        .set("QCLUSTER_SHUTDOWN_TIMEOUT", 0.2)
+        .set("QCLUSTER_BULK", 4);
+    let ids = w.enqueue_lines(&lines(40, |_| r#"{"func": "sleep", "args": 0.5}"#.to_owned()));
+    let mut run = Guard(w.start());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(&run.0, "TERM");
+    assert_eq!(wait_exit(&mut run.0, Duration::from_secs(15)), Some(0));
+    let store = w.store().await;
+    let done_before = store.done_count(&ids).await.expect("count");
+    assert!(done_before < 40, "the run was interrupted ({done_before} done)");
+    // Nothing may be left leased: what did not finish went back to the queue.
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["in_flight"], 0, "{info}");
+    assert_eq!(
+        info["queued"].as_u64().expect("queued") + done_before,
+        40,
+        "every task is either done or queued again: {info}"
+    );
+    let _run = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(60)).await;
+    let results = store.done_count(&ids).await.expect("count");
+    assert_eq!(results, 40);
+    let succeeded = store.succeeded(&ids).await.expect("succeeded");
+    assert_eq!(succeeded.len(), 40, "every task succeeded");
+}
+
+/// `kill -9` mid-run: after a restart every task completes once its lease runs out.
+async fn kill9_then_restart_completes_everything(pg: bool) {
+    let Some(mut w) = world("kill9", pg).await else {
+        return;
+    };
+    w.set("QCLUSTER_WORKERS", 4)
+        .set("QCLUSTER_TIMEOUT", 2)
+        .set("QCLUSTER_RETRY", 3);
+    let ids = w.enqueue_lines(&lines(40, |_| r#"{"func": "sleep", "args": 0.3}"#.to_owned()));
+    let mut run = Guard(w.start());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    signal(&run.0, "KILL");
+    wait_exit(&mut run.0, Duration::from_secs(5));
+    let store = w.store().await;
+    let done_before = store.done_count(&ids).await.expect("count");
+    assert!(done_before < 40, "the run was interrupted ({done_before} done)");
+    let info = w.json(&["info", "--json"], 0);
+    assert!(
+        info["in_flight"].as_u64().expect("in flight") > 0,
+        "kill -9 left leased packages: {info}"
+    );
+    let _run = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(60)).await;
+    let succeeded = store.succeeded(&ids).await.expect("succeeded");
+    assert_eq!(succeeded.len(), 40, "every task succeeded");
+}
+
+/// A package altered in the database fails verification: quarantined, listed, never run.
+async fn tampered_package_is_quarantined(pg: bool) {
+    let Some(w) = world("tamper", pg).await else {
+        return;
+    };
+    let ids = w.enqueue_lines(&[
+        r#"{"func": "echo", "args": "tampered"}"#.to_owned(),
+        r#"{"func": "echo", "args": "honest"}"#.to_owned(),
+    ]);
+    let pool = any_pool(&w.url).await;
+    let q = |sql: &str| sqlx::AssertSqlSafe(crate_sql(&w.url, sql));
+    let row = sqlx::query(q("SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1"))
+        .bind(w.name.clone())
+        .fetch_one(&pool)
+        .await
+        .expect("first package");
+    let id: i64 = row.get(0);
+    let mut payload: Vec<u8> = row.get(1);
+    let mid = payload.len() / 2;
+    payload[mid] ^= 0x01;
+    sqlx::query(q("UPDATE qcluster_queue SET payload = ? WHERE id = ?"))
+        .bind(payload)
+        .bind(id)
+        .execute(&pool)
+        .await
+        .expect("tamper");
+
+    let _run = Guard(w.start());
+    w.wait_done(&ids[1..], Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let store = w.store().await;
+    assert!(store.get(ids[0]).await.expect("get").is_none(), "never run");
+    let dead = w.json(&["quarantine", "--json"], 0);
+    let dead = dead.as_array().expect("list");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0]["reason"].as_str().expect("reason").contains("signature"),
+        "{dead:?}"
+    );
+    // The cluster's published status counts it (published about once a second).
+    let t = std::time::Instant::now();
+    loop {
+        let info = w.json(&["info", "--json"], 0);
+        assert_eq!(info["quarantined"], 1);
+        assert_eq!(info["queued"], 0);
+        if info["clusters"][0]["totals"]["quarantined"] == 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "status: {info}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `?` placeholders as `$n` for PostgreSQL.
+fn crate_sql(url: &str, sql: &str) -> String {
+    if !url.starts_with("postgres") {
+        return sql.to_owned();
+    }
+    let mut n = 0;
+    sql.chars()
+        .map(|c| {
+            if c == '?' {
+                n += 1;
+                format!("${n}")
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(false).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(true).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    five_hundred_tasks_all_succeed,
+    failing_task_gets_three_attempts,
+    sigterm_then_restart_completes_everything,
+    kill9_then_restart_completes_everything,
+    tampered_package_is_quarantined,
+);
