@@ -27,7 +27,11 @@ pub fn feature_of(name: &str) -> &'static str {
 /// Connects the broker the configuration names, or says which feature is missing.
 pub async fn from_config(config: &Config) -> Result<Arc<dyn Broker>, Error> {
     match config.broker.as_str() {
-        #[cfg(any(feature = "orm-sqlite", feature = "orm-postgres", feature = "orm-mysql"))]
+        #[cfg(any(
+            feature = "orm-sqlite",
+            feature = "orm-postgres",
+            feature = "orm-mysql"
+        ))]
         "orm" => {
             let orm = broker_orm::OrmConfig {
                 url: config.orm.url.0.clone(),
@@ -57,7 +61,9 @@ fn rename_key(e: broker_core::BrokerError, section: &str) -> Error {
     match e {
         broker_core::BrokerError::Config { key, message } => {
             let key = match key.as_str() {
-                "url" | "replica_url" | "pool_size" | "connect_timeout" => format!("{section}{key}"),
+                "url" | "replica_url" | "pool_size" | "connect_timeout" => {
+                    format!("{section}{key}")
+                }
                 "queue" => "name".to_owned(),
                 other => other.to_owned(),
             };

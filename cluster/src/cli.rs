@@ -28,7 +28,11 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "qcluster", version, about = "Distributed background tasks with pluggable brokers")]
+#[command(
+    name = "qcluster",
+    version,
+    about = "Distributed background tasks with pluggable brokers"
+)]
 struct Cli {
     /// Config file (default: $QCLUSTER_CONFIG, else ./qcluster.toml if present).
     #[arg(long, global = true, value_name = "PATH")]
@@ -168,7 +172,11 @@ pub(crate) struct Fail {
 impl From<Error> for Fail {
     fn from(e: Error) -> Self {
         Self {
-            code: if e.is_usage() { EXIT_USAGE } else { EXIT_FAILURE },
+            code: if e.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            },
             message: e.to_string(),
         }
     }
@@ -209,14 +217,21 @@ pub fn main(registry: Registry) -> ExitCode {
     };
     let verbose = matches!(cli.command, Command::Run | Command::Quickstart { .. });
     let filter = tracing_subscriber::EnvFilter::try_from_env("QCLUSTER_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if verbose { "info,sqlx=warn" } else { "warn,sqlx=error" })
+        tracing_subscriber::EnvFilter::new(if verbose {
+            "info,sqlx=warn"
+        } else {
+            "warn,sqlx=error"
+        })
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -357,7 +372,12 @@ fn show_config(loaded: &Loaded, json: bool) -> Res {
     } else {
         let width = entries.iter().map(|e| e.key.len()).max().unwrap_or(0);
         for e in entries {
-            println!("{:width$} = {:<32} # {}", e.key, e.value.to_string(), e.source);
+            println!(
+                "{:width$} = {:<32} # {}",
+                e.key,
+                e.value.to_string(),
+                e.source
+            );
         }
     }
     Ok(())
@@ -377,7 +397,9 @@ async fn wait_for(store: &Store, id: TaskId, timeout: Duration) -> Res<Option<Ta
 fn show_result(id: TaskId, r: Option<TaskRecord>, json: bool) -> Res {
     let Some(r) = r else {
         if json {
-            print_json(&serde_json::json!({ "id": id.to_string(), "success": null, "done": false }));
+            print_json(
+                &serde_json::json!({ "id": id.to_string(), "success": null, "done": false }),
+            );
         }
         return Err(Fail::runtime(format!("no result for task {id} yet")));
     };
@@ -448,8 +470,15 @@ fn read_lines(path: &PathBuf) -> Res<Vec<NewTask>> {
         }
         let l: Line = serde_json::from_str(&line)
             .map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
-        let opts = options(l.group, l.name, l.priority, l.delay, l.timeout, l.max_attempts)
-            .map_err(|f| Fail::usage(format!("--from line {}: {}", n + 1, f.message)))?;
+        let opts = options(
+            l.group,
+            l.name,
+            l.priority,
+            l.delay,
+            l.timeout,
+            l.max_attempts,
+        )
+        .map_err(|f| Fail::usage(format!("--from line {}: {}", n + 1, f.message)))?;
         let args = serde_json::to_vec(&l.args)
             .map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
         tasks.push(NewTask {
@@ -500,7 +529,9 @@ async fn enqueue(config: &Config, registry: Registry, a: EnqueueArgs) -> Res {
     for chunk in tasks.chunks(1000) {
         let got = client.enqueue_many(chunk.to_vec()).await?;
         for id in &got {
-            if a.out.json {
+            if a.out.json && a.wait.is_some() && a.from.is_none() {
+                // The result printed below carries the id.
+            } else if a.out.json {
                 let _ = writeln!(stdout, "{}", serde_json::json!({ "id": id.to_string() }));
             } else {
                 let _ = writeln!(stdout, "{id}");

@@ -330,17 +330,22 @@ fn known_keys(section: Option<&str>) -> Vec<String> {
     let mut keys: Vec<String> = out
         .into_iter()
         .filter_map(|e| match section {
-            Some(s) => e
-                .key
-                .strip_prefix(&format!("{s}."))
-                .map(str::to_owned),
+            Some(s) => e.key.strip_prefix(&format!("{s}.")).map(str::to_owned),
             None => Some(e.key.split('.').next().unwrap_or_default().to_owned()),
         })
         .collect();
     // Optional keys serialise as null and still count.
     keys.extend(
-        ["max_rss", "queue_limit", "secret", "secret_file", "replica_url", "pool_size", "url"]
-            .map(str::to_owned),
+        [
+            "max_rss",
+            "queue_limit",
+            "secret",
+            "secret_file",
+            "replica_url",
+            "pool_size",
+            "url",
+        ]
+        .map(str::to_owned),
     );
     keys.sort();
     keys.dedup();
@@ -364,9 +369,9 @@ fn suggest(unknown: &str, section: Option<&str>) -> Option<String> {
 
 /// Parses `KEY=VALUE` from `--set`; the value is read as TOML (`4`, `true`, `"x"`), else as text.
 pub fn parse_flag(raw: &str) -> Result<(String, Value), ConfigError> {
-    let (key, value) = raw.split_once('=').ok_or_else(|| {
-        ConfigError::new("--set", format!("`{raw}` is not KEY=VALUE"))
-    })?;
+    let (key, value) = raw
+        .split_once('=')
+        .ok_or_else(|| ConfigError::new("--set", format!("`{raw}` is not KEY=VALUE")))?;
     let key = key.trim().to_owned();
     let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
         .ok()
@@ -406,7 +411,22 @@ impl Config {
             dict: defaults,
         });
         if let Some(f) = &file {
-            figment = figment.merge(Toml::file_exact(f));
+            let toml = Toml::file_exact(f);
+            let in_file = toml
+                .data()
+                .ok()
+                .and_then(|d| d.get(&Profile::Default).map(|d| d.contains_key("secret")));
+            if in_file == Some(true) {
+                return Err(ConfigError::new(
+                    "secret",
+                    format!(
+                        "the secret must not be written in the config file ({}): set \
+                         QCLUSTER_SECRET or point `secret_file` at a file only you can read",
+                        f.display()
+                    ),
+                ));
+            }
+            figment = figment.merge(toml);
         }
         figment = figment.merge(
             Env::prefixed("QCLUSTER_")
@@ -432,15 +452,6 @@ impl Config {
             file,
             figment,
         };
-        if loaded.config.secret.is_some()
-            && loaded.source_of("secret").starts_with("file ")
-        {
-            return Err(ConfigError::new(
-                "secret",
-                "the secret must not be written in the config file: set QCLUSTER_SECRET or \
-                 point `secret_file` at a file only you can read",
-            ));
-        }
         loaded.config.validate()?;
         Ok(loaded)
     }
@@ -535,7 +546,10 @@ impl Config {
         }
         if let Some(path) = &self.secret_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new("secret_file", format!("cannot read {}: {e}", path.display()))
+                ConfigError::new(
+                    "secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             let s = text.trim();
             if s.is_empty() {
@@ -661,8 +675,10 @@ mod tests {
 
     #[test]
     fn secret_never_prints() {
-        let mut c = Config::default();
-        c.secret = Some(Secret::new("hunter2-secret"));
+        let mut c = Config {
+            secret: Some(Secret::new("hunter2-secret")),
+            ..Config::default()
+        };
         c.orm.url = Url("postgres://u:pw-xyz@h/db".into());
         let dbg = format!("{c:?}");
         let json = serde_json::to_string(&c).expect("json");

@@ -8,8 +8,8 @@
 #![warn(missing_docs)]
 
 pub mod broker;
-pub mod cli;
 mod builtin;
+pub mod cli;
 pub mod client;
 pub mod config;
 mod error;

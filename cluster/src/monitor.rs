@@ -114,7 +114,10 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
             );
             return;
         }
-        tracing::warn!("saving {} results failed: {e}; retrying in {pause:?}", records.len());
+        tracing::warn!(
+            "saving {} results failed: {e}; retrying in {pause:?}",
+            records.len()
+        );
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = shared.hard_stop.cancelled() => {}
@@ -145,7 +148,9 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
             Ok(()) => {
                 c.retried.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!("retry could not be scheduled ({e}); the lease brings it back"),
+            Err(e) => {
+                tracing::warn!("retry could not be scheduled ({e}); the lease brings it back")
+            }
         }
     }
     for (seq, _) in &acks {

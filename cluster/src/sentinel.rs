@@ -336,12 +336,18 @@ impl Cluster {
         let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
 
         let spawn_pusher = || tokio::spawn(crate::pusher::run(shared.clone(), jobs_tx.clone()));
-        let spawn_worker =
-            || tokio::spawn(crate::worker::run(shared.clone(), jobs_rx.clone(), out_tx.clone()));
+        let spawn_worker = || {
+            tokio::spawn(crate::worker::run(
+                shared.clone(),
+                jobs_rx.clone(),
+                out_tx.clone(),
+            ))
+        };
         let spawn_monitor = || tokio::spawn(crate::monitor::run(shared.clone(), out_rx.clone()));
 
         let mut pusher = spawn_pusher();
-        let mut workers: Vec<JoinHandle<()>> = (0..config.workers).map(|_| spawn_worker()).collect();
+        let mut workers: Vec<JoinHandle<()>> =
+            (0..config.workers).map(|_| spawn_worker()).collect();
         let mut monitor = spawn_monitor();
         tracing::info!(
             "cluster {} ({}) started: {} workers, broker {}, results in {}",
@@ -366,7 +372,10 @@ impl Cluster {
             }
             // Guard: restart any role that died.
             let restart = |what: &str| {
-                shared.counters.reincarnations.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .reincarnations
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!("{what} died; starting a new one");
             };
             if pusher.is_finished() {
@@ -413,7 +422,10 @@ impl Cluster {
         }
         drop(jobs_tx);
         for w in workers.iter_mut() {
-            if tokio::time::timeout_at(deadline.into(), &mut *w).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), &mut *w)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a task did not finish within shutdown_timeout; giving it back");
                 w.abort();
             }

@@ -141,7 +141,11 @@ impl Store {
             // One writer anyway; more connections only contend for the lock.
             max = 2;
             if !url.contains("mode=") && !url.contains(":memory:") {
-                url.push_str(if url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                url.push_str(if url.contains('?') {
+                    "&mode=rwc"
+                } else {
+                    "?mode=rwc"
+                });
             }
         }
         let password = url_password(&url);
@@ -239,7 +243,10 @@ impl Store {
         for _ in 0..5 {
             let mut ok = true;
             for stmt in &stmts {
-                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt.clone())).execute(&self.pool).await {
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt.clone()))
+                    .execute(&self.pool)
+                    .await
+                {
                     last = Some(e);
                     ok = false;
                     break;
@@ -359,7 +366,10 @@ impl Store {
             started_us: row.try_get(6).map_err(&e)?,
             stopped_us: row.try_get(7).map_err(&e)?,
             success: row.try_get::<i64, _>(8).map_err(&e)? != 0,
-            attempts: row.try_get::<i64, _>(9).map_err(&e)?.clamp(0, u32::MAX as i64) as u32,
+            attempts: row
+                .try_get::<i64, _>(9)
+                .map_err(&e)?
+                .clamp(0, u32::MAX as i64) as u32,
             group: row.try_get(10).map_err(&e)?,
             cluster: row.try_get(11).map_err(&e)?,
             done: row.try_get::<i64, _>(12).map_err(&e)? != 0,
@@ -430,7 +440,9 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(self.sql_err("count results"))?;
-            n += row.try_get::<i64, _>(0).map_err(self.sql_err("count results"))? as u64;
+            n += row
+                .try_get::<i64, _>(0)
+                .map_err(self.sql_err("count results"))? as u64;
         }
         Ok(n)
     }
@@ -459,11 +471,13 @@ impl Store {
 
     /// Deletes every stored result of `cluster`.
     pub async fn clear(&self, cluster: &str) -> Result<u64, Error> {
-        let done = sqlx::query(sqlx::AssertSqlSafe(self.render("DELETE FROM qcluster_task WHERE cluster = ?")))
-            .bind(cluster.to_owned())
-            .execute(&self.pool)
-            .await
-            .map_err(self.sql_err("clear results"))?;
+        let done = sqlx::query(sqlx::AssertSqlSafe(
+            self.render("DELETE FROM qcluster_task WHERE cluster = ?"),
+        ))
+        .bind(cluster.to_owned())
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql_err("clear results"))?;
         Ok(done.rows_affected())
     }
 

@@ -65,8 +65,9 @@ pub trait Task: Send + Sync + 'static {
 pub type RunResult = Result<String, String>;
 
 /// Decodes the arguments (an error here is permanent: retrying cannot help) and starts the run.
-type Handler =
-    Arc<dyn Fn(Vec<u8>, TaskContext) -> Result<BoxFuture<'static, RunResult>, String> + Send + Sync>;
+type Handler = Arc<
+    dyn Fn(Vec<u8>, TaskContext) -> Result<BoxFuture<'static, RunResult>, String> + Send + Sync,
+>;
 type Checker = Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
 
 #[derive(Clone)]
@@ -88,7 +89,11 @@ impl fmt::Debug for Registry {
 }
 
 fn decode_args<A: DeserializeOwned>(raw: &[u8]) -> Result<A, String> {
-    let raw = if raw.is_empty() { b"null" as &[u8] } else { raw };
+    let raw = if raw.is_empty() {
+        b"null" as &[u8]
+    } else {
+        raw
+    };
     serde_json::from_slice(raw).map_err(|e| format!("bad arguments: {e}"))
 }
 
@@ -156,7 +161,9 @@ impl Registry {
                 match joined {
                     Ok(Ok(out)) => encode_output(out),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Err(e) if e.is_panic() => Err(format!("panicked: {}", panic_text(e.into_panic()))),
+                    Err(e) if e.is_panic() => {
+                        Err(format!("panicked: {}", panic_text(e.into_panic())))
+                    }
                     Err(e) => Err(format!("cancelled: {e}")),
                 }
             }))

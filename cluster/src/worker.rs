@@ -42,15 +42,16 @@ pub(crate) async fn execute(
     let timeout = effective_timeout(package.options.timeout, cluster_timeout);
     let (result, permanent) = match registry.start(&package.func, package.args.clone(), ctx) {
         Err(e) => (Err(e), true),
-        Ok(fut) => match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await
-        {
-            Err(_) => (
-                Err(format!("timed out after {}s", timeout.as_secs_f64())),
-                false,
-            ),
-            Ok(Err(panic)) => (Err(format!("panicked: {}", panic_text(panic))), false),
-            Ok(Ok(r)) => (r, false),
-        },
+        Ok(fut) => {
+            match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
+                Err(_) => (
+                    Err(format!("timed out after {}s", timeout.as_secs_f64())),
+                    false,
+                ),
+                Ok(Err(panic)) => (Err(format!("panicked: {}", panic_text(panic))), false),
+                Ok(Ok(r)) => (r, false),
+            }
+        }
     };
     Ran {
         result,
@@ -106,9 +107,19 @@ pub(crate) async fn run(
             continue;
         }
         shared.running.fetch_add(1, Ordering::Relaxed);
-        let ran = execute(&shared.registry, &job.package, attempt, shared.config.timeout).await;
+        let ran = execute(
+            &shared.registry,
+            &job.package,
+            attempt,
+            shared.config.timeout,
+        )
+        .await;
         shared.running.fetch_sub(1, Ordering::Relaxed);
-        if outcomes.send(Outcome::ran(job, ran, attempt)).await.is_err() {
+        if outcomes
+            .send(Outcome::ran(job, ran, attempt))
+            .await
+            .is_err()
+        {
             // The monitor is gone (shutdown past its deadline): the ledger gives the job back.
             break;
         }

@@ -50,7 +50,11 @@ async fn five_hundred_tasks_all_succeed(pg: bool) {
         })
         .collect();
     seen.sort();
-    assert_eq!(seen, (0..500).collect::<Vec<_>>(), "every task's own result");
+    assert_eq!(
+        seen,
+        (0..500).collect::<Vec<_>>(),
+        "every task's own result"
+    );
     let info = w.json(&["info", "--json"], 0);
     assert_eq!(info["queued"], 0);
     assert_eq!(info["in_flight"], 0);
@@ -98,14 +102,19 @@ async fn sigterm_then_restart_completes_everything(pg: bool) {
     w.set("QCLUSTER_WORKERS", 4)
         .set("QCLUSTER_SHUTDOWN_TIMEOUT", 0.2)
         .set("QCLUSTER_BULK", 4);
-    let ids = w.enqueue_lines(&lines(40, |_| r#"{"func": "sleep", "args": 0.5}"#.to_owned()));
+    let ids = w.enqueue_lines(&lines(40, |_| {
+        r#"{"func": "sleep", "args": 0.5}"#.to_owned()
+    }));
     let mut run = Guard(w.start());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     signal(&run.0, "TERM");
     assert_eq!(wait_exit(&mut run.0, Duration::from_secs(15)), Some(0));
     let store = w.store().await;
     let done_before = store.done_count(&ids).await.expect("count");
-    assert!(done_before < 40, "the run was interrupted ({done_before} done)");
+    assert!(
+        done_before < 40,
+        "the run was interrupted ({done_before} done)"
+    );
     // Nothing may be left leased: what did not finish went back to the queue.
     let info = w.json(&["info", "--json"], 0);
     assert_eq!(info["in_flight"], 0, "{info}");
@@ -130,14 +139,19 @@ async fn kill9_then_restart_completes_everything(pg: bool) {
     w.set("QCLUSTER_WORKERS", 4)
         .set("QCLUSTER_TIMEOUT", 2)
         .set("QCLUSTER_RETRY", 3);
-    let ids = w.enqueue_lines(&lines(40, |_| r#"{"func": "sleep", "args": 0.3}"#.to_owned()));
+    let ids = w.enqueue_lines(&lines(40, |_| {
+        r#"{"func": "sleep", "args": 0.3}"#.to_owned()
+    }));
     let mut run = Guard(w.start());
     tokio::time::sleep(Duration::from_millis(1200)).await;
     signal(&run.0, "KILL");
     wait_exit(&mut run.0, Duration::from_secs(5));
     let store = w.store().await;
     let done_before = store.done_count(&ids).await.expect("count");
-    assert!(done_before < 40, "the run was interrupted ({done_before} done)");
+    assert!(
+        done_before < 40,
+        "the run was interrupted ({done_before} done)"
+    );
     let info = w.json(&["info", "--json"], 0);
     assert!(
         info["in_flight"].as_u64().expect("in flight") > 0,
@@ -160,11 +174,13 @@ async fn tampered_package_is_quarantined(pg: bool) {
     ]);
     let pool = any_pool(&w.url).await;
     let q = |sql: &str| sqlx::AssertSqlSafe(crate_sql(&w.url, sql));
-    let row = sqlx::query(q("SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1"))
-        .bind(w.name.clone())
-        .fetch_one(&pool)
-        .await
-        .expect("first package");
+    let row = sqlx::query(q(
+        "SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1",
+    ))
+    .bind(w.name.clone())
+    .fetch_one(&pool)
+    .await
+    .expect("first package");
     let id: i64 = row.get(0);
     let mut payload: Vec<u8> = row.get(1);
     let mid = payload.len() / 2;
@@ -185,7 +201,10 @@ async fn tampered_package_is_quarantined(pg: bool) {
     let dead = dead.as_array().expect("list");
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(
-        dead[0]["reason"].as_str().expect("reason").contains("signature"),
+        dead[0]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("signature"),
         "{dead:?}"
     );
     // The cluster's published status counts it (published about once a second).
@@ -230,6 +249,7 @@ macro_rules! on_both {
                 }
             )*
         }
+        #[cfg(feature = "orm-postgres")]
         mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,7 +125,9 @@ pub(super) async fn run(cli: &Cli, n: usize, registry: Registry) -> Res {
         return Err(Fail::usage("--tasks must be at least 1"));
     }
     let registry = Arc::new(registry);
-    let client = Client::connect(&config).await?.with_registry(registry.clone());
+    let client = Client::connect(&config)
+        .await?
+        .with_registry(registry.clone());
     let store = client
         .store()
         .cloned()
@@ -182,7 +184,10 @@ pub(super) async fn run(cli: &Cli, n: usize, registry: Registry) -> Res {
         .count();
     let counters = counters.summary();
     println!();
-    println!("processed     {}", counters.processed.max(summary.processed));
+    println!(
+        "processed     {}",
+        counters.processed.max(summary.processed)
+    );
     println!("failed        {failed} (the sample includes `fail` tasks on purpose)");
     println!(
         "tasks/s       {:.0} ({} tasks in {:.2} s, {} workers)",

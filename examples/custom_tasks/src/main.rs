@@ -20,7 +20,8 @@ impl Task for Add {
     type Error = String;
 
     async fn run((a, b): (i64, i64), _ctx: TaskContext) -> Result<i64, String> {
-        a.checked_add(b).ok_or_else(|| format!("{a} + {b} overflows"))
+        a.checked_add(b)
+            .ok_or_else(|| format!("{a} + {b} overflows"))
     }
 }
 

@@ -1,0 +1,332 @@
+//! The command line through the real binary (SQLite, no server): configuration precedence and
+//! refusals (exit 2, key named), enqueue input errors, and that every `--json` output parses.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Guard, World};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Flags beat the environment, which beats the file, which beats the defaults; `config` says
+/// where each value came from and masks the secret and URL passwords.
+#[test]
+fn config_precedence_and_sources() {
+    let w = World::new("prec", None);
+    let workers = |w: &World, extra: &[(&str, &str)], args: &[&str]| {
+        let mut c = w.cmd(&[&["config", "--json"], args].concat());
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        let out = c.output().expect("config");
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        (
+            v["workers"]["value"].clone(),
+            v["workers"]["source"].clone(),
+            v,
+        )
+    };
+    let (v, src, all) = workers(&w, &[], &[]);
+    assert_eq!(src, "default");
+    assert!(v.as_u64().expect("number") >= 1);
+    assert_eq!(all["secret"]["value"], "********", "secret masked: {all}");
+    assert!(
+        !all.to_string().contains(&w.secret),
+        "the secret never appears: {all}"
+    );
+    assert_eq!(all["name"]["source"], "environment QCLUSTER_NAME");
+
+    w.write_config("workers = 3\n[orm]\nconnect_timeout = 2\n");
+    let (v, src, all) = workers(&w, &[], &[]);
+    assert_eq!(
+        (v, src.as_str().unwrap_or_default()),
+        (3.into(), "file qcluster.toml")
+    );
+    assert_eq!(all["orm.connect_timeout"]["value"], 2.0);
+
+    let (v, src, _) = workers(&w, &[("QCLUSTER_WORKERS", "5")], &[]);
+    assert_eq!((v, src), (5.into(), "environment QCLUSTER_WORKERS".into()));
+
+    let (v, src, _) = workers(&w, &[("QCLUSTER_WORKERS", "5")], &["--workers", "7"]);
+    assert_eq!((v, src), (7.into(), "command-line flag".into()));
+    let (v, _, _) = workers(&w, &[("QCLUSTER_WORKERS", "5")], &["--set", "workers=9"]);
+    assert_eq!(v, 9);
+
+    let (_, _, all) = workers(
+        &w,
+        &[(
+            "QCLUSTER_ORM__URL",
+            "postgres://u:pw-Secret-77@127.0.0.1:1/db",
+        )],
+        &[],
+    );
+    assert_eq!(all["orm.url"]["source"], "environment QCLUSTER_ORM__URL");
+    assert!(!all.to_string().contains("pw-Secret-77"), "{all}");
+
+    // Text form too.
+    let out = w.run(&["config"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("workers") && text.contains("file qcluster.toml"),
+        "{text}"
+    );
+    assert!(!text.contains(&w.secret));
+}
+
+/// Each refusal: exit code 2 and a message naming the key.
+#[test]
+fn bad_configuration_is_refused_with_the_key_named() {
+    // (file, environment, arguments, expected message)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
+        (
+            "workres = 4\n",
+            &[],
+            &["config"],
+            "`workres`: unknown key (from file qcluster.toml); did you mean `workers`?",
+        ),
+        (
+            "[orm]\nulr = \"x\"\n",
+            &[],
+            &["config"],
+            "`orm.ulr`: unknown key",
+        ),
+        (
+            "workers = \"many\"\n",
+            &[],
+            &["config"],
+            "`workers`: invalid type",
+        ),
+        (
+            "workers = 0\n",
+            &[],
+            &["config"],
+            "`workers`: must be at least 1",
+        ),
+        (
+            "timeout = 60\nretry = 60\n",
+            &[],
+            &["config"],
+            "`retry`: must be greater than timeout",
+        ),
+        (
+            "timeout = 90\n",
+            &[],
+            &["config"],
+            "`retry`: must be greater than timeout",
+        ),
+        (
+            "",
+            &[("QCLUSTER_WORKRS", "2")],
+            &["config"],
+            "`workrs`: unknown key (from QCLUSTER_WORKRS); did you mean `workers`?",
+        ),
+        ("", &[("QCLUSTER_SECRET", "")], &["run"], "`secret`"),
+        (
+            "secret = \"in-the-file\"\n",
+            &[],
+            &["config"],
+            "`secret`: the secret must not be written in the config file",
+        ),
+        (
+            "broker = \"carrier-pigeon\"\n",
+            &[],
+            &["config"],
+            "`broker`: unknown broker",
+        ),
+        (
+            "",
+            &[],
+            &["--set", "bulk=0", "config"],
+            "`bulk`: must be at least 1",
+        ),
+        (
+            "",
+            &[],
+            &["--config", "nope.toml", "config"],
+            "nope.toml does not exist",
+        ),
+    ];
+    for (file, env, args, expect) in cases {
+        let w = World::new("refuse", None);
+        w.write_config(file);
+        let mut c = w.cmd(args);
+        for (k, v) in *env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("qcluster");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{file:?} {env:?}: {err}");
+        assert!(
+            err.contains(expect),
+            "{file:?} {env:?}: expected {expect:?} in {err}"
+        );
+        assert!(!err.contains("in-the-file"), "secret echoed: {err}");
+    }
+    // No secret at all: `run` and `enqueue` refuse; read commands do not need one.
+    let w = World::new("nosecret", None);
+    for args in [&["run"][..], &["enqueue", "noop"]] {
+        let out = w
+            .cmd(args)
+            .env_remove("QCLUSTER_SECRET")
+            .output()
+            .expect("qcluster");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&out).contains("no signing secret"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let out = w
+        .cmd(&["ping"])
+        .env_remove("QCLUSTER_SECRET")
+        .output()
+        .expect("ping");
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Bad enqueue input is refused before anything is sent.
+#[test]
+fn enqueue_input_errors_send_nothing() {
+    let w = World::new("badin", None);
+    let out = w.run(&["enqueue", "echo", "--args", "{\"a\": [1, 2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--args is not JSON") && stderr(&out).contains("line 1 column"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = w.run(&["enqueue", "no_such_task"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown task `no_such_task`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = w.run(&["enqueue", "sleep", "--args", "\"long\""]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("arguments for task `sleep`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let path = w.dir.path().join("tasks.jsonl");
+    std::fs::write(
+        &path,
+        "{\"func\": \"noop\"}\n{\"func\": \"echo\", \"args\": [1]}\n{\"fnuc\": \"noop\"}\n",
+    )
+    .expect("write");
+    let out = w.run(&["enqueue", "--from", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--from line 3: unknown field `fnuc`"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&path, "{\"func\": \"noop\"}\n\n{\"func\": \"nope\"}\n").expect("write");
+    let out = w.run(&["enqueue", "--from", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown task `nope`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["queued"], 0, "nothing was sent: {info}");
+}
+
+/// Every read command's `--json` parses, with the fields scripts rely on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_json_output_parses() {
+    let w = World::new("json", None);
+    let ok = w.json(&["enqueue", "echo", "--args", "{\"x\": 1}", "--json"], 0);
+    let id = ok["id"].as_str().expect("id").to_owned();
+    let bad = w.json(
+        &[
+            "enqueue",
+            "fail",
+            "--args",
+            "\"no\"",
+            "--max-attempts",
+            "1",
+            "--json",
+        ],
+        0,
+    );
+    let bad_id = bad["id"].as_str().expect("id").to_owned();
+
+    let pending = w.json(&["result", &id, "--json"], 1);
+    assert_eq!(pending["done"], false);
+
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["queued"], 2);
+    assert_eq!(info["broker"]["broker"], "orm/sqlite");
+
+    let _run = Guard(w.start());
+    let r = w.json(&["result", &id, "--wait", "20", "--json"], 0);
+    for key in [
+        "id", "func", "success", "result", "attempts", "started", "stopped",
+    ] {
+        assert!(r.get(key).is_some(), "result --json lacks {key}: {r}");
+    }
+    assert_eq!(r["id"], id.as_str());
+    assert_eq!(r["func"], "echo");
+    assert_eq!(r["success"], true);
+    assert_eq!(r["result"], serde_json::json!({"x": 1}));
+    assert_eq!(r["attempts"], 1);
+    assert!(r["started"].as_str().expect("started").ends_with('Z'));
+
+    let f = w.json(&["result", &bad_id, "--wait", "20", "--json"], 1);
+    assert_eq!(f["success"], false);
+    assert_eq!(f["result"], "no");
+
+    let waited = w.json(
+        &["enqueue", "echo", "--args", "[7]", "--wait", "20", "--json"],
+        0,
+    );
+    assert_eq!(waited["result"], serde_json::json!([7]));
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let info = w.json(&["info", "--json"], 0);
+    let clusters = info["clusters"].as_array().expect("clusters");
+    assert_eq!(clusters.len(), 1, "{info}");
+    assert!(clusters[0]["pid"].as_u64().is_some() && clusters[0]["host"].is_string());
+
+    let ping = w.json(&["ping", "--json"], 0);
+    assert_eq!(ping["broker"]["ok"], true);
+    assert_eq!(ping["store"]["ok"], true);
+    let cfg = w.json(&["config", "--json"], 0);
+    assert!(cfg["workers"]["value"].is_u64());
+    let q = w.json(&["quarantine", "--json"], 0);
+    assert!(q.as_array().expect("array").is_empty());
+    let purge = w.json(&["purge", "--json"], 0);
+    assert!(purge["purged"].is_u64());
+}
+
+/// An unreachable broker: ping fails with exit 1 in bounded time, naming the host, password masked.
+#[cfg(feature = "orm-postgres")]
+#[test]
+fn ping_unreachable_fails_fast_and_masks_the_password() {
+    let mut w = World::new("down", None);
+    w.url = "postgres://u:pw-Hidden-5@127.0.0.1:1/db".into();
+    let store = format!("sqlite://{}/s.sqlite3", w.dir.path().display());
+    w.set("QCLUSTER_ORM__CONNECT_TIMEOUT", 2)
+        .set("QCLUSTER_STORE__URL", store);
+    let t = std::time::Instant::now();
+    let out = w.run(&["ping"]);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(text.contains("127.0.0.1"), "{text}");
+    assert!(!text.contains("pw-Hidden-5"), "{text}");
+}
