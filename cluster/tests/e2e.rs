@@ -30,15 +30,16 @@ async fn five_hundred_tasks_all_succeed(pg: bool) {
         return;
     };
     w.set("QCLUSTER_SAVE_LIMIT", 0).set("QCLUSTER_WORKERS", 4);
+    let group = format!("g500_{}", w.name);
     let ids = w.enqueue_lines(&lines(500, |i| {
-        format!(r#"{{"func": "echo", "args": {{"i": {i}}}, "group": "g500"}}"#)
+        format!(r#"{{"func": "echo", "args": {{"i": {i}}}, "group": "{group}"}}"#)
     }));
     let mut run = Guard(w.start());
     w.wait_done(&ids, Duration::from_secs(60)).await;
     signal(&run.0, "TERM");
     assert_eq!(wait_exit(&mut run.0, Duration::from_secs(20)), Some(0));
 
-    let results = w.store().await.group("g500").await.expect("group");
+    let results = w.store().await.group(&group).await.expect("group");
     assert_eq!(results.len(), 500);
     assert!(results.iter().all(|r| r.success && r.attempts == 1));
     let mut seen: Vec<i64> = results
