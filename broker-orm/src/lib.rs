@@ -19,6 +19,8 @@ mod dialect;
 mod migrate;
 #[cfg(feature = "postgres")]
 mod notify;
+#[doc(hidden)]
+pub mod rawloop;
 
 use std::collections::BTreeMap;
 use std::fmt;

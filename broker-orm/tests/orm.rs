@@ -1,4 +1,5 @@
 //! Behaviour specific to the SQL broker: errors, replica, wake-ups, migrations.
+#![cfg_attr(not(all(feature = "postgres", feature = "mysql")), allow(dead_code))]
 
 mod common;
 

@@ -1,1 +1,212 @@
-fn main() {}
+//! The whole cluster, end to end, beside the raw claim-and-delete SQL loop in the same run.
+//!
+//! `cargo bench -p cluster --features orm-postgres --bench e2e [-- sqlite postgres]`
+//!
+//! For each backend: N `noop` tasks are enqueued (timed on its own), then a cluster with
+//! 2 workers and otherwise default settings (bulk 10, results saved, `save_limit` 250) runs
+//! them from the backlog: verify, execute, save the result, acknowledge. Timed from start to
+//! the last settled task. Then, on the idle cluster, 300 tasks are enqueued one at a time and
+//! the enqueue→start latency is read from their saved results. The baseline is
+//! `broker_orm::rawloop::claim_delete` with the same bulk and 2 connections: no codec, no
+//! tasks, no results. Finally the idle RSS of a `qcluster run` process.
+//! Env: `BENCH_N` (default 20000), `QCLUSTER_TEST_POSTGRES_URL`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use broker_core::{Codec, TaskPackage};
+use cluster::config::{Secret, Url};
+use cluster::{Client, Cluster, Config, NewTask, Registry, Store};
+
+const WORKERS: usize = 2;
+const LATENCY_SAMPLES: usize = 300;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let mut wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if wanted.is_empty() {
+        wanted = vec!["sqlite".into(), "postgres".into()];
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    println!("qcluster end-to-end bench: N = {n} noop tasks, {WORKERS} workers, default settings");
+    println!(
+        "{:<10} {:>11} {:>10} {:>10} {:>7} {:>9} {:>9}",
+        "backend", "enqueue/s", "tasks/s", "raw/s", "ratio", "p50 ms", "p99 ms"
+    );
+    for backend in wanted {
+        let url = match backend.as_str() {
+            "sqlite" => format!("sqlite://{}/bench.sqlite3", dir.path().display()),
+            "postgres" => std::env::var("QCLUSTER_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+            other => {
+                eprintln!("unknown backend {other}");
+                continue;
+            }
+        };
+        match run(&url, n).await {
+            Ok(r) => println!(
+                "{backend:<10} {:>11.0} {:>10.0} {:>10.0} {:>6.0}% {:>9.2} {:>9.2}",
+                r.enqueue,
+                r.tasks,
+                r.raw,
+                100.0 * r.tasks / r.raw,
+                r.p50_ms,
+                r.p99_ms
+            ),
+            Err(e) => println!("{backend:<10} skipped: {e}"),
+        }
+    }
+    match idle_rss(dir.path()) {
+        Ok(kib) => println!(
+            "idle `qcluster run` (SQLite, 2 workers): RSS {:.1} MB",
+            kib as f64 / 1024.0
+        ),
+        Err(e) => println!("idle RSS: skipped: {e}"),
+    }
+}
+
+struct Figures {
+    enqueue: f64,
+    tasks: f64,
+    raw: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn config(url: &str, name: &str) -> Config {
+    let mut c = Config {
+        name: name.to_owned(),
+        workers: WORKERS,
+        secret: Some(Secret::new("bench-secret")),
+        ..Config::default()
+    };
+    c.orm.url = Url(url.to_owned());
+    c
+}
+
+async fn run(url: &str, n: usize) -> Result<Figures, String> {
+    let tag = &uuid::Uuid::now_v7().simple().to_string()[16..];
+    let name = format!("bench_{tag}");
+    let cfg = config(url, &name);
+    let e = |e: cluster::Error| e.to_string();
+    let client = Client::connect(&cfg).await.map_err(e)?;
+    let store = Store::connect(url, Duration::from_secs(5))
+        .await
+        .map_err(e)?;
+
+    let t0 = Instant::now();
+    let tasks: Vec<NewTask> = (0..n).map(|_| NewTask::new("noop", "null")).collect();
+    for chunk in tasks.chunks(1000) {
+        client.enqueue_many(chunk.to_vec()).await.map_err(e)?;
+    }
+    let enqueue = n as f64 / t0.elapsed().as_secs_f64();
+
+    let broker = cluster::broker::from_config(&cfg).await.map_err(e)?;
+    let codec = cluster::client::codec_from(&cfg).map_err(e)?;
+    let cluster = Cluster::new(
+        cfg.clone(),
+        broker,
+        store.clone(),
+        codec,
+        Registry::with_builtins(),
+    );
+    let counters = cluster.counters();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let t0 = Instant::now();
+    let running = tokio::spawn(cluster.run(async {
+        let _ = stop_rx.await;
+    }));
+    while counters.processed.load(Ordering::Relaxed) < n as u64 {
+        if running.is_finished() {
+            return Err("cluster stopped early".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let tasks_per_s = n as f64 / t0.elapsed().as_secs_f64();
+
+    // Latency on the idle cluster: one task at a time.
+    let group = format!("lat_{tag}");
+    let mut ids = Vec::new();
+    for _ in 0..LATENCY_SAMPLES {
+        let mut t = NewTask::new("noop", "null");
+        t.options.options.group = Some(group.clone());
+        ids.push(client.enqueue_many(vec![t]).await.map_err(e)?[0]);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.done_count(&ids).await.map_err(e)? < ids.len() as u64 {
+        if Instant::now() > deadline {
+            return Err("latency tasks did not finish".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut lat: Vec<f64> = store
+        .group(&group)
+        .await
+        .map_err(e)?
+        .iter()
+        .map(|r| (r.started_us - r.enqueued_us) as f64 / 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    let (p50_ms, p99_ms) = (pct(0.50), pct(0.99));
+    let _ = stop_tx.send(());
+    running.await.map_err(|e| e.to_string())?.map_err(e)?;
+    let _ = client.broker().delete_queue().await;
+    let _ = store.clear(&name).await;
+
+    let payload = Codec::new(b"bench-secret", &name)
+        .and_then(|c| c.encode(&TaskPackage::new("noop", b"null".to_vec())))
+        .map_err(|e| e.to_string())?;
+    let raw = broker_orm::rawloop::claim_delete(
+        url,
+        &format!("raw_{tag}"),
+        &payload,
+        n,
+        cfg.bulk,
+        WORKERS,
+    )
+    .await
+    .map_err(|e| format!("raw loop: {e}"))?;
+    Ok(Figures {
+        enqueue,
+        tasks: tasks_per_s,
+        raw,
+        p50_ms,
+        p99_ms,
+    })
+}
+
+/// Starts `qcluster run` on an empty SQLite queue and reads its resident memory after 3 s.
+fn idle_rss(dir: &std::path::Path) -> Result<u64, String> {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qcluster"))
+        .arg("run")
+        .current_dir(dir)
+        .env("QCLUSTER_SECRET", "bench-secret")
+        .env("QCLUSTER_WORKERS", WORKERS.to_string())
+        .env("QCLUSTER_NAME", "idle")
+        .env(
+            "QCLUSTER_ORM__URL",
+            format!("sqlite://{}/idle.sqlite3", dir.display()),
+        )
+        .env("QCLUSTER_LOG", "error")
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(3));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS".to_owned())
+}

@@ -219,6 +219,11 @@ pub struct Status {
     pub totals: Summary,
 }
 
+/// Pushers to run: two once there is more than one worker.
+fn pusher_count(workers: usize) -> usize {
+    workers.clamp(1, 2)
+}
+
 /// Host name, for the status.
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -345,7 +350,11 @@ impl Cluster {
         };
         let spawn_monitor = || tokio::spawn(crate::monitor::run(shared.clone(), out_rx.clone()));
 
-        let mut pusher = spawn_pusher();
+        // Two pushers keep a claim in flight while the other's batch is handed out (a single
+        // one leaves the workers idle for a round trip per batch).
+        let mut pushers: Vec<JoinHandle<()>> = (0..pusher_count(config.workers))
+            .map(|_| spawn_pusher())
+            .collect();
         let mut workers: Vec<JoinHandle<()>> =
             (0..config.workers).map(|_| spawn_worker()).collect();
         let mut monitor = spawn_monitor();
@@ -378,9 +387,11 @@ impl Cluster {
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!("{what} died; starting a new one");
             };
-            if pusher.is_finished() {
-                restart("pusher");
-                pusher = spawn_pusher();
+            for p in pushers.iter_mut() {
+                if p.is_finished() {
+                    restart("pusher");
+                    *p = spawn_pusher();
+                }
             }
             for w in workers.iter_mut() {
                 if w.is_finished() {
@@ -414,11 +425,13 @@ impl Cluster {
             tokio::time::sleep(hard_after).await;
             hard.cancel();
         });
-        if tokio::time::timeout_at(deadline.into(), &mut pusher)
-            .await
-            .is_err()
-        {
-            pusher.abort();
+        for p in pushers.iter_mut() {
+            if tokio::time::timeout_at(deadline.into(), &mut *p)
+                .await
+                .is_err()
+            {
+                p.abort();
+            }
         }
         drop(jobs_tx);
         for w in workers.iter_mut() {
