@@ -167,7 +167,7 @@ impl OrmBroker {
             }
             max_message_size = max_message_size.min(room);
         }
-        let wake = Arc::new(Notify::new());
+        let wake = shared_wake(&config.url);
         let listening = Arc::new(AtomicBool::new(false));
         #[allow(unused_mut)]
         let mut listener = None;
@@ -928,4 +928,23 @@ impl LastId for sqlx::postgres::PgQueryResult {
     fn last_id(&self) -> i64 {
         0
     }
+}
+
+/// One wake-up per database URL in this process: an enqueue through any handle (a producer's
+/// client, another cluster in the same process) wakes every consumer waiting on that database.
+fn shared_wake(url: &str) -> Arc<Notify> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock, Weak};
+    static WAKES: OnceLock<Mutex<HashMap<String, Weak<Notify>>>> = OnceLock::new();
+    let mut map = WAKES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(w) = map.get(url).and_then(Weak::upgrade) {
+        return w;
+    }
+    let w = Arc::new(Notify::new());
+    map.insert(url.to_owned(), Arc::downgrade(&w));
+    w
 }

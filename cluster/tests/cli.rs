@@ -330,3 +330,66 @@ fn ping_unreachable_fails_fast_and_masks_the_password() {
     assert!(text.contains("127.0.0.1"), "{text}");
     assert!(!text.contains("pw-Hidden-5"), "{text}");
 }
+
+/// The README's first command: no config, no secret, no server. It writes both (the secret
+/// with mode 0600), runs every sample task and exits 0.
+#[test]
+fn quickstart_runs_from_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new(common::BIN)
+        .args(["quickstart", "--tasks", "120"])
+        .current_dir(dir.path())
+        .env_remove("QCLUSTER_CONFIG")
+        .env_remove("QCLUSTER_SECRET")
+        .env_remove("QCLUSTER_ORM__URL")
+        .env_remove("QCLUSTER_NAME")
+        .env("QCLUSTER_LOG", "error")
+        .output()
+        .expect("quickstart");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", stderr(&out));
+    assert!(stdout.contains("created qcluster.toml"), "{stdout}");
+    assert!(stdout.contains("mode 0600"), "{stdout}");
+    assert!(stdout.contains("processed     120"), "{stdout}");
+    assert!(stdout.contains("tasks/s"), "{stdout}");
+    let mode = std::fs::metadata(dir.path().join(".qcluster-secret"))
+        .expect("secret file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A second run reuses both files and works again.
+    let again = std::process::Command::new(common::BIN)
+        .args(["quickstart", "--tasks", "10"])
+        .current_dir(dir.path())
+        .env_remove("QCLUSTER_SECRET")
+        .env("QCLUSTER_LOG", "error")
+        .output()
+        .expect("quickstart");
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{stdout}");
+    assert!(!stdout.contains("created"), "{stdout}");
+}
+
+/// `sync = true` runs the task at enqueue time, no cluster needed.
+#[test]
+fn sync_mode_runs_inline() {
+    let mut w = World::new("sync", None);
+    w.set("QCLUSTER_SYNC", "true");
+    let r = w.json(
+        &[
+            "enqueue",
+            "echo",
+            "--args",
+            "{\"now\": true}",
+            "--wait",
+            "1",
+            "--json",
+        ],
+        0,
+    );
+    assert_eq!(r["success"], true);
+    assert_eq!(r["result"], serde_json::json!({"now": true}));
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["queued"], 0, "nothing went through the broker");
+}
