@@ -269,9 +269,13 @@ fn load(cli: &Cli) -> Res<Loaded> {
     Ok(Config::load(cli.config.as_deref(), &flags)?)
 }
 
+/// Seconds from a flag: finite, not negative, at most ten years.
 fn secs(key: &str, v: f64) -> Res<Duration> {
+    const MAX: f64 = 10.0 * 365.0 * 24.0 * 3600.0;
     Duration::try_from_secs_f64(v)
-        .map_err(|_| Fail::usage(format!("{key}: `{v}` is not a number of seconds")))
+        .ok()
+        .filter(|_| v <= MAX)
+        .ok_or_else(|| Fail::usage(format!("{key}: `{v}` is not 0 to {MAX} seconds")))
 }
 
 fn print_json(v: &serde_json::Value) {

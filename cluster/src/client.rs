@@ -154,6 +154,22 @@ impl Client {
         if let Some(r) = &self.registry {
             r.check(&t.func, &t.args)?;
         }
+        let long = |what: &str, v: &str| -> Result<(), Error> {
+            if v.len() > 191 || v.contains('\0') {
+                return Err(Error::Args {
+                    func: t.func.chars().take(40).collect(),
+                    message: format!("{what} must be at most 191 bytes, without NUL"),
+                });
+            }
+            Ok(())
+        };
+        long("the task name", &t.func)?;
+        if let Some(g) = &t.options.options.group {
+            long("group", g)?;
+        }
+        if let Some(n) = &t.options.options.name {
+            long("name", n)?;
+        }
         let mut p = TaskPackage::new(t.func, t.args);
         p.options = t.options.options;
         let mut m = Message::new(self.codec.encode(&p)?).with_priority(p.options.priority);
@@ -198,8 +214,11 @@ impl Client {
         let mut records = Vec::new();
         for (p, _) in packed {
             ids.push(p.id);
-            let ran = crate::worker::execute(&registry, &p, 1, config.timeout).await;
-            records.push(crate::worker::record(&p, &ran, 1, &config.name));
+            let timeout = crate::task::effective_timeout(p.options.timeout, config.timeout);
+            let ran = crate::worker::execute(&registry, &p, 1, timeout).await;
+            let mut r = crate::worker::record(&p, &ran, 1, &config.name);
+            r.done = true; // sync mode does not retry
+            records.push(r);
         }
         if let Some(s) = &self.store {
             s.save(&records).await?;

@@ -13,7 +13,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::ConfigError;
 
 /// Environment variables that start with `QCLUSTER_` but are not configuration keys.
-const ENV_NOT_KEYS: &[&str] = &["config", "log", "require_services"];
+/// `secret` is read from `QCLUSTER_SECRET` as is (not parsed as a number or boolean).
+const ENV_NOT_KEYS: &[&str] = &["config", "log", "require_services", "secret"];
 
 /// Name under which the default values are reported.
 pub const SOURCE_DEFAULT: &str = "default";
@@ -248,13 +249,42 @@ impl Provider for Named {
 }
 
 /// Where a configuration came from, with the values. Built by [`Config::load`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Loaded {
     /// The effective configuration.
     pub config: Config,
     /// The file that was read, if any.
     pub file: Option<PathBuf>,
     figment: Figment,
+    secret_source: Option<String>,
+}
+
+impl fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the figment: it holds the raw values, secrets included.
+        f.debug_struct("Loaded")
+            .field("config", &self.config)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How strong a source is: flags beat the environment, which beats the file.
+fn rank(source: &str) -> u8 {
+    if source == SOURCE_FLAG {
+        3
+    } else if source.starts_with("environment") {
+        2
+    } else if source.starts_with("file") {
+        1
+    } else {
+        0
+    }
+}
+
+/// Keys whose values are never echoed in errors.
+fn sensitive(key: &str) -> bool {
+    key == "secret" || key.ends_with("url") || key.contains("password")
 }
 
 /// One effective value and where it came from.
@@ -287,6 +317,11 @@ impl Loaded {
 
     /// Where `key` got its value: a file, an environment variable, a flag or the default.
     pub fn source_of(&self, key: &str) -> String {
+        if key == "secret"
+            && let Some(s) = &self.secret_source
+        {
+            return s.clone();
+        }
         match self.figment.find_metadata(key) {
             Some(md) if md.name.contains("environment") => format!("environment {}", env_name(key)),
             Some(md) => match &md.source {
@@ -373,6 +408,9 @@ pub fn parse_flag(raw: &str) -> Result<(String, Value), ConfigError> {
         .split_once('=')
         .ok_or_else(|| ConfigError::new("--set", format!("`{raw}` is not KEY=VALUE")))?;
     let key = key.trim().to_owned();
+    if key == "secret" {
+        return Ok((key, Value::from(value.to_owned())));
+    }
     let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
         .ok()
         .and_then(|mut t| t.remove("v"));
@@ -446,12 +484,28 @@ impl Config {
             dict,
         });
 
-        let config: Config = figment.extract().map_err(|e| from_figment(e, &figment))?;
-        let loaded = Loaded {
+        let mut config: Config = figment.extract().map_err(|e| from_figment(e, &figment))?;
+        let mut secret_source = None;
+        if flags.iter().any(|(k, _)| k == "secret") {
+            secret_source = Some(SOURCE_FLAG.to_owned());
+        } else if let Ok(raw) = std::env::var("QCLUSTER_SECRET") {
+            config.secret = Some(Secret(raw));
+            secret_source = Some("environment QCLUSTER_SECRET".to_owned());
+        }
+        let mut loaded = Loaded {
             config,
             file,
             figment,
+            secret_source,
         };
+        // Both a secret and a secret file: the stronger source wins.
+        if loaded.config.secret.is_some()
+            && loaded.config.secret_file.is_some()
+            && rank(&loaded.source_of("secret_file")) > rank(&loaded.source_of("secret"))
+        {
+            loaded.config.secret = None;
+            loaded.secret_source = None;
+        }
         loaded.config.validate()?;
         Ok(loaded)
     }
@@ -476,6 +530,23 @@ impl Config {
         }
         if self.timeout.is_zero() {
             return err("timeout", "must be greater than 0".into());
+        }
+        let day = Duration::from_secs(24 * 3600);
+        for (key, value, max) in [
+            ("timeout", self.timeout, broker_core::MAX_RETRY),
+            ("retry", self.retry, broker_core::MAX_RETRY),
+            ("poll", self.poll, Duration::from_secs(3600)),
+            ("guard_cycle", self.guard_cycle, Duration::from_secs(3600)),
+            ("shutdown_timeout", self.shutdown_timeout, day),
+            (
+                "orm.connect_timeout",
+                self.orm.connect_timeout,
+                Duration::from_secs(3600),
+            ),
+        ] {
+            if value > max {
+                return err(key, format!("must be at most {} seconds", max.as_secs()));
+            }
         }
         if self.retry <= self.timeout {
             return err(
@@ -522,9 +593,12 @@ impl Config {
         Ok(())
     }
 
-    /// The in-memory queue bound between pusher and workers.
+    /// Packages held in memory between the pushers and the workers: `queue_limit`, else room
+    /// for two claims or two per worker; never less than one claim (`bulk`).
     pub fn queue_limit(&self) -> usize {
-        self.queue_limit.unwrap_or(self.workers * 2).max(1)
+        self.queue_limit
+            .unwrap_or((self.workers * 2).max(self.bulk * 2))
+            .max(self.bulk)
     }
 
     /// The result store's URL: `[store] url`, else the ORM database, else a local SQLite file.
@@ -646,6 +720,12 @@ fn from_figment(e: figment::Error, figment: &Figment) -> ConfigError {
                 path.join(".")
             };
             let _ = figment;
+            if sensitive(&key) {
+                return ConfigError::new(
+                    &key,
+                    format!("has the wrong type or form (value not shown){}", from(&key)),
+                );
+            }
             ConfigError::new(&key, format!("{kind}{}", from(&key)))
         }
     }

@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use broker_core::{AckId, now_us};
+use std::collections::HashMap;
+
+use broker_core::{AckId, TaskId, now_us};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::sentinel::{Outcome, Shared};
+use crate::store::TaskRecord;
 use crate::worker::record;
 
 /// Most outcomes settled in one batch.
@@ -28,19 +31,22 @@ pub(crate) async fn run(shared: Arc<Shared>, outcomes: Arc<Mutex<mpsc::Receiver<
             break;
         }
         settle(&shared, std::mem::take(&mut batch)).await;
-        if shared.config.save_limit > 0 && last_prune.elapsed() >= PRUNE_EVERY {
+        if shared.config.save_limit != 0 && last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
             prune(&shared).await;
         }
     }
-    if shared.config.save_limit > 0 {
+    if shared.config.save_limit != 0 {
         prune(&shared).await;
     }
 }
 
+/// Keeps the newest `save_limit` successes (none with -1), but never prunes one younger than
+/// twice the lease: those still let a late duplicate delivery be recognised and discarded.
 async fn prune(shared: &Shared) {
-    let spare_after = now_us() - shared.config.retry.as_micros() as i64;
-    let keep = shared.config.save_limit as u64;
+    let window = i64::try_from(shared.config.retry.as_micros() * 2).unwrap_or(i64::MAX);
+    let spare_after = now_us().saturating_sub(window);
+    let keep = shared.config.save_limit.max(0) as u64;
     if let Err(e) = shared
         .store
         .prune(&shared.config.name, keep, spare_after)
@@ -66,11 +72,26 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
 
 async fn settle(shared: &Shared, batch: Vec<Outcome>) {
     let cfg = &shared.config;
-    let mut records = Vec::with_capacity(batch.len());
+    let mut records: Vec<(u64, TaskRecord)> = Vec::with_capacity(batch.len());
     let mut acks: Vec<(u64, AckId)> = Vec::with_capacity(batch.len());
     let mut retries: Vec<(u64, AckId, Duration)> = Vec::new();
     let c = &shared.counters;
-    for o in &batch {
+    // Two runs of one task in a batch (a redelivery racing the first run): one row per id,
+    // a success preferred, so the upsert never touches a row twice.
+    let mut latest: HashMap<TaskId, usize> = HashMap::new();
+    for (i, o) in batch.iter().enumerate() {
+        if o.ran.is_some() {
+            let id = o.job.package.id;
+            let better = match latest.get(&id) {
+                Some(&j) => batch[j].ran.as_ref().is_some_and(|r| r.result.is_err()),
+                None => true,
+            };
+            if better {
+                latest.insert(id, i);
+            }
+        }
+    }
+    for (i, o) in batch.iter().enumerate() {
         let Some(ran) = &o.ran else {
             c.duplicates.fetch_add(1, Ordering::Relaxed);
             acks.push((o.job.seq, o.job.ack.clone()));
@@ -78,10 +99,12 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
         };
         let success = ran.result.is_ok();
         let fin = success || is_final(shared, o, ran.permanent);
-        if !success || cfg.save_limit != -1 {
+        if latest.get(&o.job.package.id) == Some(&i) {
+            // Successes are saved even with save_limit = -1: pruning removes them once they
+            // can no longer be delivered again.
             let mut r = record(&o.job.package, ran, o.attempt, &cfg.name);
             r.done = fin;
-            records.push(r);
+            records.push((o.job.seq, r));
         }
         if success {
             c.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -105,24 +128,23 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
     }
 
     // Results first: an acknowledged package whose result was not saved would be lost.
-    let mut pause = Duration::from_millis(50);
-    while let Err(e) = shared.store.save(&records).await {
-        if shared.hard_stop.is_cancelled() {
-            tracing::error!(
-                "{} results could not be saved: {e}; their packages are given back",
-                records.len()
-            );
-            return;
+    let poisoned = match save(shared, &records).await {
+        Some(p) => p,
+        None => return, // shutdown deadline passed: the ledger gives the packages back
+    };
+    if !poisoned.is_empty() {
+        // A row the store refuses while it answers: park its package in the dead letters with
+        // the reason instead of blocking every other result behind it.
+        acks.retain(|(seq, _)| !poisoned.contains_key(seq));
+        retries.retain(|(seq, _, _)| !poisoned.contains_key(seq));
+        for o in &batch {
+            if let Some(reason) = poisoned.get(&o.job.seq) {
+                match shared.broker.dead_letter(&o.job.ack, reason).await {
+                    Ok(()) => shared.settle(o.job.seq),
+                    Err(e) => tracing::error!("could not park task {}: {e}", o.job.package.id),
+                }
+            }
         }
-        tracing::warn!(
-            "saving {} results failed: {e}; retrying in {pause:?}",
-            records.len()
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = shared.hard_stop.cancelled() => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
     c.processed.fetch_add(
         batch.iter().filter(|o| o.ran.is_some()).count() as u64,
@@ -158,6 +180,52 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
     }
     for (seq, _, _) in &retries {
         shared.settle(*seq);
+    }
+}
+
+/// Saves `records`, retrying while the store is unreachable. Returns the deliveries whose row
+/// the store refuses even though it answers (with the reason), or `None` if the shutdown
+/// deadline passed first.
+async fn save(shared: &Shared, records: &[(u64, TaskRecord)]) -> Option<HashMap<u64, String>> {
+    let rows: Vec<TaskRecord> = records.iter().map(|(_, r)| r.clone()).collect();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let Err(e) = shared.store.save(&rows).await else {
+            return Some(HashMap::new());
+        };
+        if shared.store.ping().await.is_ok() {
+            // The store works: find the rows it refuses, save the others.
+            let mut poisoned = HashMap::new();
+            for (seq, r) in records {
+                if let Err(e) = shared.store.save(std::slice::from_ref(r)).await {
+                    if shared.store.ping().await.is_err() {
+                        break; // it went away meanwhile: retry the whole batch
+                    }
+                    let reason = format!("result could not be saved: {e}");
+                    tracing::error!("task {}: {reason}", r.id);
+                    poisoned.insert(*seq, reason);
+                }
+            }
+            if poisoned.len() < records.len() || records.len() == 1 {
+                return Some(poisoned);
+            }
+        }
+        if shared.hard_stop.is_cancelled() {
+            tracing::error!(
+                "{} results could not be saved: {e}; their packages are given back",
+                records.len()
+            );
+            return None;
+        }
+        tracing::warn!(
+            "saving {} results failed: {e}; retrying in {pause:?}",
+            records.len()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shared.hard_stop.cancelled() => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 

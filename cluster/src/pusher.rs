@@ -1,27 +1,39 @@
-//! The pusher: dequeues in bulk, verifies every package before anything else touches it, and
-//! feeds the bounded job queue. A package that fails verification is quarantined, never run.
+//! The pushers: claim in bulk when the in-memory queue has room for a whole claim, verify every
+//! package before anything else touches it, and hand jobs to the workers. A package that fails
+//! verification is quarantined, never run.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use broker_core::Delivery;
 
-use crate::sentinel::{Job, Shared};
+use crate::sentinel::{Job, Shared, Slot};
 
-/// Pulls until stop. Broker errors are logged and retried with backoff; the pusher never exits
+/// Pulls until stop. Broker errors are logged and retried with backoff; a pusher never exits
 /// on its own.
 pub(crate) async fn run(shared: Arc<Shared>, jobs: async_channel::Sender<Job>) {
+    let bulk = u32::try_from(shared.config.bulk).unwrap_or(u32::MAX);
     let mut pause = Duration::from_millis(100);
     while !shared.stop.is_cancelled() {
-        // `dequeue` returns within the broker's wait; it is not raced against stop because a
-        // cancelled dequeue could lose the packages it claimed.
+        // Room first, so that a claimed package starts before its lease runs out.
+        let room = tokio::select! {
+            r = shared.room.clone().acquire_many_owned(bulk) => r,
+            _ = shared.stop.cancelled() => break,
+        };
+        let Ok(room) = room else { break };
+        room.forget();
+        // The lease starts no earlier than the call.
+        let claimed = Instant::now();
+        // `dequeue` returns within the broker's wait; it is never raced against stop because a
+        // cancelled dequeue would strand the packages it claimed.
         let batch = match shared.broker.dequeue().await {
             Ok(b) => {
                 pause = Duration::from_millis(100);
                 b
             }
             Err(e) => {
+                shared.room.add_permits(bulk as usize);
                 tracing::warn!("dequeue failed: {e}; retrying in {pause:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
@@ -31,11 +43,20 @@ pub(crate) async fn run(shared: Arc<Shared>, jobs: async_channel::Sender<Job>) {
                 continue;
             }
         };
-        for d in batch {
-            let seq = shared.enter(&d.ack);
-            let Some(job) = verify(&shared, seq, d).await else {
+        shared
+            .room
+            .add_permits((bulk as usize).saturating_sub(batch.len()));
+        // Every delivery is in the ledger before anything else can go wrong.
+        let entered: Vec<(u64, Delivery)> = batch
+            .into_iter()
+            .map(|d| (shared.enter(&d.ack), d))
+            .collect();
+        for (seq, d) in entered {
+            let slot = Slot(shared.room.clone());
+            let Some(mut job) = verify(&shared, seq, d, claimed).await else {
                 continue;
             };
+            job.slot = Some(slot);
             if shared.stop.is_cancelled() {
                 shared.give_back(job.seq, &job.ack).await;
                 continue;
@@ -54,13 +75,15 @@ pub(crate) async fn run(shared: Arc<Shared>, jobs: async_channel::Sender<Job>) {
 }
 
 /// Checks the signature and decodes; quarantines what fails.
-async fn verify(shared: &Shared, seq: u64, d: Delivery) -> Option<Job> {
+async fn verify(shared: &Shared, seq: u64, d: Delivery, claimed: Instant) -> Option<Job> {
     match shared.codec.decode(&d.payload) {
         Ok(package) => Some(Job {
             seq,
             ack: d.ack,
             deliveries: d.deliveries,
             package,
+            claimed,
+            slot: None,
         }),
         Err(e) => {
             let reason = format!("quarantined: {e}");

@@ -26,6 +26,16 @@ use crate::worker::Ran;
 /// Prefix of the stat keys under which clusters publish their status.
 pub const STATUS_PREFIX: &str = "cluster:";
 
+/// A place in the in-memory queue; returned when dropped (the job started, or was given back).
+#[derive(Debug)]
+pub(crate) struct Slot(pub Arc<tokio::sync::Semaphore>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
+
 /// A verified package on its way to a worker.
 #[derive(Debug)]
 pub(crate) struct Job {
@@ -33,15 +43,21 @@ pub(crate) struct Job {
     pub ack: AckId,
     pub deliveries: Option<u32>,
     pub package: TaskPackage,
+    /// When the broker leased it: the lease runs out at `claimed + retry`.
+    pub claimed: Instant,
+    /// Released when a worker takes the job.
+    pub slot: Option<Slot>,
 }
 
-impl Job {
-    /// This run's attempt number, 1 for the first.
-    pub fn attempt(&self) -> u32 {
-        self.package
-            .attempt
-            .saturating_add(self.deliveries.unwrap_or(1).max(1))
-    }
+/// What the result store knows about a delivered task before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prior {
+    /// Nothing final stored: this is attempt `n`.
+    Attempt(u32),
+    /// Already succeeded, or failed for good: settle without running.
+    Settled,
+    /// The store could not be asked: give the package back rather than risk a second run.
+    Unknown,
 }
 
 /// What a worker hands to the monitor.
@@ -62,11 +78,10 @@ impl Outcome {
         }
     }
     pub fn duplicate(job: Job) -> Self {
-        let attempt = job.attempt();
         Self {
             job,
             ran: None,
-            attempt,
+            attempt: 0,
         }
     }
 }
@@ -142,6 +157,9 @@ pub(crate) struct Shared {
     pub stop: CancellationToken,
     /// Cancelled when the shutdown deadline has passed: stop retrying the store.
     pub hard_stop: CancellationToken,
+    /// Free places in the in-memory queue: a pusher claims only what it has room for, so a
+    /// lease does not run out while its package waits for a worker.
+    pub room: Arc<tokio::sync::Semaphore>,
     /// Deliveries received and not yet settled.
     ledger: Mutex<HashMap<u64, AckId>>,
     next_seq: AtomicU64,
@@ -167,7 +185,17 @@ impl Shared {
 
     /// Gives an unstarted or unfinished delivery back to the broker for someone else.
     pub async fn give_back(&self, seq: u64, ack: &AckId) {
-        match self.broker.fail(ack).await {
+        self.give_back_after(seq, ack, Duration::ZERO).await;
+    }
+
+    /// Gives a delivery back, visible again after `delay`.
+    pub async fn give_back_after(&self, seq: u64, ack: &AckId, delay: Duration) {
+        let done = if delay.is_zero() {
+            self.broker.fail(ack).await
+        } else {
+            self.broker.fail_after(ack, delay).await
+        };
+        match done {
             Ok(()) => {
                 self.counters.given_back.fetch_add(1, Ordering::Relaxed);
             }
@@ -178,13 +206,22 @@ impl Shared {
         self.settle(seq);
     }
 
-    /// True when the job's task already has a successful result (a repeated delivery).
-    pub async fn already_succeeded(&self, job: &Job) -> bool {
-        match self.store.succeeded(&[job.package.id]).await {
-            Ok(done) => done.contains(&job.package.id),
+    /// Looks a redelivered task up in the result store. The attempt number counts runs that
+    /// were recorded, so packages given back at shutdown or after a lease ran out do not use up
+    /// `max_attempts`.
+    pub async fn prior(&self, job: &Job) -> Prior {
+        let deliveries = job.deliveries.unwrap_or(2);
+        let first = job.package.attempt.saturating_add(1);
+        if deliveries <= 1 {
+            return Prior::Attempt(first);
+        }
+        match self.store.get(job.package.id).await {
+            Ok(Some(r)) if r.success || r.done => Prior::Settled,
+            Ok(Some(r)) => Prior::Attempt(r.attempts.saturating_add(1).max(first)),
+            Ok(None) => Prior::Attempt(first),
             Err(e) => {
                 tracing::warn!("duplicate check for task {} failed: {e}", job.package.id);
-                false
+                Prior::Unknown
             }
         }
     }
@@ -314,6 +351,7 @@ impl Cluster {
             counters: self.counters.clone(),
             stop: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            room: Arc::new(tokio::sync::Semaphore::new(config.queue_limit())),
             ledger: Mutex::default(),
             next_seq: AtomicU64::new(0),
             running: AtomicUsize::new(0),
@@ -420,16 +458,25 @@ impl Cluster {
             .await;
         let deadline = Instant::now() + config.shutdown_timeout;
         let hard = shared.hard_stop.clone();
-        let hard_after = config.shutdown_timeout + Duration::from_secs(5);
+        let hard_after = config
+            .shutdown_timeout
+            .max(config.queue_settings().wait * 2)
+            + Duration::from_secs(4);
         tokio::spawn(async move {
             tokio::time::sleep(hard_after).await;
             hard.cancel();
         });
+        // A pusher inside `dequeue` is never aborted (a cancelled claim would strand its
+        // packages until their leases run out): it gets the broker's wait and a margin.
+        let pusher_deadline = deadline.max(Instant::now() + config.queue_settings().wait * 2);
         for p in pushers.iter_mut() {
-            if tokio::time::timeout_at(deadline.into(), &mut *p)
+            if tokio::time::timeout_at(pusher_deadline.into(), &mut *p)
                 .await
                 .is_err()
             {
+                tracing::error!(
+                    "a pusher did not stop; its claimed packages return after their lease"
+                );
                 p.abort();
             }
         }
@@ -445,7 +492,7 @@ impl Cluster {
         }
         drop(out_tx);
         // The monitor saves and settles what the workers finished, then sees the channel close.
-        let monitor_deadline = Instant::now() + config.shutdown_timeout + Duration::from_secs(5);
+        let monitor_deadline = deadline.max(pusher_deadline) + Duration::from_secs(5);
         if tokio::time::timeout_at(monitor_deadline.into(), &mut monitor)
             .await
             .is_err()

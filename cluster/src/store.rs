@@ -209,10 +209,17 @@ impl Store {
     }
 
     async fn create_schema(&self) -> Result<(), Error> {
-        let text = if self.dialect == Dialect::MySql {
-            "LONGTEXT"
+        let mysql = self.dialect == Dialect::MySql;
+        let text = if mysql { "LONGTEXT" } else { "TEXT" };
+        let mysql_indexes = if mysql {
+            ",\n                INDEX qcluster_task_grp (grp),\n                INDEX qcluster_task_kept (cluster, success, stopped)"
         } else {
-            "TEXT"
+            ""
+        };
+        let engine = if mysql {
+            " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+        } else {
+            ""
         };
         let table = format!(
             "CREATE TABLE IF NOT EXISTS qcluster_task (
@@ -228,13 +235,18 @@ impl Store {
                 done BIGINT NOT NULL,
                 attempts BIGINT NOT NULL,
                 grp VARCHAR(191),
-                cluster VARCHAR(191) NOT NULL
-            )"
+                cluster VARCHAR(191) NOT NULL{mysql_indexes}
+            ){engine}"
         );
-        let indexes = [
-            "CREATE INDEX IF NOT EXISTS qcluster_task_grp ON qcluster_task (grp)",
-            "CREATE INDEX IF NOT EXISTS qcluster_task_kept ON qcluster_task (cluster, success, stopped)",
-        ];
+        // MySQL has no CREATE INDEX IF NOT EXISTS: its indexes are declared in the table.
+        let indexes: &[&str] = if self.dialect == Dialect::MySql {
+            &[]
+        } else {
+            &[
+                "CREATE INDEX IF NOT EXISTS qcluster_task_grp ON qcluster_task (grp)",
+                "CREATE INDEX IF NOT EXISTS qcluster_task_kept ON qcluster_task (cluster, success, stopped)",
+            ]
+        };
         // Two clusters starting at once on PostgreSQL can collide on the catalog: try again.
         let stmts: Vec<String> = std::iter::once(table)
             .chain(indexes.iter().map(|s| (*s).to_owned()))
@@ -479,6 +491,15 @@ impl Store {
         .await
         .map_err(self.sql_err("clear results"))?;
         Ok(done.rows_affected())
+    }
+
+    /// True when the store answers a trivial query.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(self.sql_err("ping"))
     }
 
     /// Closes the pool.

@@ -9,9 +9,13 @@ use std::time::Duration;
 use broker_core::{TaskPackage, now_us};
 use futures::FutureExt;
 
-use crate::sentinel::{Job, Outcome, Shared};
+use crate::sentinel::{Job, Outcome, Prior, Shared};
 use crate::store::TaskRecord;
 use crate::task::{Registry, TaskContext, effective_timeout, panic_text};
+
+/// Deliveries without a recorded run after which a task is failed for good: something (an
+/// abort, the OOM killer) ends the process whenever it runs.
+const MAX_UNRECORDED_DELIVERIES: u32 = 20;
 
 /// What one run produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,13 +28,14 @@ pub(crate) struct Ran {
     pub stopped_us: i64,
 }
 
-/// Runs `package` once: unknown task and bad arguments fail permanently, an overrun fails with
-/// "timed out", a panic fails with its message.
+/// Runs `package` once within `timeout`: unknown task and bad arguments fail permanently, an
+/// overrun fails with "timed out", a panic (even while the task is being set up) fails with its
+/// message.
 pub(crate) async fn execute(
     registry: &Registry,
     package: &TaskPackage,
     attempt: u32,
-    cluster_timeout: Duration,
+    timeout: Duration,
 ) -> Ran {
     let started_us = now_us();
     let ctx = TaskContext {
@@ -39,10 +44,13 @@ pub(crate) async fn execute(
         attempt,
         group: package.options.group.clone(),
     };
-    let timeout = effective_timeout(package.options.timeout, cluster_timeout);
-    let (result, permanent) = match registry.start(&package.func, package.args.clone(), ctx) {
-        Err(e) => (Err(e), true),
-        Ok(fut) => {
+    let start = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        registry.start(&package.func, package.args.clone(), ctx)
+    }));
+    let (result, permanent) = match start {
+        Err(panic) => (Err(format!("panicked: {}", panic_text(panic))), false),
+        Ok(Err(e)) => (Err(e), true),
+        Ok(Ok(fut)) => {
             match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
                 Err(_) => (
                     Err(format!("timed out after {}s", timeout.as_secs_f64())),
@@ -61,21 +69,37 @@ pub(crate) async fn execute(
     }
 }
 
+/// Longest text the store's indexed columns take (bytes).
+const MAX_COLUMN: usize = 191;
+
+/// Fits `s` into an indexed column: no NUL (PostgreSQL refuses it), at most 191 bytes.
+fn column(s: &str) -> String {
+    let mut s = s.replace('\0', "\u{fffd}");
+    if s.len() > MAX_COLUMN {
+        let mut end = MAX_COLUMN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
 /// The result row for a run.
 pub(crate) fn record(p: &TaskPackage, ran: &Ran, attempts: u32, cluster: &str) -> TaskRecord {
     let args = if p.args.is_empty() {
         "null".to_owned()
     } else {
-        String::from_utf8_lossy(&p.args).into_owned()
+        String::from_utf8_lossy(&p.args).replace('\0', "\u{fffd}")
     };
     let (success, result) = match &ran.result {
-        Ok(json) => (true, json.clone()),
+        Ok(json) => (true, json.replace('\0', "\u{fffd}")),
         Err(msg) => (false, serde_json::Value::String(msg.clone()).to_string()),
     };
     TaskRecord {
         id: p.id,
-        name: p.options.name.clone().unwrap_or_else(|| p.func.clone()),
-        func: p.func.clone(),
+        name: column(p.options.name.as_deref().unwrap_or(&p.func)),
+        func: column(&p.func),
         args,
         result: Some(result),
         enqueued_us: p.enqueued_at_us,
@@ -84,37 +108,83 @@ pub(crate) fn record(p: &TaskPackage, ran: &Ran, attempts: u32, cluster: &str) -
         success,
         done: success || ran.permanent,
         attempts,
-        group: p.options.group.clone(),
-        cluster: cluster.to_owned(),
+        group: p.options.group.as_deref().map(column),
+        cluster: column(cluster),
+    }
+}
+
+/// Counts a running task for the status; uncounts it however the run ends.
+struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// One worker: runs jobs until the job channel closes. After stop, jobs not yet started are
-/// given back to the broker at once.
+/// given back to the broker at once; so is a job whose lease would run out before its timeout
+/// (it gets a fresh lease from the next claim instead of running twice).
 pub(crate) async fn run(
     shared: Arc<Shared>,
     jobs: async_channel::Receiver<Job>,
     outcomes: tokio::sync::mpsc::Sender<Outcome>,
 ) {
-    while let Ok(job) = jobs.recv().await {
+    let cfg = shared.config.clone();
+    while let Ok(mut job) = jobs.recv().await {
+        drop(job.slot.take());
         if shared.stop.is_cancelled() {
             shared.give_back(job.seq, &job.ack).await;
             continue;
         }
-        let attempt = job.attempt();
-        if attempt > 1 && shared.already_succeeded(&job).await {
-            let _ = outcomes.send(Outcome::duplicate(job)).await;
+        let intended = effective_timeout(job.package.options.timeout, cfg.timeout);
+        if intended < cfg.retry && job.claimed.elapsed() + intended >= cfg.retry {
+            tracing::warn!(
+                "task {} waited too long for a worker to finish within its lease; given back \
+                 (lower `bulk` or `queue_limit` for long tasks)",
+                job.package.id
+            );
+            shared.give_back(job.seq, &job.ack).await;
             continue;
         }
-        shared.running.fetch_add(1, Ordering::Relaxed);
-        let ran = execute(
-            &shared.registry,
-            &job.package,
-            attempt,
-            shared.config.timeout,
-        )
-        .await;
-        shared.running.fetch_sub(1, Ordering::Relaxed);
+        let attempt = match shared.prior(&job).await {
+            Prior::Settled => {
+                let _ = outcomes.send(Outcome::duplicate(job)).await;
+                continue;
+            }
+            Prior::Unknown => {
+                shared
+                    .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
+                    .await;
+                continue;
+            }
+            Prior::Attempt(n) => n,
+        };
+        let ran = if job.deliveries.unwrap_or(0) > MAX_UNRECORDED_DELIVERIES.max(attempt) {
+            let now = now_us();
+            Ran {
+                result: Err(format!(
+                    "delivered {} times without a recorded result: the process running it \
+                     keeps dying",
+                    job.deliveries.unwrap_or(0)
+                )),
+                permanent: true,
+                started_us: now,
+                stopped_us: now,
+            }
+        } else {
+            // Never past the lease: a run still going then would be delivered to someone else.
+            let limit = intended.min(cfg.retry.saturating_sub(job.claimed.elapsed()));
+            let _running = Running::new(&shared.running);
+            execute(&shared.registry, &job.package, attempt, limit).await
+        };
         if outcomes
             .send(Outcome::ran(job, ran, attempt))
             .await
@@ -123,5 +193,63 @@ pub(crate) async fn run(
             // The monitor is gone (shutdown past its deadline): the ledger gives the job back.
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn starts_by_panicking(_: (), _: TaskContext) -> std::future::Ready<Result<(), String>> {
+        panic!("panicked while setting up")
+    }
+
+    #[tokio::test]
+    async fn panics_timeouts_and_unknown_tasks_become_failed_results() {
+        let mut r = Registry::with_builtins();
+        r.register("setup_panic", starts_by_panicking);
+        r.register("run_panic", |_: (), _: TaskContext| async {
+            if true {
+                panic!("panicked while running");
+            }
+            Ok::<(), String>(())
+        });
+        let run = |func: &str, args: &str, timeout_ms: u64| {
+            let p = TaskPackage::new(func, args.as_bytes().to_vec());
+            let r = r.clone();
+            async move { execute(&r, &p, 1, Duration::from_millis(timeout_ms)).await }
+        };
+        let ran = run("setup_panic", "null", 1000).await;
+        assert_eq!(
+            ran.result,
+            Err("panicked: panicked while setting up".into())
+        );
+        assert!(!ran.permanent);
+        let ran = run("run_panic", "null", 1000).await;
+        assert_eq!(ran.result, Err("panicked: panicked while running".into()));
+        let ran = run("sleep", "5", 50).await;
+        assert_eq!(ran.result, Err("timed out after 0.05s".into()));
+        assert!(ran.stopped_us - ran.started_us < 2_000_000);
+        let ran = run("nope", "null", 1000).await;
+        assert!(ran.permanent && ran.result.is_err());
+        let ran = run("echo", "[1]", 1000).await;
+        assert_eq!(ran.result, Ok("[1]".into()));
+    }
+
+    #[test]
+    fn records_fit_the_columns() {
+        let mut p = TaskPackage::new("f\0unc", b"[1]".to_vec());
+        p.options.group = Some("é".repeat(150));
+        let ran = Ran {
+            result: Ok("1".into()),
+            permanent: false,
+            started_us: 1,
+            stopped_us: 2,
+        };
+        let r = record(&p, &ran, 1, "c");
+        assert_eq!(r.func, "f\u{fffd}unc");
+        let g = r.group.expect("group");
+        assert!(g.len() <= MAX_COLUMN && g.chars().all(|c| c == 'é'));
+        assert!(r.done && r.success);
     }
 }

@@ -393,3 +393,17 @@ fn sync_mode_runs_inline() {
     let info = w.json(&["info", "--json"], 0);
     assert_eq!(info["queued"], 0, "nothing went through the broker");
 }
+
+/// A secret that looks like a number is used as written, from the environment or a flag.
+#[test]
+fn numeric_secret_is_taken_as_text() {
+    let mut w = World::new("numsecret", None);
+    w.secret = "0123456".into();
+    let ok = w.json(&["enqueue", "noop", "--json"], 0);
+    assert!(ok["id"].is_string());
+    let out = w.run(&["--set", "secret=1.50", "enqueue", "noop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg = w.json(&["config", "--json"], 0);
+    assert_eq!(cfg["secret"]["source"], "environment QCLUSTER_SECRET");
+    assert_eq!(cfg["secret"]["value"], "********");
+}

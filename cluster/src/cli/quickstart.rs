@@ -150,10 +150,12 @@ pub(super) async fn run(cli: &Cli, n: usize, registry: Registry) -> Res {
     let watch_store = store.clone();
     let watch_pb = pb.clone();
     let all_done = async move {
+        let signal = crate::shutdown_signal();
+        tokio::pin!(signal);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = crate::shutdown_signal() => return None,
+                _ = &mut signal => return None,
             }
             match watch_store.done_count(&watch_ids).await {
                 Ok(done) => {

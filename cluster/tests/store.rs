@@ -1,0 +1,154 @@
+//! The result store on SQLite, PostgreSQL and MariaDB: upserts never replace a success,
+//! groups, final-result counts, pruning.
+
+mod common;
+
+use std::time::Duration;
+
+use cluster::broker_core::{TaskId, now_us};
+use cluster::{Store, TaskRecord};
+
+fn rec(
+    id: TaskId,
+    success: bool,
+    done: bool,
+    attempts: u32,
+    cluster: &str,
+    stopped: i64,
+) -> TaskRecord {
+    TaskRecord {
+        id,
+        name: "n".into(),
+        func: "f".into(),
+        args: "[1]".into(),
+        result: Some(if success {
+            "42".into()
+        } else {
+            "\"boom\"".into()
+        }),
+        enqueued_us: stopped - 10,
+        started_us: stopped - 5,
+        stopped_us: stopped,
+        success,
+        done,
+        attempts,
+        group: Some(format!("g_{cluster}")),
+        cluster: cluster.into(),
+    }
+}
+
+async fn store_semantics(url: &str) {
+    let store = Store::connect(url, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    // Twice: creating the table again is harmless.
+    let store2 = Store::connect(url, Duration::from_secs(5))
+        .await
+        .expect("reconnect");
+    let cluster = format!("c_{}", &uuid::Uuid::now_v7().simple().to_string()[16..]);
+    let now = now_us();
+    let a = TaskId::new();
+    let b = TaskId::new();
+    store
+        .save(&[rec(a, false, false, 1, &cluster, now)])
+        .await
+        .expect("save");
+    let got = store.get(a).await.expect("get").expect("row");
+    assert!(!got.success && !got.done && got.attempts == 1);
+    // A retry succeeds: the row is updated.
+    store2
+        .save(&[rec(a, true, true, 2, &cluster, now + 1)])
+        .await
+        .expect("save");
+    let got = store.get(a).await.expect("get").expect("row");
+    assert!(got.success && got.done);
+    assert_eq!(got.attempts, 2);
+    assert_eq!(got.result.as_deref(), Some("42"));
+    // A late failure of a duplicate run never replaces the success.
+    store
+        .save(&[rec(a, false, true, 3, &cluster, now + 2)])
+        .await
+        .expect("save");
+    let got = store.get(a).await.expect("get").expect("row");
+    assert!(got.success, "success kept");
+    assert_eq!(got.attempts, 2);
+
+    store
+        .save(&[rec(b, false, true, 3, &cluster, now + 3)])
+        .await
+        .expect("save");
+    assert_eq!(
+        store
+            .done_count(&[a, b, TaskId::new()])
+            .await
+            .expect("done"),
+        2
+    );
+    assert_eq!(store.succeeded(&[a, b]).await.expect("ok").len(), 1);
+    assert_eq!(
+        store
+            .group(&format!("g_{cluster}"))
+            .await
+            .expect("group")
+            .len(),
+        2
+    );
+    let counts = store.counts(&cluster).await.expect("counts");
+    assert_eq!((counts.success, counts.failure), (1, 1));
+
+    // Pruning keeps the newest `keep` successes and spares young ones.
+    let old: Vec<TaskId> = (0..5).map(|_| TaskId::new()).collect();
+    let rows: Vec<TaskRecord> = old
+        .iter()
+        .enumerate()
+        .map(|(i, id)| rec(*id, true, true, 1, &cluster, now - 1_000_000_000 + i as i64))
+        .collect();
+    store.save(&rows).await.expect("save many");
+    let pruned = store.prune(&cluster, 2, now - 1_000).await.expect("prune");
+    assert_eq!(pruned, 4, "6 successes, keep 2: the 4 oldest go");
+    assert!(
+        store.get(a).await.expect("get").is_some(),
+        "the newest stays"
+    );
+    assert!(
+        store.get(b).await.expect("get").is_some(),
+        "failures are never pruned"
+    );
+    assert!(store.get(old[4]).await.expect("get").is_some());
+    assert!(store.get(old[0]).await.expect("get").is_none());
+    // Nothing younger than the spare line is pruned, whatever `keep` says.
+    assert_eq!(
+        store
+            .prune(&cluster, 0, now - 2_000_000_000)
+            .await
+            .expect("prune"),
+        0
+    );
+    store.ping().await.expect("ping");
+    assert_eq!(store.clear(&cluster).await.expect("clear"), 3);
+}
+
+#[tokio::test]
+async fn sqlite() {
+    let dir = tempfile::tempdir().expect("dir");
+    store_semantics(&format!("sqlite://{}/s.sqlite3", dir.path().display())).await;
+}
+
+#[cfg(feature = "orm-postgres")]
+#[tokio::test]
+async fn postgres() {
+    let url = common::postgres_url();
+    if common::reachable(&url).await {
+        store_semantics(&url).await;
+    }
+}
+
+#[cfg(feature = "orm-mysql")]
+#[tokio::test]
+async fn mariadb() {
+    let url = std::env::var("QCLUSTER_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    if common::reachable(&url).await {
+        store_semantics(&url).await;
+    }
+}
