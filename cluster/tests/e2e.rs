@@ -222,6 +222,86 @@ async fn tampered_package_is_quarantined(pg: bool) {
     }
 }
 
+/// A task that already succeeded but whose package was never acknowledged (the cluster died
+/// between saving and acknowledging) comes back after its lease: it is discarded, not run.
+async fn redelivery_of_a_success_is_discarded(pg: bool) {
+    let Some(mut w) = world("dedup", pg).await else {
+        return;
+    };
+    w.set("QCLUSTER_TIMEOUT", 1).set("QCLUSTER_RETRY", 2);
+    let ids = w.enqueue_lines(&[r#"{"func": "echo", "args": "from the run"}"#.to_owned()]);
+    // Claim it like a cluster that then dies, and record its success by hand.
+    let mut cfg = cluster::Config {
+        name: w.name.clone(),
+        retry: Duration::from_secs(2),
+        timeout: Duration::from_secs(1),
+        ..cluster::Config::default()
+    };
+    cfg.orm.url = cluster::config::Url(w.url.clone());
+    let broker = cluster::broker::from_config(&cfg).await.expect("broker");
+    let got = broker.dequeue().await.expect("dequeue");
+    assert_eq!(got.len(), 1);
+    let store = w.store().await;
+    let now = cluster::broker_core::now_us();
+    store
+        .save(&[cluster::TaskRecord {
+            id: ids[0],
+            name: "echo".into(),
+            func: "echo".into(),
+            args: "\"from the run\"".into(),
+            result: Some("\"saved before the crash\"".into()),
+            enqueued_us: now,
+            started_us: now,
+            stopped_us: now,
+            success: true,
+            done: true,
+            attempts: 1,
+            group: None,
+            cluster: w.name.clone(),
+        }])
+        .await
+        .expect("save");
+    let _run = Guard(w.start());
+    let t = std::time::Instant::now();
+    loop {
+        let info = w.json(&["info", "--json"], 0);
+        if info["queued"] == 0
+            && info["in_flight"] == 0
+            && info["clusters"][0]["totals"]["duplicates"] == 1
+        {
+            assert_eq!(info["clusters"][0]["totals"]["processed"], 0, "{info}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "{info}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let r = store.get(ids[0]).await.expect("get").expect("row");
+    assert_eq!(
+        r.result.as_deref(),
+        Some("\"saved before the crash\""),
+        "not run again"
+    );
+}
+
+/// With `ack_failure`, a failure is final at once: one attempt, nothing left queued.
+async fn ack_failure_settles_failures_at_once(pg: bool) {
+    let Some(mut w) = world("ackfail", pg).await else {
+        return;
+    };
+    w.set("QCLUSTER_ACK_FAILURE", "true")
+        .set("QCLUSTER_MAX_ATTEMPTS", 5);
+    let ids = w.enqueue_lines(&[r#"{"func": "fail", "args": "once"}"#.to_owned()]);
+    let _run = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(20)).await;
+    let r = w.json(&["result", "--json", &ids[0].to_string()], 1);
+    assert_eq!(r["attempts"], 1);
+    assert_eq!(r["done"], true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["queued"], 0, "{info}");
+    assert_eq!(info["in_flight"], 0, "{info}");
+}
+
 /// `?` placeholders as `$n` for PostgreSQL.
 fn crate_sql(url: &str, sql: &str) -> String {
     if !url.starts_with("postgres") {
@@ -268,4 +348,6 @@ on_both!(
     sigterm_then_restart_completes_everything,
     kill9_then_restart_completes_everything,
     tampered_package_is_quarantined,
+    redelivery_of_a_success_is_discarded,
+    ack_failure_settles_failures_at_once,
 );
