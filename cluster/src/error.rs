@@ -41,6 +41,8 @@ pub enum Error {
         endpoint: String,
         /// What failed, secrets removed.
         message: String,
+        /// Worth retrying: the connection failed, or a lock or deadlock got in the way.
+        transient: bool,
     },
     /// No task of this name is registered.
     #[error("unknown task `{0}`")]
@@ -62,6 +64,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// True for failures that may pass on their own (connection lost, lock contention).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store { transient, .. } => *transient,
+            Error::Broker(b) => b.is_transient(),
+            _ => false,
+        }
+    }
+
     /// True when the error is the user's input or configuration (exit code 2).
     pub fn is_usage(&self) -> bool {
         matches!(

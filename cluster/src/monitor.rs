@@ -193,20 +193,27 @@ async fn save(shared: &Shared, records: &[(u64, TaskRecord)]) -> Option<HashMap<
         let Err(e) = shared.store.save(&rows).await else {
             return Some(HashMap::new());
         };
-        if shared.store.ping().await.is_ok() {
-            // The store works: find the rows it refuses, save the others.
+        if !e.is_transient() && shared.store.ping().await.is_ok() {
+            // The store works but refuses something: find the rows, save the others.
             let mut poisoned = HashMap::new();
+            let mut again = false;
             for (seq, r) in records {
-                if let Err(e) = shared.store.save(std::slice::from_ref(r)).await {
-                    if shared.store.ping().await.is_err() {
-                        break; // it went away meanwhile: retry the whole batch
+                match shared.store.save(std::slice::from_ref(r)).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => {
+                        again = true;
+                        break;
                     }
-                    let reason = format!("result could not be saved: {e}");
-                    tracing::error!("task {}: {reason}", r.id);
-                    poisoned.insert(*seq, reason);
+                    Err(e) => {
+                        let reason = format!("result could not be saved: {e}");
+                        tracing::error!("task {}: {reason}", r.id);
+                        poisoned.insert(*seq, reason);
+                    }
                 }
             }
-            if poisoned.len() < records.len() || records.len() == 1 {
+            // Every row refused: the store itself is wrong (a dropped table, a revoked
+            // grant); keep retrying rather than park everything.
+            if !again && (poisoned.len() < records.len() || records.len() == 1) {
                 return Some(poisoned);
             }
         }

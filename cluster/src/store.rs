@@ -32,6 +32,39 @@ impl Dialect {
     }
 }
 
+/// Connection failures and lock conflicts pass; constraint and data errors do not.
+fn transient(dialect: Dialect, e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+            match dialect {
+                // SQLITE_BUSY, SQLITE_LOCKED and their extended codes.
+                Dialect::Sqlite => code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+                // Serialization failure, deadlock, lock not available, shutdown, connection.
+                Dialect::Postgres => {
+                    code.starts_with("40")
+                        || code.starts_with("08")
+                        || code.starts_with("57P")
+                        || code == "55P03"
+                }
+                // Lock wait timeout, deadlock, server gone.
+                Dialect::MySql => {
+                    code == "40001"
+                        || d.message().contains("Deadlock")
+                        || d.message().contains("Lock wait timeout")
+                }
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
 /// Rows per upsert statement (well under every backend's bound-parameter limit).
 const ROWS_PER_STATEMENT: usize = 200;
 const COLUMNS: usize = 13;
@@ -139,7 +172,7 @@ impl Store {
         let mut max = 8;
         if dialect == Dialect::Sqlite {
             // One writer anyway; more connections only contend for the lock.
-            max = 2;
+            max = 1;
             if !url.contains("mode=") && !url.contains(":memory:") {
                 url.push_str(if url.contains('?') {
                     "&mode=rwc"
@@ -152,6 +185,7 @@ impl Store {
         let fail = |message: String| Error::Store {
             endpoint: endpoint.clone(),
             message: redact(&message, password.as_deref()),
+            transient: true,
         };
         let pool = tokio::time::timeout(
             timeout + Duration::from_millis(500),
@@ -182,11 +216,24 @@ impl Store {
         Error::Store {
             endpoint: self.endpoint.clone(),
             message: redact(&message, self.password.as_deref()),
+            transient: false,
         }
     }
 
     fn sql_err(&self, op: &'static str) -> impl Fn(sqlx::Error) -> Error + '_ {
-        move |e| self.err(format!("{op}: {e}"))
+        move |e| {
+            let transient = transient(self.dialect, &e);
+            match self.err(format!("{op}: {e}")) {
+                Error::Store {
+                    endpoint, message, ..
+                } => Error::Store {
+                    endpoint,
+                    message,
+                    transient,
+                },
+                other => other,
+            }
+        }
     }
 
     /// `?` placeholders, renumbered as `$n` for PostgreSQL.
@@ -280,7 +327,8 @@ impl Store {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(self.sql_err("save"))?;
+        // No transaction: each statement is atomic and rows are independent; one statement per
+        // batch of up to 200 rows is one commit.
         for chunk in records.chunks(ROWS_PER_STATEMENT) {
             let row = format!("({})", vec!["?"; COLUMNS].join(", "));
             let values = vec![row.as_str(); chunk.len()].join(", ");
@@ -325,9 +373,8 @@ impl Store {
                     .bind(i64::from(r.done))
                     .bind(i64::from(r.success));
             }
-            q.execute(&mut *tx).await.map_err(self.sql_err("save"))?;
+            q.execute(&self.pool).await.map_err(self.sql_err("save"))?;
         }
-        tx.commit().await.map_err(self.sql_err("save"))?;
         Ok(())
     }
 
