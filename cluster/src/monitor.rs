@@ -18,6 +18,9 @@ use crate::worker::record;
 
 /// Most outcomes settled in one batch.
 const BATCH: usize = 512;
+/// Outcomes worth waiting for before a save, and the longest wait.
+const GATHER_TARGET: usize = 64;
+const GATHER: Duration = Duration::from_millis(2);
 /// How often old successes beyond `save_limit` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(2);
 
@@ -29,6 +32,19 @@ pub(crate) async fn run(shared: Arc<Shared>, outcomes: Arc<Mutex<mpsc::Receiver<
     loop {
         if rx.recv_many(&mut batch, BATCH).await == 0 {
             break;
+        }
+        // Under load, a moment's wait fills the batch: fewer commits per task. Idle, the
+        // first outcome is settled within GATHER.
+        if batch.len() < GATHER_TARGET {
+            let _ = tokio::time::timeout(GATHER, async {
+                while batch.len() < GATHER_TARGET {
+                    let room = BATCH - batch.len();
+                    if rx.recv_many(&mut batch, room).await == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
         settle(&shared, std::mem::take(&mut batch)).await;
         if shared.config.save_limit != 0 && last_prune.elapsed() >= PRUNE_EVERY {
