@@ -457,12 +457,12 @@ impl Store {
         rows.iter().map(|r| self.record(r)).collect()
     }
 
-    /// Which of `ids` already have a successful result.
-    pub async fn succeeded(&self, ids: &[TaskId]) -> Result<HashSet<TaskId>, Error> {
-        let mut out = HashSet::new();
+    /// Which of `ids` have a row matching `condition` (fixed SQL, no values).
+    async fn ids_where(&self, condition: &str, ids: &[TaskId]) -> Result<Vec<TaskId>, Error> {
+        let mut out = Vec::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let sql = self.render(&format!(
-                "SELECT id FROM qcluster_task WHERE success = 1 AND id IN ({})",
+                "SELECT id FROM qcluster_task WHERE {condition} AND id IN ({})",
                 vec!["?"; chunk.len()].join(", ")
             ));
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -472,38 +472,29 @@ impl Store {
             let rows = q
                 .fetch_all(&self.pool)
                 .await
-                .map_err(self.sql_err("check duplicates"))?;
+                .map_err(self.sql_err("look up results"))?;
             for r in rows {
-                let id: String = r.try_get(0).map_err(self.sql_err("check duplicates"))?;
+                let id: String = r.try_get(0).map_err(self.sql_err("look up results"))?;
                 if let Ok(id) = id.parse() {
-                    out.insert(id);
+                    out.push(id);
                 }
             }
         }
         Ok(out)
     }
 
+    /// Which of `ids` already have a successful result.
+    pub async fn succeeded(&self, ids: &[TaskId]) -> Result<HashSet<TaskId>, Error> {
+        Ok(self
+            .ids_where("success = 1", ids)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
     /// How many of `ids` have a final result (success or final failure).
     pub async fn done_count(&self, ids: &[TaskId]) -> Result<u64, Error> {
-        let mut n = 0;
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let sql = self.render(&format!(
-                "SELECT COUNT(*) FROM qcluster_task WHERE done = 1 AND id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
-            ));
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
-                q = q.bind(id.to_string());
-            }
-            let row = q
-                .fetch_one(&self.pool)
-                .await
-                .map_err(self.sql_err("count results"))?;
-            n += row
-                .try_get::<i64, _>(0)
-                .map_err(self.sql_err("count results"))? as u64;
-        }
-        Ok(n)
+        Ok(self.ids_where("done = 1", ids).await?.len() as u64)
     }
 
     /// Successes and failures held for `cluster`.

@@ -302,6 +302,50 @@ async fn ack_failure_settles_failures_at_once(pg: bool) {
     assert_eq!(info["in_flight"], 0, "{info}");
 }
 
+/// A producer that does not know the cluster's tasks enqueues one it lacks: the cluster records
+/// a final failure "unknown task" (no retries) and goes on.
+async fn unknown_task_fails_at_run_time(pg: bool) {
+    let Some(w) = world("unknown", pg).await else {
+        return;
+    };
+    let mut cfg = cluster::Config {
+        name: w.name.clone(),
+        secret: Some(cluster::config::Secret::new(w.secret.clone())),
+        ..cluster::Config::default()
+    };
+    cfg.orm.url = cluster::config::Url(w.url.clone());
+    let client = cluster::Client::connect(&cfg).await.expect("client");
+    let id = client
+        .enqueue_json(
+            "not_in_this_binary",
+            "[1]",
+            cluster::EnqueueOptions::default(),
+        )
+        .await
+        .expect("enqueue without a registry");
+    let echo = client
+        .enqueue_json("echo", "2", cluster::EnqueueOptions::default())
+        .await
+        .expect("enqueue");
+    let _run = Guard(w.start());
+    w.wait_done(&[id, echo], Duration::from_secs(20)).await;
+    let r = client.result(id).await.expect("result").expect("row");
+    assert!(!r.success && r.done);
+    assert_eq!(r.attempts, 1);
+    assert_eq!(
+        r.result.as_deref(),
+        Some("\"unknown task `not_in_this_binary`\"")
+    );
+    assert!(
+        client
+            .result(echo)
+            .await
+            .expect("result")
+            .expect("row")
+            .success
+    );
+}
+
 /// `?` placeholders as `$n` for PostgreSQL.
 fn crate_sql(url: &str, sql: &str) -> String {
     if !url.starts_with("postgres") {
@@ -350,4 +394,5 @@ on_both!(
     tampered_package_is_quarantined,
     redelivery_of_a_success_is_discarded,
     ack_failure_settles_failures_at_once,
+    unknown_task_fails_at_run_time,
 );
