@@ -230,7 +230,7 @@ impl Client {
         self.store.as_ref().ok_or_else(|| Error::Store {
             endpoint: "(none)".into(),
             message: "this client has no result store".into(),
-            transient: false,
+            fault: crate::error::StoreFault::Store,
         })
     }
 

@@ -283,8 +283,28 @@ fn rank(source: &str) -> u8 {
 }
 
 /// Keys whose values are never echoed in errors.
+/// Sections holding one count too: a whole section given as a string may be a URL.
 fn sensitive(key: &str) -> bool {
-    key == "secret" || key.ends_with("url") || key.contains("password")
+    key == "secret"
+        || key == "config"
+        || key == "orm"
+        || key == "store"
+        || key.ends_with("url")
+        || key.contains("password")
+}
+
+/// A TOML syntax error without the quoted source line (it may hold a password): where, and what.
+fn toml_syntax(message: &str) -> Option<String> {
+    let first = message.lines().next()?;
+    if !first.contains("parse error") {
+        return None;
+    }
+    let what = message
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('|') && !l.contains(" | "))
+        .unwrap_or("");
+    Some(format!("{} ({})", first.trim(), what.trim()))
 }
 
 /// One effective value and where it came from.
@@ -565,6 +585,12 @@ impl Config {
         if self.queue_limit == Some(0) {
             return err("queue_limit", "must be at least 1".into());
         }
+        if self.queue_limit.is_some_and(|q| q > 100_000) {
+            return err("queue_limit", "must be at most 100000".into());
+        }
+        if self.bulk > 1000 {
+            return err("bulk", "must be at most 1000".into());
+        }
         if self.poll.is_zero() {
             return err("poll", "must be greater than 0".into());
         }
@@ -720,6 +746,9 @@ fn from_figment(e: figment::Error, figment: &Figment) -> ConfigError {
                 path.join(".")
             };
             let _ = figment;
+            if let Some(syntax) = toml_syntax(&kind.to_string()) {
+                return ConfigError::new(&key, format!("{syntax}{}", from(&key)));
+            }
             if sensitive(&key) {
                 return ConfigError::new(
                     &key,

@@ -22,6 +22,17 @@ impl ConfigError {
     }
 }
 
+/// What a result-store failure is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    /// May pass on its own: the connection failed, or a lock or deadlock got in the way.
+    Transient,
+    /// The data of a row is refused (too long, a constraint): saving it again cannot help.
+    Row,
+    /// The store itself is wrong (full, read-only, missing table, no grant): needs an operator.
+    Store,
+}
+
 /// Everything the cluster library can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,8 +52,8 @@ pub enum Error {
         endpoint: String,
         /// What failed, secrets removed.
         message: String,
-        /// Worth retrying: the connection failed, or a lock or deadlock got in the way.
-        transient: bool,
+        /// What kind of failure: worth retrying, this row's fault, or the store's.
+        fault: StoreFault,
     },
     /// No task of this name is registered.
     #[error("unknown task `{0}`")]
@@ -67,10 +78,21 @@ impl Error {
     /// True for failures that may pass on their own (connection lost, lock contention).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Store { transient, .. } => *transient,
+            Error::Store { fault, .. } => *fault == StoreFault::Transient,
             Error::Broker(b) => b.is_transient(),
             _ => false,
         }
+    }
+
+    /// True when a result row's own data was refused.
+    pub fn is_row_fault(&self) -> bool {
+        matches!(
+            self,
+            Error::Store {
+                fault: StoreFault::Row,
+                ..
+            }
+        )
     }
 
     /// True when the error is the user's input or configuration (exit code 2).

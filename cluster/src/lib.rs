@@ -22,7 +22,7 @@ mod worker;
 
 pub use client::{Client, EnqueueOptions, NewTask};
 pub use config::{Config, Loaded};
-pub use error::{ConfigError, Error};
+pub use error::{ConfigError, Error, StoreFault};
 pub use sentinel::{Cluster, Counters, Status, Summary, shutdown_signal};
 pub use store::{Store, TaskRecord};
 pub use task::{Registry, Task, TaskContext};

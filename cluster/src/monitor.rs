@@ -88,7 +88,7 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
 
 async fn settle(shared: &Shared, batch: Vec<Outcome>) {
     let cfg = &shared.config;
-    let mut records: Vec<(u64, TaskRecord)> = Vec::with_capacity(batch.len());
+    let mut records: Vec<TaskRecord> = Vec::with_capacity(batch.len());
     let mut acks: Vec<(u64, AckId)> = Vec::with_capacity(batch.len());
     let mut retries: Vec<(u64, AckId, Duration)> = Vec::new();
     let c = &shared.counters;
@@ -120,7 +120,7 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
             // can no longer be delivered again.
             let mut r = record(&o.job.package, ran, o.attempt, &cfg.name);
             r.done = fin;
-            records.push((o.job.seq, r));
+            records.push(r);
         }
         if success {
             c.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -149,12 +149,18 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
         None => return, // shutdown deadline passed: the ledger gives the packages back
     };
     if !poisoned.is_empty() {
-        // A row the store refuses while it answers: park its package in the dead letters with
-        // the reason instead of blocking every other result behind it.
-        acks.retain(|(seq, _)| !poisoned.contains_key(seq));
-        retries.retain(|(seq, _, _)| !poisoned.contains_key(seq));
+        // A row the store refuses for its data: park the package (every delivery of that task
+        // in the batch) in the dead letters with the reason instead of blocking every other
+        // result behind it.
+        let bad: std::collections::HashSet<u64> = batch
+            .iter()
+            .filter(|o| poisoned.contains_key(&o.job.package.id))
+            .map(|o| o.job.seq)
+            .collect();
+        acks.retain(|(seq, _)| !bad.contains(seq));
+        retries.retain(|(seq, _, _)| !bad.contains(seq));
         for o in &batch {
-            if let Some(reason) = poisoned.get(&o.job.seq) {
+            if let Some(reason) = poisoned.get(&o.job.package.id) {
                 match shared.broker.dead_letter(&o.job.ack, reason).await {
                     Ok(()) => shared.settle(o.job.seq),
                     Err(e) => tracing::error!("could not park task {}: {e}", o.job.package.id),
@@ -199,37 +205,33 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
     }
 }
 
-/// Saves `records`, retrying while the store is unreachable. Returns the deliveries whose row
-/// the store refuses even though it answers (with the reason), or `None` if the shutdown
-/// deadline passed first.
-async fn save(shared: &Shared, records: &[(u64, TaskRecord)]) -> Option<HashMap<u64, String>> {
-    let rows: Vec<TaskRecord> = records.iter().map(|(_, r)| r.clone()).collect();
+/// Saves `records`, retrying while the store fails as a whole. Returns the tasks whose row the
+/// store refuses for its data (with the reason), or `None` if the shutdown deadline passed first.
+async fn save(shared: &Shared, records: &[TaskRecord]) -> Option<HashMap<TaskId, String>> {
     let mut pause = Duration::from_millis(50);
     loop {
-        let Err(e) = shared.store.save(&rows).await else {
+        let Err(e) = shared.store.save(records).await else {
             return Some(HashMap::new());
         };
-        if !e.is_transient() && shared.store.ping().await.is_ok() {
-            // The store works but refuses something: find the rows, save the others.
+        if e.is_row_fault() {
+            // Find the rows the store refuses; save the others.
             let mut poisoned = HashMap::new();
             let mut again = false;
-            for (seq, r) in records {
+            for r in records {
                 match shared.store.save(std::slice::from_ref(r)).await {
                     Ok(()) => {}
-                    Err(e) if e.is_transient() => {
+                    Err(e) if e.is_row_fault() => {
+                        let reason = format!("result could not be saved: {e}");
+                        tracing::error!("task {}: {reason}", r.id);
+                        poisoned.insert(r.id, reason);
+                    }
+                    Err(_) => {
                         again = true;
                         break;
                     }
-                    Err(e) => {
-                        let reason = format!("result could not be saved: {e}");
-                        tracing::error!("task {}: {reason}", r.id);
-                        poisoned.insert(*seq, reason);
-                    }
                 }
             }
-            // Every row refused: the store itself is wrong (a dropped table, a revoked
-            // grant); keep retrying rather than park everything.
-            if !again && (poisoned.len() < records.len() || records.len() == 1) {
+            if !again {
                 return Some(poisoned);
             }
         }

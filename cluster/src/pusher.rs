@@ -43,16 +43,23 @@ pub(crate) async fn run(shared: Arc<Shared>, jobs: async_channel::Sender<Job>) {
                 continue;
             }
         };
+        let mut batch = batch;
+        if batch.len() > bulk as usize {
+            // More than asked for: no room for the rest, give it back.
+            for d in batch.split_off(bulk as usize) {
+                let seq = shared.enter(&d.ack);
+                shared.give_back(seq, &d.ack).await;
+            }
+        }
         shared
             .room
             .add_permits((bulk as usize).saturating_sub(batch.len()));
-        // Every delivery is in the ledger before anything else can go wrong.
-        let entered: Vec<(u64, Delivery)> = batch
+        // Every delivery is in the ledger, and holds its place, before anything can go wrong.
+        let entered: Vec<(u64, Delivery, Slot)> = batch
             .into_iter()
-            .map(|d| (shared.enter(&d.ack), d))
+            .map(|d| (shared.enter(&d.ack), d, Slot(shared.room.clone())))
             .collect();
-        for (seq, d) in entered {
-            let slot = Slot(shared.room.clone());
+        for (seq, d, slot) in entered {
             let Some(mut job) = verify(&shared, seq, d, claimed).await else {
                 continue;
             };

@@ -501,9 +501,18 @@ impl Cluster {
             monitor.abort();
         }
         // Anything still unsettled goes back to the broker.
+        // At once and within a bound: if the broker is down, leases bring them back anyway.
         let left: Vec<(u64, AckId)> = shared.lock_ledger().drain().collect();
-        for (seq, ack) in left {
-            shared.give_back(seq, &ack).await;
+        let n = left.len();
+        let giving =
+            futures::future::join_all(left.iter().map(|(seq, ack)| shared.give_back(*seq, ack)));
+        if tokio::time::timeout(Duration::from_secs(10), giving)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "{n} deliveries could not all be given back; their leases bring them back"
+            );
         }
         let summary = shared.counters.summary();
         let (tx, _) = async_channel::bounded::<Job>(1);

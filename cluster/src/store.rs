@@ -11,7 +11,7 @@ use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use crate::error::Error;
+use crate::error::{Error, StoreFault};
 
 /// The SQL backend behind a store URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +32,31 @@ impl Dialect {
     }
 }
 
-/// Connection failures and lock conflicts pass; constraint and data errors do not.
+/// Connection failures and lock conflicts pass; data errors are the row's; the rest is the store's.
+fn fault(dialect: Dialect, e: &sqlx::Error) -> StoreFault {
+    if transient(dialect, e) {
+        return StoreFault::Transient;
+    }
+    let sqlx::Error::Database(d) = e else {
+        return StoreFault::Store;
+    };
+    let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+    let row = match dialect {
+        // SQLITE_TOOBIG, SQLITE_CONSTRAINT, SQLITE_MISMATCH.
+        Dialect::Sqlite => code
+            .parse::<i32>()
+            .is_ok_and(|c| matches!(c & 0xff, 18..=20)),
+        // SQLSTATE class 22 (data exception) and 23 (integrity constraint).
+        Dialect::Postgres | Dialect::MySql => code.starts_with("22") || code.starts_with("23"),
+    };
+    if row {
+        StoreFault::Row
+    } else {
+        StoreFault::Store
+    }
+}
+
+/// Connection failures and lock conflicts.
 fn transient(dialect: Dialect, e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(d) => {
@@ -185,7 +209,7 @@ impl Store {
         let fail = |message: String| Error::Store {
             endpoint: endpoint.clone(),
             message: redact(&message, password.as_deref()),
-            transient: true,
+            fault: StoreFault::Transient,
         };
         let pool = tokio::time::timeout(
             timeout + Duration::from_millis(500),
@@ -216,20 +240,20 @@ impl Store {
         Error::Store {
             endpoint: self.endpoint.clone(),
             message: redact(&message, self.password.as_deref()),
-            transient: false,
+            fault: StoreFault::Store,
         }
     }
 
     fn sql_err(&self, op: &'static str) -> impl Fn(sqlx::Error) -> Error + '_ {
         move |e| {
-            let transient = transient(self.dialect, &e);
+            let fault = fault(self.dialect, &e);
             match self.err(format!("{op}: {e}")) {
                 Error::Store {
                     endpoint, message, ..
                 } => Error::Store {
                     endpoint,
                     message,
-                    transient,
+                    fault,
                 },
                 other => other,
             }

@@ -15,7 +15,13 @@ use crate::task::{Registry, TaskContext, effective_timeout, panic_text};
 
 /// Deliveries without a recorded run after which a task is failed for good: something (an
 /// abort, the OOM killer) ends the process whenever it runs.
-const MAX_UNRECORDED_DELIVERIES: u32 = 20;
+/// Given-back deliveries (shutdown, store outage, stale lease) count here too, hence the room.
+const MAX_UNRECORDED_DELIVERIES: u32 = 50;
+
+/// Time kept free at the end of a lease for saving and acknowledging: a tenth, at most 1 s.
+fn lease_margin(retry: Duration) -> Duration {
+    (retry / 10).min(Duration::from_secs(1))
+}
 
 /// What one run produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +151,8 @@ pub(crate) async fn run(
             continue;
         }
         let intended = effective_timeout(job.package.options.timeout, cfg.timeout);
-        if intended < cfg.retry && job.claimed.elapsed() + intended >= cfg.retry {
+        let margin = lease_margin(cfg.retry);
+        if intended + margin < cfg.retry && job.claimed.elapsed() + intended + margin >= cfg.retry {
             tracing::warn!(
                 "task {} waited too long for a worker to finish within its lease; given back \
                  (lower `bulk` or `queue_limit` for long tasks)",
@@ -160,14 +167,15 @@ pub(crate) async fn run(
                 continue;
             }
             Prior::Unknown => {
-                shared
-                    .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
-                    .await;
+                // The store is not answering: come back later, later each time.
+                let wait = Duration::from_secs(u64::from(job.deliveries.unwrap_or(1)).min(30));
+                shared.give_back_after(job.seq, &job.ack, wait).await;
                 continue;
             }
             Prior::Attempt(n) => n,
         };
-        let ran = if job.deliveries.unwrap_or(0) > MAX_UNRECORDED_DELIVERIES.max(attempt) {
+        let ran = if job.deliveries.unwrap_or(0) > attempt.saturating_add(MAX_UNRECORDED_DELIVERIES)
+        {
             let now = now_us();
             Ran {
                 result: Err(format!(
@@ -181,7 +189,8 @@ pub(crate) async fn run(
             }
         } else {
             // Never past the lease: a run still going then would be delivered to someone else.
-            let limit = intended.min(cfg.retry.saturating_sub(job.claimed.elapsed()));
+            let left = cfg.retry.saturating_sub(job.claimed.elapsed() + margin);
+            let limit = intended.min(left.max(Duration::from_millis(1)));
             let _running = Running::new(&shared.running);
             execute(&shared.registry, &job.package, attempt, limit).await
         };

@@ -151,12 +151,46 @@ fn bad_configuration_is_refused_with_the_key_named() {
             &["--config", "nope.toml", "config"],
             "nope.toml does not exist",
         ),
+        (
+            "[orm]\nurl = postgres://u:pw-leak@h/db\n",
+            &[],
+            &["config"],
+            "`config`: TOML parse error at line 2",
+        ),
+        (
+            "",
+            &[("QCLUSTER_ORM", "postgres://u:pw-leak@h")],
+            &["config"],
+            "`orm`: has the wrong type or form (value not shown)",
+        ),
+        (
+            "",
+            &[("QCLUSTER_ORM__URL", "42")],
+            &["config"],
+            "`orm.url`: has the wrong type or form",
+        ),
+        (
+            "queue_limit = 1000000000\n",
+            &[],
+            &["config"],
+            "`queue_limit`: must be at most",
+        ),
+        (
+            "bulk = 5000\n",
+            &[],
+            &["config"],
+            "`bulk`: must be at most 1000",
+        ),
     ];
     for (file, env, args, expect) in cases {
         let w = World::new("refuse", None);
         w.write_config(file);
         let mut c = w.cmd(args);
         for (k, v) in *env {
+            if *k == "QCLUSTER_ORM" {
+                // The whole section from one variable: the nested one would win the merge.
+                c.env_remove("QCLUSTER_ORM__URL");
+            }
             c.env(k, v);
         }
         let out = c.output().expect("qcluster");
@@ -167,6 +201,7 @@ fn bad_configuration_is_refused_with_the_key_named() {
             "{file:?} {env:?}: expected {expect:?} in {err}"
         );
         assert!(!err.contains("in-the-file"), "secret echoed: {err}");
+        assert!(!err.contains("pw-leak"), "password echoed: {err}");
     }
     // No secret at all: `run` and `enqueue` refuse; read commands do not need one.
     let w = World::new("nosecret", None);
