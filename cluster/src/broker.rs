@@ -44,6 +44,23 @@ pub async fn from_config(config: &Config) -> Result<Arc<dyn Broker>, Error> {
                 .map_err(|e| rename_key(e, "orm."))?;
             Ok(Arc::new(b))
         }
+        #[cfg(feature = "redis")]
+        "redis" => {
+            let redis = broker_redis::RedisConfig {
+                url: config.redis.url.0.clone(),
+                prefix: config
+                    .redis
+                    .prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("qcluster:{}", config.name)),
+                reliable: config.redis.reliable,
+                connect_timeout: config.redis.connect_timeout,
+            };
+            let b = broker_redis::RedisBroker::connect(&redis, config.queue_settings())
+                .await
+                .map_err(|e| rename_key(e, "redis."))?;
+            Ok(Arc::new(b))
+        }
         other => Err(ConfigError::new(
             "broker",
             format!(

@@ -80,6 +80,8 @@ pub struct Config {
     pub secret_file: Option<PathBuf>,
     /// `[orm]`: the SQL broker.
     pub orm: OrmSection,
+    /// `[redis]`: the Redis broker.
+    pub redis: RedisSection,
     /// `[store]`: where results are kept.
     pub store: StoreSection,
 }
@@ -111,6 +113,7 @@ impl Default for Config {
             secret: None,
             secret_file: None,
             orm: OrmSection::default(),
+            redis: RedisSection::default(),
             store: StoreSection::default(),
         }
     }
@@ -137,6 +140,32 @@ impl Default for OrmSection {
             url: Url("sqlite://qcluster.sqlite3".to_owned()),
             replica_url: None,
             pool_size: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[redis]`: the Redis broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://[:password@]host:port/db`.
+    pub url: Url,
+    /// Key prefix; defaults to the cluster name.
+    pub prefix: Option<String>,
+    /// Receipts and leases (true), or Django Q's pop-and-forget (false).
+    pub reliable: bool,
+    /// Seconds to wait for a connection.
+    #[serde(with = "secs")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            url: Url("redis://127.0.0.1:6379/0".to_owned()),
+            prefix: None,
+            reliable: true,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -288,6 +317,7 @@ fn sensitive(key: &str) -> bool {
     key == "secret"
         || key == "config"
         || key == "orm"
+        || key == "redis"
         || key == "store"
         || key.ends_with("url")
         || key.contains("password")

@@ -10,23 +10,83 @@ use common::{Guard, World, postgres_url, reachable, signal, wait_exit};
 use sqlx::Row;
 
 /// `None`: SQLite file; `Some`: PostgreSQL (skipped loudly if down).
-async fn world(tag: &str, pg: bool) -> Option<World> {
-    if !pg {
-        return Some(World::new(tag, None));
+/// Where the packages go. Results go to SQLite, or to PostgreSQL when that is the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+    Redis,
+}
+
+fn redis_url() -> String {
+    std::env::var("QCLUSTER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// `None` (with a loud skip) when the backend's server is down.
+async fn world(tag: &str, b: Backend) -> Option<World> {
+    match b {
+        Backend::Sqlite => Some(World::new(tag, None)),
+        Backend::Postgres => {
+            let url = postgres_url();
+            if !reachable(&url).await {
+                return None;
+            }
+            Some(World::new(tag, Some(url)))
+        }
+        Backend::Redis => {
+            let mut w = World::new(tag, None);
+            let prefix = format!("test:{}", w.name);
+            let cfg = redis_config(&w, &prefix);
+            if let Err(e) = cluster::broker::from_config(&cfg).await {
+                if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                    panic!("server required but unreachable: {e}");
+                }
+                eprintln!("skipped: {e}");
+                return None;
+            }
+            let store = w.url.clone();
+            w.set("QCLUSTER_BROKER", "redis")
+                .set("QCLUSTER_REDIS__URL", redis_url())
+                .set("QCLUSTER_REDIS__PREFIX", prefix)
+                .set("QCLUSTER_STORE__URL", store);
+            Some(w)
+        }
     }
-    let url = postgres_url();
-    if !reachable(&url).await {
-        return None;
+}
+
+fn redis_config(w: &World, prefix: &str) -> cluster::Config {
+    let mut cfg = cluster::Config {
+        name: w.name.clone(),
+        broker: "redis".into(),
+        secret: Some(cluster::config::Secret::new(w.secret.clone())),
+        ..cluster::Config::default()
+    };
+    cfg.redis.url = cluster::config::Url(redis_url());
+    cfg.redis.prefix = Some(prefix.to_owned());
+    cfg.store.url = Some(cluster::config::Url(w.url.clone()));
+    cfg
+}
+
+/// The configuration the world's `qcluster` runs with, for in-test clients.
+fn config_of(w: &World, b: Backend) -> cluster::Config {
+    if b == Backend::Redis {
+        return redis_config(w, &format!("test:{}", w.name));
     }
-    Some(World::new(tag, Some(url)))
+    let mut cfg = cluster::Config {
+        name: w.name.clone(),
+        secret: Some(cluster::config::Secret::new(w.secret.clone())),
+        ..cluster::Config::default()
+    };
+    cfg.orm.url = cluster::config::Url(w.url.clone());
+    cfg
 }
 
 fn lines(n: usize, f: impl Fn(usize) -> String) -> Vec<String> {
     (0..n).map(f).collect()
 }
 
-async fn five_hundred_tasks_all_succeed(pg: bool) {
-    let Some(mut w) = world("e2e500", pg).await else {
+async fn five_hundred_tasks_all_succeed(b: Backend) {
+    let Some(mut w) = world("e2e500", b).await else {
         return;
     };
     w.set("QCLUSTER_SAVE_LIMIT", 0).set("QCLUSTER_WORKERS", 4);
@@ -61,8 +121,8 @@ async fn five_hundred_tasks_all_succeed(pg: bool) {
     assert_eq!(info["in_flight"], 0);
 }
 
-async fn failing_task_gets_three_attempts(pg: bool) {
-    let Some(mut w) = world("fail3", pg).await else {
+async fn failing_task_gets_three_attempts(b: Backend) {
+    let Some(mut w) = world("fail3", b).await else {
         return;
     };
     w.set("QCLUSTER_MAX_ATTEMPTS", 3);
@@ -96,8 +156,8 @@ async fn any_pool(url: &str) -> sqlx::AnyPool {
 
 /// SIGTERM while `sleep` tasks run (shutdown_timeout shorter than a task): the cluster exits 0,
 /// gives back what did not finish, and a restart completes every task.
-async fn sigterm_then_restart_completes_everything(pg: bool) {
-    let Some(mut w) = world("term", pg).await else {
+async fn sigterm_then_restart_completes_everything(b: Backend) {
+    let Some(mut w) = world("term", b).await else {
         return;
     };
     w.set("QCLUSTER_WORKERS", 4)
@@ -133,8 +193,8 @@ async fn sigterm_then_restart_completes_everything(pg: bool) {
 }
 
 /// `kill -9` mid-run: after a restart every task completes once its lease runs out.
-async fn kill9_then_restart_completes_everything(pg: bool) {
-    let Some(mut w) = world("kill9", pg).await else {
+async fn kill9_then_restart_completes_everything(b: Backend) {
+    let Some(mut w) = world("kill9", b).await else {
         return;
     };
     w.set("QCLUSTER_WORKERS", 4)
@@ -165,33 +225,19 @@ async fn kill9_then_restart_completes_everything(pg: bool) {
 }
 
 /// A package altered in the database fails verification: quarantined, listed, never run.
-async fn tampered_package_is_quarantined(pg: bool) {
-    let Some(w) = world("tamper", pg).await else {
+async fn tampered_package_is_quarantined(b: Backend) {
+    let Some(w) = world("tamper", b).await else {
         return;
     };
     let ids = w.enqueue_lines(&[
         r#"{"func": "echo", "args": "tampered"}"#.to_owned(),
         r#"{"func": "echo", "args": "honest"}"#.to_owned(),
     ]);
-    let pool = any_pool(&w.url).await;
-    let q = |sql: &str| sqlx::AssertSqlSafe(crate_sql(&w.url, sql));
-    let row = sqlx::query(q(
-        "SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1",
-    ))
-    .bind(w.name.clone())
-    .fetch_one(&pool)
-    .await
-    .expect("first package");
-    let id: i64 = row.get(0);
-    let mut payload: Vec<u8> = row.get(1);
-    let mid = payload.len() / 2;
-    payload[mid] ^= 0x01;
-    sqlx::query(q("UPDATE qcluster_queue SET payload = ? WHERE id = ?"))
-        .bind(payload)
-        .bind(id)
-        .execute(&pool)
-        .await
-        .expect("tamper");
+    if b == Backend::Redis {
+        tamper_redis(&w).await;
+    } else {
+        tamper_sql(&w).await;
+    }
 
     let _run = Guard(w.start());
     w.wait_done(&ids[1..], Duration::from_secs(30)).await;
@@ -224,20 +270,18 @@ async fn tampered_package_is_quarantined(pg: bool) {
 
 /// A task that already succeeded but whose package was never acknowledged (the cluster died
 /// between saving and acknowledging) comes back after its lease: it is discarded, not run.
-async fn redelivery_of_a_success_is_discarded(pg: bool) {
-    let Some(mut w) = world("dedup", pg).await else {
+async fn redelivery_of_a_success_is_discarded(b: Backend) {
+    let Some(mut w) = world("dedup", b).await else {
         return;
     };
     w.set("QCLUSTER_TIMEOUT", 1).set("QCLUSTER_RETRY", 2);
     let ids = w.enqueue_lines(&[r#"{"func": "echo", "args": "from the run"}"#.to_owned()]);
     // Claim it like a cluster that then dies, and record its success by hand.
-    let mut cfg = cluster::Config {
-        name: w.name.clone(),
+    let cfg = cluster::Config {
         retry: Duration::from_secs(2),
         timeout: Duration::from_secs(1),
-        ..cluster::Config::default()
+        ..config_of(&w, b)
     };
-    cfg.orm.url = cluster::config::Url(w.url.clone());
     let broker = cluster::broker::from_config(&cfg).await.expect("broker");
     let got = broker.dequeue().await.expect("dequeue");
     assert_eq!(got.len(), 1);
@@ -284,8 +328,8 @@ async fn redelivery_of_a_success_is_discarded(pg: bool) {
 }
 
 /// With `ack_failure`, a failure is final at once: one attempt, nothing left queued.
-async fn ack_failure_settles_failures_at_once(pg: bool) {
-    let Some(mut w) = world("ackfail", pg).await else {
+async fn ack_failure_settles_failures_at_once(b: Backend) {
+    let Some(mut w) = world("ackfail", b).await else {
         return;
     };
     w.set("QCLUSTER_ACK_FAILURE", "true")
@@ -304,16 +348,11 @@ async fn ack_failure_settles_failures_at_once(pg: bool) {
 
 /// A producer that does not know the cluster's tasks enqueues one it lacks: the cluster records
 /// a final failure "unknown task" (no retries) and goes on.
-async fn unknown_task_fails_at_run_time(pg: bool) {
-    let Some(w) = world("unknown", pg).await else {
+async fn unknown_task_fails_at_run_time(b: Backend) {
+    let Some(w) = world("unknown", b).await else {
         return;
     };
-    let mut cfg = cluster::Config {
-        name: w.name.clone(),
-        secret: Some(cluster::config::Secret::new(w.secret.clone())),
-        ..cluster::Config::default()
-    };
-    cfg.orm.url = cluster::config::Url(w.url.clone());
+    let cfg = config_of(&w, b);
     let client = cluster::Client::connect(&cfg).await.expect("client");
     let id = client
         .enqueue_json(
@@ -346,6 +385,54 @@ async fn unknown_task_fails_at_run_time(pg: bool) {
     );
 }
 
+/// Flips a byte in the middle of the queue's oldest package, in the SQL table.
+async fn tamper_sql(w: &World) {
+    let pool = any_pool(&w.url).await;
+    let q = |sql: &str| sqlx::AssertSqlSafe(crate_sql(&w.url, sql));
+    let row = sqlx::query(q(
+        "SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1",
+    ))
+    .bind(w.name.clone())
+    .fetch_one(&pool)
+    .await
+    .expect("first package");
+    let id: i64 = row.get(0);
+    let mut payload: Vec<u8> = row.get(1);
+    let mid = payload.len() / 2;
+    payload[mid] ^= 0x01;
+    sqlx::query(q("UPDATE qcluster_queue SET payload = ? WHERE id = ?"))
+        .bind(payload)
+        .bind(id)
+        .execute(&pool)
+        .await
+        .expect("tamper");
+}
+
+/// Flips a byte in the middle of the queue's oldest package, in Redis.
+async fn tamper_redis(w: &World) {
+    let client = ::redis::Client::open(redis_url()).expect("redis url");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = format!("test:{}:{{{}}}:data", w.name, w.name);
+    let mut payload: Vec<u8> = ::redis::cmd("HGET")
+        .arg(&key)
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .expect("first package");
+    let mid = payload.len() / 2;
+    payload[mid] ^= 0x01;
+    let _: i64 = ::redis::cmd("HSET")
+        .arg(&key)
+        .arg(1)
+        .arg(payload)
+        .query_async(&mut c)
+        .await
+        .expect("tamper");
+}
+
 /// `?` placeholders as `$n` for PostgreSQL.
 fn crate_sql(url: &str, sql: &str) -> String {
     if !url.starts_with("postgres") {
@@ -364,13 +451,13 @@ fn crate_sql(url: &str, sql: &str) -> String {
         .collect()
 }
 
-macro_rules! on_both {
+macro_rules! on_each_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(false).await;
+                    super::$name(super::Backend::Sqlite).await;
                 }
             )*
         }
@@ -379,14 +466,23 @@ macro_rules! on_both {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(true).await;
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Redis).await;
                 }
             )*
         }
     };
 }
 
-on_both!(
+on_each_backend!(
     five_hundred_tasks_all_succeed,
     failing_task_gets_three_attempts,
     sigterm_then_restart_completes_everything,

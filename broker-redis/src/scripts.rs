@@ -1,0 +1,157 @@
+//! The Lua scripts: every state change of a package is one atomic script, so a package is always
+//! in exactly one of ready, delayed, in flight (or gone).
+//!
+//! Keys of a queue (all share the hash tag `{queue}` so that they live in one cluster slot):
+//! `ready` (ZSET, score = priority band + sequence), `delayed` (ZSET, score = due ms),
+//! `inflight` (ZSET, score = lease deadline ms), `data` (HASH id → payload), `score`
+//! (HASH id → ready score), `dlv` (HASH id → deliveries), `seq` (counter), `signal` (LIST, wakes
+//! blocked consumers), `dead` (ZSET id → time), `deadinfo` (HASH id → "deliveries|ms|reason"),
+//! `deaddata` (HASH id → payload). Times come from the server's clock (`TIME`).
+
+/// Shared preamble: the server clock in ms and the receipt check.
+const PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function holds(inflight, dlv, id, n)
+  return redis.call('ZSCORE', inflight, id) and redis.call('HGET', dlv, id) == n
+end
+"#;
+
+/// KEYS: seq, data, score, ready, delayed, signal. ARGV: (payload, priority, delay_ms)*.
+pub const ENQUEUE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = {}
+for i = 1, #ARGV, 3 do
+  local id = redis.call('INCR', KEYS[1])
+  local score = (32767 - tonumber(ARGV[i + 1])) * 68719476736 + id
+  redis.call('HSET', KEYS[2], id, ARGV[i])
+  redis.call('HSET', KEYS[3], id, score)
+  local delay = tonumber(ARGV[i + 2])
+  if delay > 0 then
+    redis.call('ZADD', KEYS[5], now + delay, id)
+  else
+    redis.call('ZADD', KEYS[4], score, id)
+  end
+  ids[#ids + 1] = id
+end
+redis.call('LPUSH', KEYS[6], 1)
+redis.call('LTRIM', KEYS[6], 0, 63)
+return ids
+"#;
+
+/// KEYS: ready, delayed, inflight, data, score, dlv. ARGV: bulk, retry_ms, reliable (1/0).
+/// Returns {id, deliveries, payload} per package.
+pub fn dequeue() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r#"
+local function back(from, limit)
+  local ids = redis.call('ZRANGEBYSCORE', from, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', from, id)
+    local s = redis.call('HGET', KEYS[5], id)
+    if s then redis.call('ZADD', KEYS[1], s, id) end
+  end
+end
+back(KEYS[3], 1000)
+back(KEYS[2], 1000)
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local payload = redis.call('HGET', KEYS[4], id)
+  if payload then
+    if ARGV[3] == '1' then
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
+      local n = redis.call('HINCRBY', KEYS[6], id, 1)
+      out[#out + 1] = {id, n, payload}
+    else
+      redis.call('HDEL', KEYS[4], id); redis.call('HDEL', KEYS[5], id); redis.call('HDEL', KEYS[6], id)
+      out[#out + 1] = {id, 0, payload}
+    end
+  end
+end
+return out
+"#
+    )
+}
+
+/// KEYS: inflight, data, score, dlv. ARGV: (id, deliveries)*. Returns how many were removed.
+pub fn acknowledge() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r#"
+local done = 0
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  if holds(KEYS[1], KEYS[4], id, ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id); redis.call('HDEL', KEYS[3], id); redis.call('HDEL', KEYS[4], id)
+    done = done + 1
+  end
+end
+return done
+"#
+    )
+}
+
+/// KEYS: inflight, ready, delayed, score, dlv, signal. ARGV: id, deliveries, delay_ms.
+pub fn fail() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r#"
+local id = ARGV[1]
+if not holds(KEYS[1], KEYS[5], id, ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], id)
+local delay = tonumber(ARGV[3])
+if delay > 0 then
+  redis.call('ZADD', KEYS[3], now + delay, id)
+else
+  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[4], id), id)
+  redis.call('LPUSH', KEYS[6], 1)
+  redis.call('LTRIM', KEYS[6], 0, 63)
+end
+return 1
+"#
+    )
+}
+
+/// KEYS: inflight, data, score, dlv, dead, deadinfo, deaddata. ARGV: id, deliveries, reason.
+pub fn dead_letter() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r#"
+local id = ARGV[1]
+if not holds(KEYS[1], KEYS[4], id, ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], id)
+redis.call('HSET', KEYS[7], id, redis.call('HGET', KEYS[2], id))
+redis.call('HSET', KEYS[6], id, ARGV[2] .. '|' .. now .. '|' .. ARGV[3])
+redis.call('ZADD', KEYS[5], now, id)
+redis.call('HDEL', KEYS[2], id); redis.call('HDEL', KEYS[3], id); redis.call('HDEL', KEYS[4], id)
+return 1
+"#
+    )
+}
+
+/// KEYS: ready, delayed, inflight, data, score, dlv. ARGV: id. Removes it wherever it is.
+pub const DELETE: &str = r#"
+local id = ARGV[1]
+local n = redis.call('ZREM', KEYS[1], id) + redis.call('ZREM', KEYS[2], id) + redis.call('ZREM', KEYS[3], id)
+redis.call('HDEL', KEYS[4], id); redis.call('HDEL', KEYS[5], id); redis.call('HDEL', KEYS[6], id)
+return n
+"#;
+
+/// KEYS: ready, delayed, data, score, dlv. Deletes what waits (not what is in flight).
+pub const PURGE: &str = r#"
+local n = 0
+for k = 1, 2 do
+  local ids = redis.call('ZRANGE', KEYS[k], 0, -1)
+  for _, id in ipairs(ids) do
+    redis.call('HDEL', KEYS[3], id); redis.call('HDEL', KEYS[4], id); redis.call('HDEL', KEYS[5], id)
+    n = n + 1
+  end
+  redis.call('DEL', KEYS[k])
+end
+return n
+"#;
