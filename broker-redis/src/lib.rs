@@ -234,7 +234,7 @@ impl RedisBroker {
                 scripts: Scripts {
                     enqueue: Script::new(scripts::ENQUEUE),
                     dequeue: Script::new(&scripts::dequeue()),
-                    acknowledge: Script::new(&scripts::acknowledge()),
+                    acknowledge: Script::new(scripts::ACKNOWLEDGE),
                     fail: Script::new(&scripts::fail()),
                     dead_letter: Script::new(&scripts::dead_letter()),
                     delete: Script::new(scripts::DELETE),
@@ -396,7 +396,7 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let k = &i.keys;
-        for chunk in pairs.chunks(500) {
+        for chunk in pairs.chunks(MAX_BULK) {
             let mut inv = i.scripts.acknowledge.prepare_invoke();
             inv.key(&k.inflight).key(&k.data).key(&k.score).key(&k.dlv);
             for (id, n) in chunk {

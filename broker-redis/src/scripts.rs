@@ -41,60 +41,78 @@ return ids
 "#;
 
 /// KEYS: ready, delayed, inflight, data, score, dlv. ARGV: bulk, retry_ms, reliable (1/0).
-/// Returns {id, deliveries, payload} per package.
+/// Returns {id, deliveries, payload} per package. Variadic commands throughout: a claim of 100
+/// is a handful of calls, not hundreds.
 pub fn dequeue() -> String {
     format!(
         "{PRELUDE}{}",
         r#"
-local function back(from, limit)
-  local ids = redis.call('ZRANGEBYSCORE', from, '-inf', now, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
-    redis.call('ZREM', from, id)
-    local s = redis.call('HGET', KEYS[5], id)
-    if s then redis.call('ZADD', KEYS[1], s, id) end
+local function back(from)
+  local ids = redis.call('ZRANGEBYSCORE', from, '-inf', now, 'LIMIT', 0, 1000)
+  if #ids == 0 then return end
+  redis.call('ZREM', from, unpack(ids))
+  local scores = redis.call('HMGET', KEYS[5], unpack(ids))
+  local args = {}
+  for i, id in ipairs(ids) do
+    if scores[i] then args[#args + 1] = scores[i]; args[#args + 1] = id end
   end
+  if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end
 end
-back(KEYS[3], 1000)
-back(KEYS[2], 1000)
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+back(KEYS[3])
+back(KEYS[2])
+local popped = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[1]))
+if #popped == 0 then return {} end
+local ids = {}
+for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
+local payloads = redis.call('HMGET', KEYS[4], unpack(ids))
 local out = {}
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local payload = redis.call('HGET', KEYS[4], id)
-  if payload then
-    if ARGV[3] == '1' then
-      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
-      local n = redis.call('HINCRBY', KEYS[6], id, 1)
-      out[#out + 1] = {id, n, payload}
-    else
-      redis.call('HDEL', KEYS[4], id); redis.call('HDEL', KEYS[5], id); redis.call('HDEL', KEYS[6], id)
-      out[#out + 1] = {id, 0, payload}
+if ARGV[3] == '1' then
+  local seen = redis.call('HMGET', KEYS[6], unpack(ids))
+  local deadline = now + tonumber(ARGV[2])
+  local lease, counts = {}, {}
+  for i, id in ipairs(ids) do
+    if payloads[i] then
+      local n = (tonumber(seen[i]) or 0) + 1
+      lease[#lease + 1] = deadline; lease[#lease + 1] = id
+      counts[#counts + 1] = id; counts[#counts + 1] = n
+      out[#out + 1] = {id, n, payloads[i]}
     end
   end
+  if #lease > 0 then
+    redis.call('ZADD', KEYS[3], unpack(lease))
+    redis.call('HSET', KEYS[6], unpack(counts))
+  end
+else
+  for i, id in ipairs(ids) do
+    if payloads[i] then out[#out + 1] = {id, 0, payloads[i]} end
+  end
+  redis.call('HDEL', KEYS[4], unpack(ids))
+  redis.call('HDEL', KEYS[5], unpack(ids))
+  redis.call('HDEL', KEYS[6], unpack(ids))
 end
 return out
 "#
     )
 }
 
-/// KEYS: inflight, data, score, dlv. ARGV: (id, deliveries)*. Returns how many were removed.
-pub fn acknowledge() -> String {
-    format!(
-        "{PRELUDE}{}",
-        r#"
-local done = 0
-for i = 1, #ARGV, 2 do
-  local id = ARGV[i]
-  if holds(KEYS[1], KEYS[4], id, ARGV[i + 1]) then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id); redis.call('HDEL', KEYS[3], id); redis.call('HDEL', KEYS[4], id)
-    done = done + 1
-  end
+/// KEYS: inflight, data, score, dlv. ARGV: (id, deliveries)*. Returns how many were removed;
+/// a receipt that no longer holds the lease is ignored.
+pub const ACKNOWLEDGE: &str = r#"
+local ids, want = {}, {}
+for i = 1, #ARGV, 2 do ids[#ids + 1] = ARGV[i]; want[#want + 1] = ARGV[i + 1] end
+local leased = redis.call('ZMSCORE', KEYS[1], unpack(ids))
+local counts = redis.call('HMGET', KEYS[4], unpack(ids))
+local done = {}
+for i, id in ipairs(ids) do
+  if leased[i] and counts[i] == want[i] then done[#done + 1] = id end
 end
-return done
-"#
-    )
-}
+if #done == 0 then return 0 end
+redis.call('ZREM', KEYS[1], unpack(done))
+redis.call('HDEL', KEYS[2], unpack(done))
+redis.call('HDEL', KEYS[3], unpack(done))
+redis.call('HDEL', KEYS[4], unpack(done))
+return #done
+"#;
 
 /// KEYS: inflight, ready, delayed, score, dlv, signal. ARGV: id, deliveries, delay_ms.
 pub fn fail() -> String {
