@@ -106,9 +106,7 @@ pub fn mask_url(raw: &str) -> String {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    let secret = k.to_ascii_lowercase().contains("password")
-                        || k.eq_ignore_ascii_case("secret")
-                        || k.eq_ignore_ascii_case("token");
+                    let secret = secret_param(&k);
                     (
                         k.into_owned(),
                         if secret { "***".into() } else { v.into_owned() },
@@ -128,15 +126,26 @@ pub fn mask_url(raw: &str) -> String {
     }
 }
 
-/// The password inside `url`, if it has one (so that messages can be scrubbed of it).
+/// Query parameters that carry a secret (`?password=`, `?pass=` as Redis socket URLs use, …).
+fn secret_param(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || matches!(k.as_str(), "pass" | "secret" | "token")
+}
+
+/// The password inside `url` (user-info or a secret query parameter), if it has one, so that
+/// messages can be scrubbed of it.
 pub fn url_password(raw: &str) -> Option<String> {
     let url = url::Url::parse(raw).ok()?;
-    let pw = url.password()?;
-    Some(
-        percent_encoding::percent_decode_str(pw)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
+    if let Some(pw) = url.password() {
+        return Some(
+            percent_encoding::percent_decode_str(pw)
+                .decode_utf8_lossy()
+                .into_owned(),
+        );
+    }
+    url.query_pairs()
+        .find(|(k, _)| secret_param(k))
+        .map(|(_, v)| v.into_owned())
 }
 
 /// Removes every occurrence of `secret` from `message`.
@@ -163,6 +172,9 @@ mod tests {
             !bad_port.contains("x9") && bad_port.starts_with("postgres://"),
             "{bad_port}"
         );
+        let sock = "redis+unix:///run/redis.sock?db=0&pass=s0ck-pw";
+        assert!(!mask_url(sock).contains("s0ck-pw"), "{}", mask_url(sock));
+        assert_eq!(url_password(sock).as_deref(), Some("s0ck-pw"));
     }
 
     #[test]

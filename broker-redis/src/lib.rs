@@ -103,7 +103,9 @@ impl Keys {
         }
     }
 
-    fn all(&self) -> [&str; 11] {
+    /// Everything but `seq`: ids are never reused, so an old receipt can never match a new
+    /// package after the queue is deleted.
+    fn all(&self) -> [&str; 10] {
         [
             &self.ready,
             &self.delayed,
@@ -111,7 +113,6 @@ impl Keys {
             &self.data,
             &self.score,
             &self.dlv,
-            &self.seq,
             &self.signal,
             &self.dead,
             &self.deadinfo,
@@ -179,6 +180,12 @@ impl RedisBroker {
                 "must be non-empty text without `{` or `}`",
             ));
         }
+        if settings.queue.contains(['{', '}']) {
+            return Err(BrokerError::config(
+                "queue",
+                "must not contain `{` or `}` on Redis (they delimit the key hash tag)",
+            ));
+        }
         let scrub = |m: String| redact(&m, password.as_deref());
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| BrokerError::config("redis.url", scrub(e.to_string())))?;
@@ -188,7 +195,8 @@ impl RedisBroker {
                 .set_response_timeout(Some(response))
                 .set_number_of_retries(2)
         };
-        let wait_response = settings.wait + Duration::from_secs(5);
+        // A cancelled BLPOP keeps the connection blocked until it times out: leave room.
+        let wait_response = settings.wait * 2 + Duration::from_secs(5);
         let connecting = async {
             let conn = client
                 .get_connection_manager_with_config(manager(
@@ -277,10 +285,10 @@ impl RedisBroker {
             receipt: ack.as_str().to_owned(),
         };
         let (id, n) = ack.as_str().split_once(':').ok_or_else(bad)?;
-        if id.parse::<u64>().is_err() || n.parse::<u32>().is_err() {
-            return Err(bad());
-        }
-        Ok((id.to_owned(), n.to_owned()))
+        // Canonical forms, as the scripts compare them as text.
+        let id = id.parse::<u64>().map_err(|_| bad())?;
+        let n = n.parse::<u32>().map_err(|_| bad())?;
+        Ok((id.to_string(), n.to_string()))
     }
 
     async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
@@ -340,7 +348,18 @@ impl Broker for RedisBroker {
         }
         let k = &i.keys;
         let mut ids = Vec::with_capacity(messages.len());
-        for chunk in messages.chunks(500) {
+        // Batches of at most 500 packages and 64 MiB (Redis drops a client over its buffer).
+        let mut chunks: Vec<&[Message]> = Vec::new();
+        let (mut start, mut bytes) = (0, 0usize);
+        for (n, m) in messages.iter().enumerate() {
+            if n > start && (n - start == 500 || bytes + m.payload.len() > 64 << 20) {
+                chunks.push(&messages[start..n]);
+                (start, bytes) = (n, 0);
+            }
+            bytes += m.payload.len();
+        }
+        chunks.push(&messages[start..]);
+        for chunk in chunks {
             let mut inv = i.scripts.enqueue.prepare_invoke();
             inv.key(&k.seq)
                 .key(&k.data)
@@ -373,8 +392,11 @@ impl Broker for RedisBroker {
             }
             // Block server-side until an enqueue signals, at most `poll` (delayed packages
             // and expired leases have no signal).
+            let Ok(mut w) = tokio::time::timeout(left, i.waiter.lock()).await else {
+                continue; // another dequeue of this handle waited: look again
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
             let block = left.min(i.settings.poll).max(Duration::from_millis(10));
-            let mut w = i.waiter.lock().await;
             let _: Option<(String, String)> = w
                 .blpop(&i.keys.signal, block.as_secs_f64())
                 .await
@@ -492,8 +514,12 @@ impl Broker for RedisBroker {
         let i = &self.inner;
         let k = &i.keys;
         let mut c = i.conn.clone();
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let last = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
         let ids: Vec<String> = c
-            .zrange(&k.dead, 0, limit.max(1) as isize - 1)
+            .zrange(&k.dead, 0, last)
             .await
             .map_err(self.err("dead_letters"))?;
         let mut out = Vec::with_capacity(ids.len());
@@ -616,7 +642,8 @@ impl Broker for RedisBroker {
         } else {
             notes.push(
                 "fast mode (Django Q's semantics): a dequeued package is gone from Redis; a \
-                 worker or cluster that dies loses the packages it held"
+                 worker or cluster that dies loses the packages it held, and fail cannot bring \
+                 one back"
                     .to_owned(),
             );
         }

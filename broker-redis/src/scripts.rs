@@ -54,7 +54,8 @@ local function back(from)
   local scores = redis.call('HMGET', KEYS[5], unpack(ids))
   local args = {}
   for i, id in ipairs(ids) do
-    if scores[i] then args[#args + 1] = scores[i]; args[#args + 1] = id end
+    -- A missing score (edited by hand, evicted) falls back to priority 0 in id order.
+    args[#args + 1] = scores[i] or (32767 * 68719476736 + tonumber(id)); args[#args + 1] = id
   end
   if #args > 0 then redis.call('ZADD', KEYS[1], unpack(args)) end
 end
@@ -76,6 +77,9 @@ if ARGV[3] == '1' then
       lease[#lease + 1] = deadline; lease[#lease + 1] = id
       counts[#counts + 1] = id; counts[#counts + 1] = n
       out[#out + 1] = {id, n, payloads[i]}
+    else
+      -- Its payload is gone (evicted, edited by hand): nothing to deliver; drop the leftovers.
+      redis.call('HDEL', KEYS[5], id); redis.call('HDEL', KEYS[6], id)
     end
   end
   if #lease > 0 then
@@ -121,12 +125,13 @@ pub fn fail() -> String {
         r#"
 local id = ARGV[1]
 if not holds(KEYS[1], KEYS[5], id, ARGV[2]) then return 0 end
+local score = redis.call('HGET', KEYS[4], id) or (32767 * 68719476736 + tonumber(id))
 redis.call('ZREM', KEYS[1], id)
 local delay = tonumber(ARGV[3])
 if delay > 0 then
   redis.call('ZADD', KEYS[3], now + delay, id)
 else
-  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[4], id), id)
+  redis.call('ZADD', KEYS[2], score, id)
   redis.call('LPUSH', KEYS[6], 1)
   redis.call('LTRIM', KEYS[6], 0, 63)
 end
@@ -142,8 +147,9 @@ pub fn dead_letter() -> String {
         r#"
 local id = ARGV[1]
 if not holds(KEYS[1], KEYS[4], id, ARGV[2]) then return 0 end
+local payload = redis.call('HGET', KEYS[2], id) or ''
 redis.call('ZREM', KEYS[1], id)
-redis.call('HSET', KEYS[7], id, redis.call('HGET', KEYS[2], id))
+redis.call('HSET', KEYS[7], id, payload)
 redis.call('HSET', KEYS[6], id, ARGV[2] .. '|' .. now .. '|' .. ARGV[3])
 redis.call('ZADD', KEYS[5], now, id)
 redis.call('HDEL', KEYS[2], id); redis.call('HDEL', KEYS[3], id); redis.call('HDEL', KEYS[4], id)
