@@ -232,6 +232,26 @@ impl RedisBroker {
         let max_message_size = settings
             .max_message_size
             .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn.clone())
+            .await
+            .map_err(|e| BrokerError::Unreachable {
+                broker,
+                endpoint: endpoint.clone(),
+                message: scrub(e.to_string()),
+            })?;
+        if let Some(v) = server_version(&info)
+            && v < (6, 2)
+        {
+            return Err(BrokerError::config(
+                "redis.url",
+                format!(
+                    "{endpoint} runs Redis {}.{}; the broker needs 6.2 or newer (ZMSCORE)",
+                    v.0, v.1
+                ),
+            ));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 conn,
@@ -564,16 +584,25 @@ impl Broker for RedisBroker {
     async fn purge_queue(&self) -> Result<u64, BrokerError> {
         let i = &self.inner;
         let k = &i.keys;
-        i.scripts
-            .purge
-            .key(&k.ready)
-            .key(&k.delayed)
-            .key(&k.data)
-            .key(&k.score)
-            .key(&k.dlv)
-            .invoke_async(&mut i.conn.clone())
-            .await
-            .map_err(self.err("purge_queue"))
+        let mut total = 0u64;
+        loop {
+            let n: u64 = i
+                .scripts
+                .purge
+                .key(&k.ready)
+                .key(&k.delayed)
+                .key(&k.data)
+                .key(&k.score)
+                .key(&k.dlv)
+                .arg(MAX_BULK)
+                .invoke_async(&mut i.conn.clone())
+                .await
+                .map_err(self.err("purge_queue"))?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
     }
 
     async fn delete_queue(&self) -> Result<(), BrokerError> {
@@ -723,6 +752,15 @@ impl Broker for RedisBroker {
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
+}
+
+/// `(major, minor)` from `INFO server`.
+fn server_version(info: &str) -> Option<(u32, u32)> {
+    let v = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?;
+    let mut parts = v.trim().split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// Escapes glob metacharacters for `SCAN MATCH`.

@@ -166,16 +166,23 @@ redis.call('HDEL', KEYS[4], id); redis.call('HDEL', KEYS[5], id); redis.call('HD
 return n
 "#;
 
-/// KEYS: ready, delayed, data, score, dlv. Deletes what waits (not what is in flight).
+/// KEYS: ready, delayed, data, score, dlv. ARGV: most to delete. Deletes up to that many of
+/// what waits (not what is in flight) and returns how many: called until it returns 0, so Redis
+/// is never blocked for long on a huge queue.
 pub const PURGE: &str = r#"
+local limit = tonumber(ARGV[1])
 local n = 0
 for k = 1, 2 do
-  local ids = redis.call('ZRANGE', KEYS[k], 0, -1)
-  for _, id in ipairs(ids) do
-    redis.call('HDEL', KEYS[3], id); redis.call('HDEL', KEYS[4], id); redis.call('HDEL', KEYS[5], id)
-    n = n + 1
+  if n < limit then
+    local ids = redis.call('ZRANGE', KEYS[k], 0, limit - n - 1)
+    if #ids > 0 then
+      redis.call('ZREM', KEYS[k], unpack(ids))
+      redis.call('HDEL', KEYS[3], unpack(ids))
+      redis.call('HDEL', KEYS[4], unpack(ids))
+      redis.call('HDEL', KEYS[5], unpack(ids))
+      n = n + #ids
+    end
   end
-  redis.call('DEL', KEYS[k])
 end
 return n
 "#;
