@@ -442,3 +442,17 @@ fn numeric_secret_is_taken_as_text() {
     assert_eq!(cfg["secret"]["source"], "environment QCLUSTER_SECRET");
     assert_eq!(cfg["secret"]["value"], "********");
 }
+
+/// A broker the binary was built without: exit 2, naming the Cargo feature to build with.
+#[test]
+fn broker_not_compiled_in_names_the_feature() {
+    let w = World::new("nofeature", None);
+    let out = w.run(&["--broker", "sqs", "purge"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`broker`: broker `sqs` is not compiled into this binary")
+            && stderr(&out).contains("--features cluster/sqs"),
+        "{}",
+        stderr(&out)
+    );
+}
