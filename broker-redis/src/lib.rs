@@ -25,7 +25,7 @@ use broker_core::{
     QueueSettings, Stat, async_trait, mask_url, redact, url_password,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, Script, ScriptInvocation};
 use tokio::sync::Mutex;
 
 /// Most packages one dequeue returns.
@@ -311,24 +311,36 @@ impl RedisBroker {
         Ok((id.to_string(), n.to_string()))
     }
 
+    /// A call of `script` on `keys`; arguments are added by the caller.
+    fn call<'a>(script: &'a Script, keys: &[&String]) -> ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k.as_str());
+        }
+        inv
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        inv: &ScriptInvocation<'_>,
+        op: &'static str,
+    ) -> Result<T, BrokerError> {
+        inv.invoke_async(&mut self.inner.conn.clone())
+            .await
+            .map_err(self.err(op))
+    }
+
     async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
         let i = &self.inner;
         let k = &i.keys;
-        let raw: Vec<(String, u32, Vec<u8>)> = i
-            .scripts
-            .dequeue
-            .key(&k.ready)
-            .key(&k.delayed)
-            .key(&k.inflight)
-            .key(&k.data)
-            .key(&k.score)
-            .key(&k.dlv)
-            .arg(i.settings.bulk)
+        let mut inv = Self::call(
+            &i.scripts.dequeue,
+            &[&k.ready, &k.delayed, &k.inflight, &k.data, &k.score, &k.dlv],
+        );
+        inv.arg(i.settings.bulk)
             .arg(i.settings.retry.as_millis() as u64)
-            .arg(if i.config.reliable { "1" } else { "0" })
-            .invoke_async(&mut i.conn.clone())
-            .await
-            .map_err(self.err("dequeue"))?;
+            .arg(if i.config.reliable { "1" } else { "0" });
+        let raw: Vec<(String, u32, Vec<u8>)> = self.run(&inv, "dequeue").await?;
         let out = raw
             .into_iter()
             .map(|(id, n, payload)| Delivery {
@@ -380,22 +392,16 @@ impl Broker for RedisBroker {
         }
         chunks.push(&messages[start..]);
         for chunk in chunks {
-            let mut inv = i.scripts.enqueue.prepare_invoke();
-            inv.key(&k.seq)
-                .key(&k.data)
-                .key(&k.score)
-                .key(&k.ready)
-                .key(&k.delayed)
-                .key(&k.signal);
+            let mut inv = Self::call(
+                &i.scripts.enqueue,
+                &[&k.seq, &k.data, &k.score, &k.ready, &k.delayed, &k.signal],
+            );
             for m in chunk {
                 inv.arg(m.payload.as_slice())
                     .arg(m.priority)
                     .arg(m.delay.map_or(0, |d| d.as_millis() as u64));
             }
-            let got: Vec<u64> = inv
-                .invoke_async(&mut i.conn.clone())
-                .await
-                .map_err(self.err("enqueue"))?;
+            let got: Vec<u64> = self.run(&inv, "enqueue").await?;
             ids.extend(got.into_iter().map(|n| MessageId(n.to_string())));
         }
         Ok(ids)
@@ -439,15 +445,14 @@ impl Broker for RedisBroker {
         }
         let k = &i.keys;
         for chunk in pairs.chunks(MAX_BULK) {
-            let mut inv = i.scripts.acknowledge.prepare_invoke();
-            inv.key(&k.inflight).key(&k.data).key(&k.score).key(&k.dlv);
+            let mut inv = Self::call(
+                &i.scripts.acknowledge,
+                &[&k.inflight, &k.data, &k.score, &k.dlv],
+            );
             for (id, n) in chunk {
                 inv.arg(id).arg(n);
             }
-            let _: u64 = inv
-                .invoke_async(&mut i.conn.clone())
-                .await
-                .map_err(self.err("acknowledge"))?;
+            let _: u64 = self.run(&inv, "acknowledge").await?;
         }
         Ok(())
     }
@@ -463,21 +468,19 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let k = &i.keys;
-        let _: u64 = i
-            .scripts
-            .fail
-            .key(&k.inflight)
-            .key(&k.ready)
-            .key(&k.delayed)
-            .key(&k.score)
-            .key(&k.dlv)
-            .key(&k.signal)
-            .arg(id)
-            .arg(n)
-            .arg(delay.as_millis() as u64)
-            .invoke_async(&mut i.conn.clone())
-            .await
-            .map_err(self.err("fail"))?;
+        let mut inv = Self::call(
+            &i.scripts.fail,
+            &[
+                &k.inflight,
+                &k.ready,
+                &k.delayed,
+                &k.score,
+                &k.dlv,
+                &k.signal,
+            ],
+        );
+        inv.arg(id).arg(n).arg(delay.as_millis() as u64);
+        let _: u64 = self.run(&inv, "fail").await?;
         Ok(())
     }
 
@@ -485,19 +488,12 @@ impl Broker for RedisBroker {
         let i = &self.inner;
         let (id, _) = self.receipt(ack)?;
         let k = &i.keys;
-        let _: u64 = i
-            .scripts
-            .delete
-            .key(&k.ready)
-            .key(&k.delayed)
-            .key(&k.inflight)
-            .key(&k.data)
-            .key(&k.score)
-            .key(&k.dlv)
-            .arg(id)
-            .invoke_async(&mut i.conn.clone())
-            .await
-            .map_err(self.err("delete"))?;
+        let mut inv = Self::call(
+            &i.scripts.delete,
+            &[&k.ready, &k.delayed, &k.inflight, &k.data, &k.score, &k.dlv],
+        );
+        inv.arg(id);
+        let _: u64 = self.run(&inv, "delete").await?;
         Ok(())
     }
 
@@ -511,22 +507,20 @@ impl Broker for RedisBroker {
             });
         }
         let k = &i.keys;
-        let _: u64 = i
-            .scripts
-            .dead_letter
-            .key(&k.inflight)
-            .key(&k.data)
-            .key(&k.score)
-            .key(&k.dlv)
-            .key(&k.dead)
-            .key(&k.deadinfo)
-            .key(&k.deaddata)
-            .arg(id)
-            .arg(n)
-            .arg(reason)
-            .invoke_async(&mut i.conn.clone())
-            .await
-            .map_err(self.err("dead_letter"))?;
+        let mut inv = Self::call(
+            &i.scripts.dead_letter,
+            &[
+                &k.inflight,
+                &k.data,
+                &k.score,
+                &k.dlv,
+                &k.dead,
+                &k.deadinfo,
+                &k.deaddata,
+            ],
+        );
+        inv.arg(id).arg(n).arg(reason);
+        let _: u64 = self.run(&inv, "dead_letter").await?;
         Ok(())
     }
 
@@ -586,18 +580,12 @@ impl Broker for RedisBroker {
         let k = &i.keys;
         let mut total = 0u64;
         loop {
-            let n: u64 = i
-                .scripts
-                .purge
-                .key(&k.ready)
-                .key(&k.delayed)
-                .key(&k.data)
-                .key(&k.score)
-                .key(&k.dlv)
-                .arg(MAX_BULK)
-                .invoke_async(&mut i.conn.clone())
-                .await
-                .map_err(self.err("purge_queue"))?;
+            let mut inv = Self::call(
+                &i.scripts.purge,
+                &[&k.ready, &k.delayed, &k.data, &k.score, &k.dlv],
+            );
+            inv.arg(MAX_BULK);
+            let n: u64 = self.run(&inv, "purge_queue").await?;
             total += n;
             if n == 0 {
                 return Ok(total);
