@@ -330,6 +330,25 @@ impl RedisBroker {
             .map_err(self.err(op))
     }
 
+    /// Members of the sorted set `key`; `None` in fast mode, which tracks nothing.
+    async fn reliable_count(
+        &self,
+        key: &str,
+        op: &'static str,
+    ) -> Result<Option<u64>, BrokerError> {
+        if !self.inner.config.reliable {
+            return Ok(None);
+        }
+        let n: u64 = self
+            .inner
+            .conn
+            .clone()
+            .zcard(key)
+            .await
+            .map_err(self.err(op))?;
+        Ok(Some(n))
+    }
+
     async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
         let i = &self.inner;
         let k = &i.keys;
@@ -562,17 +581,8 @@ impl Broker for RedisBroker {
     }
 
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
-        let i = &self.inner;
-        if !i.config.reliable {
-            return Ok(None);
-        }
-        let n: u64 = i
-            .conn
-            .clone()
-            .zcard(&i.keys.dead)
+        self.reliable_count(&self.inner.keys.dead, "dead_letter_size")
             .await
-            .map_err(self.err("dead_letter_size"))?;
-        Ok(Some(n))
     }
 
     async fn purge_queue(&self) -> Result<u64, BrokerError> {
@@ -616,17 +626,8 @@ impl Broker for RedisBroker {
     }
 
     async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
-        let i = &self.inner;
-        if !i.config.reliable {
-            return Ok(None);
-        }
-        let n: u64 = i
-            .conn
-            .clone()
-            .zcard(&i.keys.inflight)
+        self.reliable_count(&self.inner.keys.inflight, "lock_size")
             .await
-            .map_err(self.err("lock_size"))?;
-        Ok(Some(n))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -644,10 +645,7 @@ impl Broker for RedisBroker {
             .query_async(&mut i.conn.clone())
             .await
             .map_err(self.err("info"))?;
-        let version = text
-            .lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .map(|v| format!("Redis {}", v.trim()));
+        let version = version_text(&text).map(|v| format!("Redis {v}"));
         let mut notes = Vec::new();
         let mut details = BTreeMap::new();
         if i.config.reliable {
@@ -742,12 +740,16 @@ impl Broker for RedisBroker {
     }
 }
 
+/// `redis_version` from `INFO server`.
+fn version_text(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+}
+
 /// `(major, minor)` from `INFO server`.
 fn server_version(info: &str) -> Option<(u32, u32)> {
-    let v = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))?;
-    let mut parts = v.trim().split('.');
+    let mut parts = version_text(info)?.split('.');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
