@@ -1,22 +1,27 @@
 //! The Redis broker.
 //!
-//! **Reliable mode** (default): a dequeue atomically (one Lua script) moves up to `bulk`
-//! packages from the ready set to an in-flight set whose score is the lease deadline
-//! (server clock + `retry`); `acknowledge` removes them for good, `fail` puts them back,
-//! `dead_letter` parks them with a reason; a lease that ran out returns its package to the ready
-//! set atomically on the next dequeue. A package is never in two places or in none.
+//! **Reliable mode** (default): a dequeue atomically (one Lua script) pops up to `bulk` packages
+//! from the ready lists into an in-flight hash keyed by their receipts, under one lease whose
+//! deadline is the server clock + `retry`; `acknowledge` removes them for good (a plain `HDEL`
+//! inside one script call per batch), `fail` puts them back, `dead_letter` parks them with a
+//! reason; packages of a lease that ran out return to the front of the queue atomically on the
+//! next dequeue. A package is never in two places or in none. See `scripts.rs` for the layout.
 //!
 //! **Fast mode** (`reliable = false`): Django Q's semantics. A dequeue pops and forgets; a worker
 //! or cluster that dies loses what it held. `info` says so.
 //!
 //! An empty queue blocks server-side (`BLPOP` on a signal list that every enqueue pushes), so
-//! latency does not depend on `poll`. Passwords never appear in `info`, errors or `Debug`.
+//! latency does not depend on `poll`. One server or a Redis Cluster (a queue's keys share a hash
+//! tag, so one slot); `rediss://` with the `tls` feature. Passwords never appear in `info`,
+//! errors or `Debug`.
 #![warn(missing_docs)]
 
+mod conn;
 mod scripts;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,9 +29,10 @@ use broker_core::{
     AckId, Broker, BrokerError, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId,
     QueueSettings, Stat, async_trait, mask_url, redact, url_password,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script, ScriptInvocation};
 use tokio::sync::Mutex;
+
+use conn::{Conn, ConnectError};
 
 /// Most packages one dequeue returns.
 pub const MAX_BULK: usize = 1000;
@@ -36,7 +42,8 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// `[redis]` settings.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port/db` (`rediss://` needs a TLS build, not yet shipped).
+    /// `redis://[[user]:password@]host:port/db`, or `rediss://...` for TLS (feature `tls`). With
+    /// `cluster`, any one node of the cluster.
     pub url: String,
     /// Key prefix; defaults to `qcluster`. Clusters sharing a Redis use their own.
     pub prefix: String,
@@ -44,6 +51,15 @@ pub struct RedisConfig {
     pub reliable: bool,
     /// Longest wait to connect.
     pub connect_timeout: Duration,
+    /// Talk to a Redis Cluster (slots, redirects) instead of one server.
+    pub cluster: bool,
+    /// PEM file of the CA that signed the server's certificate (`rediss://`); the system's roots
+    /// otherwise.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that ask for one (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -54,6 +70,10 @@ impl RedisConfig {
             prefix: "qcluster".to_owned(),
             reliable: true,
             connect_timeout: Duration::from_secs(5),
+            cluster: false,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -64,23 +84,31 @@ impl fmt::Debug for RedisConfig {
             .field("url", &mask_url(&self.url))
             .field("prefix", &self.prefix)
             .field("reliable", &self.reliable)
+            .field("cluster", &self.cluster)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
             .finish_non_exhaustive()
     }
 }
 
 struct Keys {
+    /// Base of the band lists: `ready:<priority>`.
     ready: String,
+    bands: String,
     delayed: String,
+    /// Base of the batch lists: `inflight:<batch>`.
     inflight: String,
-    data: String,
-    score: String,
-    dlv: String,
+    /// Base of the answered-index sets: `acked:<batch>`.
+    acked: String,
+    leases: String,
     seq: String,
     signal: String,
     dead: String,
     deadinfo: String,
     deaddata: String,
+    /// Base of the stat keys, and their index (one hash tag per prefix).
     stat: String,
+    stats: String,
 }
 
 impl Keys {
@@ -88,35 +116,35 @@ impl Keys {
         let base = format!("{prefix}:{{{queue}}}");
         let k = |s: &str| format!("{base}:{s}");
         Self {
-            ready: k("ready"),
+            ready: k("ready:"),
+            bands: k("bands"),
             delayed: k("delayed"),
-            inflight: k("inflight"),
-            data: k("data"),
-            score: k("score"),
-            dlv: k("dlv"),
+            inflight: k("inflight:"),
+            acked: k("acked:"),
+            leases: k("leases"),
             seq: k("seq"),
             signal: k("signal"),
             dead: k("dead"),
             deadinfo: k("deadinfo"),
             deaddata: k("deaddata"),
-            stat: format!("{prefix}:stat:"),
+            stat: format!("{{{prefix}}}:stat:"),
+            stats: format!("{{{prefix}}}:stats"),
         }
     }
 
-    /// Everything but `seq`: ids are never reused, so an old receipt can never match a new
-    /// package after the queue is deleted.
-    fn all(&self) -> [&str; 10] {
+    /// What `delete_queue` removes besides the waiting packages (the batch hashes first):
+    /// everything but `seq`, as ids and batches are never reused, so an old receipt can never
+    /// match a new package.
+    fn rest(&self) -> [&String; 8] {
         [
-            &self.ready,
-            &self.delayed,
             &self.inflight,
-            &self.data,
-            &self.score,
-            &self.dlv,
+            &self.acked,
+            &self.leases,
             &self.signal,
             &self.dead,
             &self.deadinfo,
             &self.deaddata,
+            &self.bands,
         ]
     }
 }
@@ -129,12 +157,17 @@ struct Scripts {
     dead_letter: Script,
     delete: Script,
     purge: Script,
+    size: Script,
+    locked: Script,
+    drop: Script,
+    set_stat: Script,
+    get_stats: Script,
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     /// Blocking waits get their own connection: a `BLPOP` would stall everything multiplexed.
-    waiter: Mutex<ConnectionManager>,
+    waiter: Mutex<Conn>,
     settings: QueueSettings,
     config: RedisConfig,
     keys: Keys,
@@ -164,6 +197,29 @@ fn name(reliable: bool) -> &'static str {
     if reliable { "redis" } else { "redis/fast" }
 }
 
+/// A receipt: `batch:index:id`.
+struct Receipt {
+    batch: u64,
+    index: u32,
+    id: u64,
+}
+
+/// Reads a blob's header `id:deliveries:priority:`: id, deliveries and the payload's offset.
+fn split_blob(blob: &[u8]) -> Option<(u64, u32, usize)> {
+    let mut fields = [0usize; 3];
+    let mut at = 0;
+    for f in &mut fields {
+        let colon = blob[at..].iter().position(|&c| c == b':')?;
+        *f = at + colon;
+        at += colon + 1;
+    }
+    let number = |b: &[u8]| std::str::from_utf8(b).ok()?.parse::<i64>().ok();
+    let id = u64::try_from(number(&blob[..fields[0]])?).ok()?;
+    let n = u32::try_from(number(&blob[fields[0] + 1..fields[1]])?).ok()?;
+    i16::try_from(number(&blob[fields[1] + 1..fields[2]])?).ok()?;
+    Some((id, n, at))
+}
+
 impl RedisBroker {
     /// Connects within `connect_timeout`; the error names the host with the password masked.
     pub async fn connect(
@@ -187,33 +243,22 @@ impl RedisBroker {
             ));
         }
         let scrub = |m: String| redact(&m, password.as_deref());
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| BrokerError::config("redis.url", scrub(e.to_string())))?;
-        let manager = |response: Duration| {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(response))
-                .set_number_of_retries(2)
-        };
         // A cancelled BLPOP keeps the connection blocked until it times out: leave room.
         let wait_response = settings.wait * 2 + Duration::from_secs(5);
         let connecting = async {
-            let conn = client
-                .get_connection_manager_with_config(manager(
-                    config.connect_timeout + Duration::from_secs(25),
-                ))
-                .await?;
-            let waiter = client
-                .get_connection_manager_with_config(manager(wait_response))
-                .await?;
-            Ok::<_, redis::RedisError>((conn, waiter))
+            let conn = conn::open(config, config.connect_timeout + Duration::from_secs(25)).await?;
+            let waiter = conn::open(config, wait_response).await?;
+            Ok::<_, ConnectError>((conn, waiter))
         };
         let (conn, waiter) =
             match tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), connecting)
                 .await
             {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
+                Ok(Err(ConnectError::Config(key, m))) => {
+                    return Err(BrokerError::config(key, scrub(m)));
+                }
+                Ok(Err(ConnectError::Redis(e))) => {
                     return Err(BrokerError::Unreachable {
                         broker,
                         endpoint,
@@ -232,9 +277,8 @@ impl RedisBroker {
         let max_message_size = settings
             .max_message_size
             .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn.clone())
+        let keys = Keys::new(&config.prefix, &settings.queue);
+        let info = server_info(&mut conn.clone())
             .await
             .map_err(|e| BrokerError::Unreachable {
                 broker,
@@ -247,7 +291,7 @@ impl RedisBroker {
             return Err(BrokerError::config(
                 "redis.url",
                 format!(
-                    "{endpoint} runs Redis {}.{}; the broker needs 6.2 or newer (ZMSCORE)",
+                    "{endpoint} runs Redis {}.{}; the broker needs 6.2 or newer (LPOP with a count)",
                     v.0, v.1
                 ),
             ));
@@ -256,17 +300,22 @@ impl RedisBroker {
             inner: Arc::new(Inner {
                 conn,
                 waiter: Mutex::new(waiter),
-                keys: Keys::new(&config.prefix, &settings.queue),
+                keys,
                 settings,
                 config: config.clone(),
                 scripts: Scripts {
-                    enqueue: Script::new(scripts::ENQUEUE),
+                    enqueue: Script::new(&scripts::enqueue()),
                     dequeue: Script::new(&scripts::dequeue()),
-                    acknowledge: Script::new(scripts::ACKNOWLEDGE),
+                    acknowledge: Script::new(&scripts::acknowledge()),
                     fail: Script::new(&scripts::fail()),
                     dead_letter: Script::new(&scripts::dead_letter()),
-                    delete: Script::new(scripts::DELETE),
+                    delete: Script::new(&scripts::delete()),
                     purge: Script::new(scripts::PURGE),
+                    size: Script::new(scripts::SIZE),
+                    locked: Script::new(scripts::LOCKED),
+                    drop: Script::new(scripts::DROP),
+                    set_stat: Script::new(scripts::SET_STAT),
+                    get_stats: Script::new(scripts::GET_STATS),
                 },
                 endpoint,
                 password,
@@ -299,16 +348,20 @@ impl RedisBroker {
         }
     }
 
-    fn receipt(&self, ack: &AckId) -> Result<(String, String), BrokerError> {
+    fn receipt(&self, ack: &AckId) -> Result<Receipt, BrokerError> {
         let bad = || BrokerError::InvalidReceipt {
             broker: name(self.inner.config.reliable),
             receipt: ack.as_str().to_owned(),
         };
-        let (id, n) = ack.as_str().split_once(':').ok_or_else(bad)?;
-        // Canonical forms, as the scripts compare them as text.
-        let id = id.parse::<u64>().map_err(|_| bad())?;
-        let n = n.parse::<u32>().map_err(|_| bad())?;
-        Ok((id.to_string(), n.to_string()))
+        let mut parts = ack.as_str().split(':');
+        let mut next = || parts.next().ok_or_else(bad);
+        let batch = next()?.parse::<u64>().map_err(|_| bad())?;
+        let index = next()?.parse::<u32>().map_err(|_| bad())?;
+        let id = next()?.parse::<u64>().map_err(|_| bad())?;
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Receipt { batch, index, id })
     }
 
     /// A call of `script` on `keys`; arguments are added by the caller.
@@ -330,45 +383,49 @@ impl RedisBroker {
             .map_err(self.err(op))
     }
 
-    /// Members of the sorted set `key`; `None` in fast mode, which tracks nothing.
-    async fn reliable_count(
-        &self,
-        key: &str,
-        op: &'static str,
-    ) -> Result<Option<u64>, BrokerError> {
-        if !self.inner.config.reliable {
-            return Ok(None);
-        }
-        let n: u64 = self
-            .inner
-            .conn
-            .clone()
-            .zcard(key)
-            .await
-            .map_err(self.err(op))?;
-        Ok(Some(n))
-    }
-
     async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
         let i = &self.inner;
         let k = &i.keys;
         let mut inv = Self::call(
             &i.scripts.dequeue,
-            &[&k.ready, &k.delayed, &k.inflight, &k.data, &k.score, &k.dlv],
+            &[
+                &k.ready,
+                &k.bands,
+                &k.delayed,
+                &k.inflight,
+                &k.acked,
+                &k.leases,
+                &k.seq,
+            ],
         );
         inv.arg(i.settings.bulk)
             .arg(i.settings.retry.as_millis() as u64)
             .arg(if i.config.reliable { "1" } else { "0" });
-        let raw: Vec<(String, u32, Vec<u8>)> = self.run(&inv, "dequeue").await?;
-        let out = raw
-            .into_iter()
-            .map(|(id, n, payload)| Delivery {
-                ack: AckId::new(format!("{id}:{n}")),
-                message_id: MessageId(id),
-                payload,
-                deliveries: i.config.reliable.then_some(n),
-            })
-            .collect::<Vec<_>>();
+        let (batch, blobs): (u64, Vec<Vec<u8>>) = self.run(&inv, "dequeue").await?;
+        let mut out = Vec::with_capacity(blobs.len());
+        for (n, mut blob) in blobs.into_iter().enumerate() {
+            let index = n + 1;
+            let Some((id, before, at)) = split_blob(&blob) else {
+                // Not written by qcluster (edited by hand?): set aside, never delivered or lost.
+                let reason = "not a qcluster package (no id:deliveries:priority: header)";
+                if i.config.reliable {
+                    self.dead_letter(&AckId::new(format!("{batch}:{index}:0")), reason)
+                        .await?;
+                } else {
+                    tracing::error!(queue = %i.settings.queue, "dropped a package: {reason}");
+                }
+                continue;
+            };
+            out.push(Delivery {
+                ack: AckId::new(format!("{batch}:{index}:{id}")),
+                message_id: MessageId(id.to_string()),
+                payload: {
+                    blob.drain(..at);
+                    blob
+                },
+                deliveries: i.config.reliable.then_some(before + 1),
+            });
+        }
         Ok(out)
     }
 }
@@ -383,6 +440,8 @@ impl Broker for RedisBroker {
         })
     }
 
+    /// Batches of at most 500 packages and 64 MiB are each one atomic script; a failure part way
+    /// through a larger call leaves the batches before it stored.
     async fn enqueue_many(&self, messages: Vec<Message>) -> Result<Vec<MessageId>, BrokerError> {
         let i = &self.inner;
         if messages.is_empty() {
@@ -399,7 +458,7 @@ impl Broker for RedisBroker {
         }
         let k = &i.keys;
         let mut ids = Vec::with_capacity(messages.len());
-        // Batches of at most 500 packages and 64 MiB (Redis drops a client over its buffer).
+        // Redis drops a client whose query buffer passes its limit (1 GB): stay well below.
         let mut chunks: Vec<&[Message]> = Vec::new();
         let (mut start, mut bytes) = (0, 0usize);
         for (n, m) in messages.iter().enumerate() {
@@ -413,15 +472,15 @@ impl Broker for RedisBroker {
         for chunk in chunks {
             let mut inv = Self::call(
                 &i.scripts.enqueue,
-                &[&k.seq, &k.data, &k.score, &k.ready, &k.delayed, &k.signal],
+                &[&k.seq, &k.ready, &k.bands, &k.delayed, &k.signal],
             );
             for m in chunk {
                 inv.arg(m.payload.as_slice())
                     .arg(m.priority)
                     .arg(m.delay.map_or(0, |d| d.as_millis() as u64));
             }
-            let got: Vec<u64> = self.run(&inv, "enqueue").await?;
-            ids.extend(got.into_iter().map(|n| MessageId(n.to_string())));
+            let first: u64 = self.run(&inv, "enqueue").await?;
+            ids.extend((first..first + chunk.len() as u64).map(|n| MessageId(n.to_string())));
         }
         Ok(ids)
     }
@@ -455,24 +514,32 @@ impl Broker for RedisBroker {
 
     async fn acknowledge_many(&self, acks: &[AckId]) -> Result<(), BrokerError> {
         let i = &self.inner;
-        let mut pairs = Vec::with_capacity(acks.len());
+        // Grouped by batch, as index ranges: a whole batch is one token.
+        let mut groups: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
         for a in acks {
-            pairs.push(self.receipt(a)?);
+            let r = self.receipt(a)?;
+            groups.entry(r.batch).or_default().push(r.index);
         }
-        if !i.config.reliable || pairs.is_empty() {
+        if !i.config.reliable || groups.is_empty() {
             return Ok(());
         }
         let k = &i.keys;
-        for chunk in pairs.chunks(MAX_BULK) {
-            let mut inv = Self::call(
-                &i.scripts.acknowledge,
-                &[&k.inflight, &k.data, &k.score, &k.dlv],
-            );
-            for (id, n) in chunk {
-                inv.arg(id).arg(n);
+        let keys = [&k.inflight, &k.acked, &k.leases];
+        let mut inv = Self::call(&i.scripts.acknowledge, &keys);
+        let mut held = 0;
+        for (batch, indexes) in &mut groups {
+            let tokens = ranges(indexes);
+            for part in tokens.chunks(MAX_BULK) {
+                if held + part.len() > MAX_BULK {
+                    let _: u64 = self.run(&inv, "acknowledge").await?;
+                    inv = Self::call(&i.scripts.acknowledge, &keys);
+                    held = 0;
+                }
+                inv.arg(*batch).arg(part.len()).arg(part);
+                held += part.len();
             }
-            let _: u64 = self.run(&inv, "acknowledge").await?;
         }
+        let _: u64 = self.run(&inv, "acknowledge").await?;
         Ok(())
     }
 
@@ -482,7 +549,7 @@ impl Broker for RedisBroker {
 
     async fn fail_after(&self, ack: &AckId, delay: Duration) -> Result<(), BrokerError> {
         let i = &self.inner;
-        let (id, n) = self.receipt(ack)?;
+        let r = self.receipt(ack)?;
         if !i.config.reliable {
             return Ok(());
         }
@@ -490,35 +557,46 @@ impl Broker for RedisBroker {
         let mut inv = Self::call(
             &i.scripts.fail,
             &[
-                &k.inflight,
                 &k.ready,
+                &k.bands,
                 &k.delayed,
-                &k.score,
-                &k.dlv,
+                &k.inflight,
+                &k.acked,
+                &k.leases,
                 &k.signal,
             ],
         );
-        inv.arg(id).arg(n).arg(delay.as_millis() as u64);
+        inv.arg(r.batch).arg(r.index).arg(delay.as_millis() as u64);
         let _: u64 = self.run(&inv, "fail").await?;
         Ok(())
     }
 
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
         let i = &self.inner;
-        let (id, _) = self.receipt(ack)?;
+        let r = self.receipt(ack)?;
+        if !i.config.reliable {
+            return Ok(()); // popped and forgotten already
+        }
         let k = &i.keys;
         let mut inv = Self::call(
             &i.scripts.delete,
-            &[&k.ready, &k.delayed, &k.inflight, &k.data, &k.score, &k.dlv],
+            &[
+                &k.ready,
+                &k.bands,
+                &k.delayed,
+                &k.inflight,
+                &k.acked,
+                &k.leases,
+            ],
         );
-        inv.arg(id);
+        inv.arg(r.batch).arg(r.index).arg(r.id);
         let _: u64 = self.run(&inv, "delete").await?;
         Ok(())
     }
 
     async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
         let i = &self.inner;
-        let (id, n) = self.receipt(ack)?;
+        let r = self.receipt(ack)?;
         if !i.config.reliable {
             return Err(BrokerError::Unsupported {
                 broker: name(false),
@@ -530,15 +608,15 @@ impl Broker for RedisBroker {
             &i.scripts.dead_letter,
             &[
                 &k.inflight,
-                &k.data,
-                &k.score,
-                &k.dlv,
+                &k.acked,
+                &k.leases,
                 &k.dead,
                 &k.deadinfo,
                 &k.deaddata,
+                &k.seq,
             ],
         );
-        inv.arg(id).arg(n).arg(reason);
+        inv.arg(r.batch).arg(r.index).arg(reason);
         let _: u64 = self.run(&inv, "dead_letter").await?;
         Ok(())
     }
@@ -557,12 +635,10 @@ impl Broker for RedisBroker {
             .map_err(self.err("dead_letters"))?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let info: Option<String> = c
+            let (info, payload): (Option<String>, Option<Vec<u8>>) = redis::pipe()
                 .hget(&k.deadinfo, &id)
-                .await
-                .map_err(self.err("dead_letters"))?;
-            let payload: Option<Vec<u8>> = c
                 .hget(&k.deaddata, &id)
+                .query_async(&mut c)
                 .await
                 .map_err(self.err("dead_letters"))?;
             let info = info.unwrap_or_default();
@@ -581,58 +657,58 @@ impl Broker for RedisBroker {
     }
 
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
-        self.reliable_count(&self.inner.keys.dead, "dead_letter_size")
+        let i = &self.inner;
+        if !i.config.reliable {
+            return Ok(None);
+        }
+        let n: u64 = i
+            .conn
+            .clone()
+            .zcard(&i.keys.dead)
             .await
+            .map_err(self.err("dead_letter_size"))?;
+        Ok(Some(n))
     }
 
     async fn purge_queue(&self) -> Result<u64, BrokerError> {
         let i = &self.inner;
         let k = &i.keys;
-        let mut total = 0u64;
-        loop {
-            let mut inv = Self::call(
-                &i.scripts.purge,
-                &[&k.ready, &k.delayed, &k.data, &k.score, &k.dlv],
-            );
-            inv.arg(MAX_BULK);
-            let n: u64 = self.run(&inv, "purge_queue").await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+        let inv = Self::call(&i.scripts.purge, &[&k.ready, &k.bands, &k.delayed]);
+        self.run(&inv, "purge_queue").await
     }
 
     async fn delete_queue(&self) -> Result<(), BrokerError> {
         let i = &self.inner;
-        let _: u64 = i
-            .conn
-            .clone()
-            .del(&i.keys.all()[..])
-            .await
-            .map_err(self.err("delete_queue"))?;
+        self.purge_queue().await?;
+        let inv = Self::call(&i.scripts.drop, &i.keys.rest());
+        let _: u64 = self.run(&inv, "delete_queue").await?;
         Ok(())
     }
 
     async fn queue_size(&self) -> Result<u64, BrokerError> {
         let i = &self.inner;
-        let (a, b): (u64, u64) = redis::pipe()
-            .zcard(&i.keys.ready)
-            .zcard(&i.keys.delayed)
-            .query_async(&mut i.conn.clone())
-            .await
-            .map_err(self.err("queue_size"))?;
-        Ok(a + b)
+        let k = &i.keys;
+        let inv = Self::call(&i.scripts.size, &[&k.ready, &k.bands, &k.delayed]);
+        self.run(&inv, "queue_size").await
     }
 
     async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
-        self.reliable_count(&self.inner.keys.inflight, "lock_size")
-            .await
+        let i = &self.inner;
+        if !i.config.reliable {
+            return Ok(None);
+        }
+        let k = &i.keys;
+        let inv = Self::call(&i.scripts.locked, &[&k.inflight, &k.acked, &k.leases]);
+        Ok(Some(self.run(&inv, "lock_size").await?))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        let _: String = redis::cmd("PING")
-            .query_async(&mut self.inner.conn.clone())
+        // On a cluster a keyed command checks the node that holds this queue.
+        let _: u64 = self
+            .inner
+            .conn
+            .clone()
+            .exists(&self.inner.keys.seq)
             .await
             .map_err(self.err("ping"))?;
         Ok(())
@@ -640,9 +716,7 @@ impl Broker for RedisBroker {
 
     async fn info(&self) -> Result<BrokerInfo, BrokerError> {
         let i = &self.inner;
-        let text: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut i.conn.clone())
+        let text = server_info(&mut i.conn.clone())
             .await
             .map_err(self.err("info"))?;
         let version = version_text(&text).map(|v| format!("Redis {v}"));
@@ -664,6 +738,24 @@ impl Broker for RedisBroker {
         }
         details.insert("prefix".into(), i.config.prefix.clone());
         details.insert("wake_up".into(), "BLPOP on a signal list".into());
+        details.insert(
+            "topology".into(),
+            if i.config.cluster {
+                "Redis Cluster (the queue's keys share one slot)"
+            } else {
+                "single server"
+            }
+            .into(),
+        );
+        details.insert(
+            "tls".into(),
+            if i.config.url.starts_with("rediss://") {
+                "yes"
+            } else {
+                "no"
+            }
+            .into(),
+        );
         Ok(BrokerInfo {
             broker: name(i.config.reliable).to_owned(),
             server: version,
@@ -694,50 +786,63 @@ impl Broker for RedisBroker {
     async fn set_stat(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), BrokerError> {
         let i = &self.inner;
         let ms = (ttl.as_millis() as u64).max(1);
-        let _: () = i
-            .conn
-            .clone()
-            .pset_ex(format!("{}{key}", i.keys.stat), value, ms)
-            .await
-            .map_err(self.err("set_stat"))?;
+        let full = format!("{}{key}", i.keys.stat);
+        let mut inv = Self::call(&i.scripts.set_stat, &[&full, &i.keys.stats]);
+        inv.arg(value).arg(ms).arg(key);
+        let _: u64 = self.run(&inv, "set_stat").await?;
         Ok(())
     }
 
     async fn get_stats(&self, prefix: &str) -> Result<Vec<Stat>, BrokerError> {
         let i = &self.inner;
-        let mut c = i.conn.clone();
-        let pattern = format!("{}{}*", glob_escape(&i.keys.stat), glob_escape(prefix));
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut c)
-                .await
-                .map_err(self.err("get_stats"))?;
-            keys.extend(batch);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            let v: Option<Vec<u8>> = c.get(&k).await.map_err(self.err("get_stats"))?;
-            if let Some(value) = v {
-                out.push(Stat {
-                    key: k[i.keys.stat.len()..].to_owned(),
-                    value,
-                });
-            }
+        let mut inv = Self::call(&i.scripts.get_stats, &[&i.keys.stats]);
+        inv.arg(&i.keys.stat).arg(prefix);
+        let flat: Vec<Vec<u8>> = self.run(&inv, "get_stats").await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        let mut it = flat.into_iter();
+        while let (Some(k), Some(value)) = (it.next(), it.next()) {
+            out.push(Stat {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                value,
+            });
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
+}
+
+/// Sorted, deduplicated indexes as tokens `i` or `i-j` (runs of three or more).
+fn ranges(indexes: &mut Vec<u32>) -> Vec<String> {
+    indexes.sort_unstable();
+    indexes.dedup();
+    let mut out = Vec::new();
+    let mut n = 0;
+    while n < indexes.len() {
+        let mut m = n;
+        while m + 1 < indexes.len() && indexes[m + 1] == indexes[m] + 1 {
+            m += 1;
+        }
+        if m - n >= 2 {
+            out.push(format!("{}-{}", indexes[n], indexes[m]));
+        } else {
+            out.extend(indexes[n..=m].iter().map(u32::to_string));
+        }
+        n = m + 1;
+    }
+    out
+}
+
+/// `INFO server`; a cluster answers per node, and the first node's answer stands for all.
+async fn server_info(c: &mut Conn) -> redis::RedisResult<String> {
+    let v: redis::Value = redis::cmd("INFO").arg("server").query_async(c).await?;
+    let v = match v {
+        redis::Value::Map(nodes) => nodes
+            .into_iter()
+            .next()
+            .map_or(redis::Value::Nil, |(_, v)| v),
+        other => other,
+    };
+    Ok(redis::from_redis_value(v)?)
 }
 
 /// `redis_version` from `INFO server`.
@@ -753,14 +858,25 @@ fn server_version(info: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Escapes glob metacharacters for `SCAN MATCH`.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_compress_runs() {
+        assert_eq!(
+            ranges(&mut vec![3, 1, 2, 2, 7, 9, 10, 11, 12]),
+            ["1-3", "7", "9-12"]
+        );
+        assert_eq!(ranges(&mut vec![5, 6]), ["5", "6"]);
+        assert!(ranges(&mut Vec::new()).is_empty());
     }
-    out
+
+    #[test]
+    fn blob_header() {
+        assert_eq!(split_blob(b"12:3:-5:pay:load"), Some((12, 3, 8)));
+        assert_eq!(split_blob(b"12:3:load"), None);
+        assert_eq!(split_blob(b"x:3:0:load"), None);
+        assert_eq!(split_blob(b"1:3:99999:load"), None);
+    }
 }
