@@ -55,6 +55,10 @@ pub async fn from_config(config: &Config) -> Result<Arc<dyn Broker>, Error> {
                     .unwrap_or_else(|| format!("qcluster:{}", config.name)),
                 reliable: config.redis.reliable,
                 connect_timeout: config.redis.connect_timeout,
+                cluster: config.redis.cluster,
+                ca_file: config.redis.ca_file.clone(),
+                cert_file: config.redis.cert_file.clone(),
+                key_file: config.redis.key_file.clone(),
             };
             let b = broker_redis::RedisBroker::connect(&redis, config.queue_settings())
                 .await

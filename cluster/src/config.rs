@@ -149,7 +149,7 @@ impl Default for OrmSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {
-    /// `redis://[:password@]host:port/db`.
+    /// `redis://[:password@]host:port/db`, or `rediss://` (TLS, feature `redis-tls`).
     pub url: Url,
     /// Key prefix; defaults to the cluster name.
     pub prefix: Option<String>,
@@ -158,6 +158,14 @@ pub struct RedisSection {
     /// Seconds to wait for a connection.
     #[serde(with = "secs")]
     pub connect_timeout: Duration,
+    /// `url` is one node of a Redis Cluster (a queue's keys share a hash tag, so one slot).
+    pub cluster: bool,
+    /// PEM CA file for `rediss://` (the system's roots otherwise).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate for `rediss://`, with `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisSection {
@@ -167,6 +175,10 @@ impl Default for RedisSection {
             prefix: None,
             reliable: true,
             connect_timeout: Duration::from_secs(5),
+            cluster: false,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
