@@ -237,17 +237,48 @@ async fn conformance_over_tls() {
     };
     std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
     ssl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=qcluster test CA",
-        "-keyout", &f("ca.key"), "-out", &f("ca.crt"),
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=qcluster test CA",
+        "-keyout",
+        &f("ca.key"),
+        "-out",
+        &f("ca.crt"),
     ]);
     for who in ["server", "client"] {
         ssl(&[
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN=qcluster {who}"),
-            "-keyout", &f(&format!("{who}.key")), "-out", &f(&format!("{who}.csr")),
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN=qcluster {who}"),
+            "-keyout",
+            &f(&format!("{who}.key")),
+            "-out",
+            &f(&format!("{who}.csr")),
         ]);
         ssl(&[
-            "x509", "-req", "-in", &f(&format!("{who}.csr")), "-CA", &f("ca.crt"), "-CAkey",
-            &f("ca.key"), "-CAcreateserial", "-days", "2", "-extfile", &f("ext.cnf"), "-out",
+            "x509",
+            "-req",
+            "-in",
+            &f(&format!("{who}.csr")),
+            "-CA",
+            &f("ca.crt"),
+            "-CAkey",
+            &f("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &f("ext.cnf"),
+            "-out",
             &f(&format!("{who}.crt")),
         ]);
     }

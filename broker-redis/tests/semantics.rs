@@ -1,0 +1,154 @@
+//! What the Redis layout must keep that the conformance kit does not reach: a batch answered in
+//! part when its lease runs out, a stale receipt's `delete`, and a value in the queue that
+//! qcluster did not write. Against Redis at 127.0.0.1:6379, each test under its own prefix.
+
+use std::time::Duration;
+
+use broker_core::{Broker, Message, QueueSettings};
+use broker_redis::{RedisBroker, RedisConfig};
+
+fn url() -> String {
+    std::env::var("QCLUSTER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A fresh queue with `bulk` and a one-second lease, or `None` after a loud skip.
+async fn open(tag: &str, bulk: usize) -> Option<(RedisBroker, String)> {
+    let mut cfg = RedisConfig::new(url());
+    cfg.prefix = format!("sem{}", &uuid::Uuid::now_v7().simple().to_string()[16..]);
+    let settings = QueueSettings {
+        bulk,
+        retry: Duration::from_secs(1),
+        wait: Duration::from_millis(200),
+        ..QueueSettings::for_queue(tag)
+    };
+    match RedisBroker::connect(&cfg, settings).await {
+        Ok(b) => {
+            b.delete_queue().await.expect("delete_queue");
+            Some((b, cfg.prefix))
+        }
+        Err(e) => {
+            if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("server required but unreachable: {e}");
+            }
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn expired_batch_returns_only_its_unanswered_packages() {
+    let Some((b, _)) = open("partial", 4).await else {
+        return;
+    };
+    let msgs = (0..4u8).map(|i| Message::new(vec![i])).collect();
+    b.enqueue_many(msgs).await.expect("enqueue");
+    let first = b.dequeue().await.expect("dequeue");
+    assert_eq!(first.len(), 4);
+    // Two answered (one acknowledged, one failed back), two left to run out.
+    b.acknowledge(&first[1].ack).await.expect("ack");
+    b.fail(&first[3].ack).await.expect("fail");
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(2));
+    let again = b.dequeue().await.expect("dequeue");
+    assert_eq!(again.len(), 1, "the failed one comes back at once");
+    assert_eq!(again[0].payload, vec![3]);
+    assert_eq!(again[0].deliveries, Some(2));
+    b.acknowledge(&again[0].ack).await.expect("ack");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let back = b.dequeue().await.expect("dequeue");
+    let mut payloads: Vec<u8> = back.iter().map(|d| d.payload[0]).collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, vec![0, 2], "only the unanswered packages return");
+    assert!(back.iter().all(|d| d.deliveries == Some(2)));
+    // The first holder's late answers are ignored; the new holder's stand.
+    b.acknowledge_many(&[first[0].ack.clone(), first[2].ack.clone()])
+        .await
+        .expect("stale acks");
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(2));
+    let acks: Vec<_> = back.iter().map(|d| d.ack.clone()).collect();
+    b.acknowledge_many(&acks).await.expect("ack");
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
+    assert_eq!(b.queue_size().await.expect("queue_size"), 0);
+    b.delete_queue().await.expect("delete_queue");
+}
+
+#[tokio::test]
+async fn delete_with_a_stale_receipt_finds_the_package() {
+    let Some((b, _)) = open("staledel", 1).await else {
+        return;
+    };
+    b.enqueue(Message::new(b"x".to_vec()))
+        .await
+        .expect("enqueue");
+    let old = b.dequeue().await.expect("dequeue");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let new = b.dequeue().await.expect("dequeue");
+    assert_eq!(new.len(), 1, "redelivered after the lease");
+    // Back in the queue, then deleted through the first, stale receipt.
+    b.fail(&new[0].ack).await.expect("fail");
+    assert_eq!(b.queue_size().await.expect("queue_size"), 1);
+    b.delete(&old[0].ack).await.expect("delete");
+    assert_eq!(b.queue_size().await.expect("queue_size"), 0);
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
+    // In flight under a newer receipt: deleted too.
+    b.enqueue(Message::new(b"y".to_vec()))
+        .await
+        .expect("enqueue");
+    let old = b.dequeue().await.expect("dequeue");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let _new = b.dequeue().await.expect("dequeue");
+    b.delete(&old[0].ack).await.expect("delete");
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
+    assert!(b.dequeue().await.expect("dequeue").is_empty());
+    b.delete_queue().await.expect("delete_queue");
+}
+
+#[tokio::test]
+async fn a_foreign_value_is_set_aside_not_lost() {
+    let Some((b, prefix)) = open("foreign", 10).await else {
+        return;
+    };
+    let mut c = raw().await;
+    let _: () = redis::pipe()
+        .rpush(
+            format!("{prefix}:{{foreign}}:ready:0"),
+            "hello from elsewhere",
+        )
+        .zadd(format!("{prefix}:{{foreign}}:bands"), "0", 0)
+        .query_async(&mut c)
+        .await
+        .expect("write");
+    b.enqueue(Message::new(b"ours".to_vec()))
+        .await
+        .expect("enqueue");
+    let got = b.dequeue().await.expect("dequeue");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b"ours");
+    let dead = b.dead_letters(10).await.expect("dead_letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload, b"hello from elsewhere");
+    assert!(
+        dead[0].reason.contains("not a qcluster package"),
+        "{dead:?}"
+    );
+    b.acknowledge(&got[0].ack).await.expect("ack");
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
+    b.delete_queue().await.expect("delete_queue");
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut c)
+        .await
+        .expect("keys");
+    assert!(
+        left.iter().all(|k| k.ends_with(":seq")),
+        "delete_queue left {left:?}"
+    );
+}
