@@ -408,26 +408,28 @@ async fn tamper_sql(w: &World) {
         .expect("tamper");
 }
 
-/// Flips a byte in the middle of the queue's oldest package, in Redis.
+/// Flips a byte in the middle of the queue's oldest package (its header is short, so the byte
+/// is in the signed package), in Redis.
 async fn tamper_redis(w: &World) {
     let client = ::redis::Client::open(redis_url()).expect("redis url");
     let mut c = client
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
-    let key = format!("test:{}:{{{}}}:data", w.name, w.name);
-    let mut payload: Vec<u8> = ::redis::cmd("HGET")
+    // The oldest package of priority 0 is the head of its band list.
+    let key = format!("test:{}:{{{}}}:ready:0", w.name, w.name);
+    let mut blob: Vec<u8> = ::redis::cmd("LINDEX")
         .arg(&key)
-        .arg(1)
+        .arg(0)
         .query_async(&mut c)
         .await
         .expect("first package");
-    let mid = payload.len() / 2;
-    payload[mid] ^= 0x01;
-    let _: i64 = ::redis::cmd("HSET")
+    let mid = blob.len() / 2;
+    blob[mid] ^= 0x01;
+    let _: () = ::redis::cmd("LSET")
         .arg(&key)
-        .arg(1)
-        .arg(payload)
+        .arg(0)
+        .arg(blob)
         .query_async(&mut c)
         .await
         .expect("tamper");
