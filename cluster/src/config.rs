@@ -441,6 +441,10 @@ fn known_keys(section: Option<&str>) -> Vec<String> {
             "replica_url",
             "pool_size",
             "url",
+            "prefix",
+            "ca_file",
+            "cert_file",
+            "key_file",
         ]
         .map(str::to_owned),
     );
