@@ -1,11 +1,12 @@
 //! The Redis broker.
 //!
 //! **Reliable mode** (default): a dequeue atomically (one Lua script) pops up to `bulk` packages
-//! from the ready lists into an in-flight hash keyed by their receipts, under one lease whose
-//! deadline is the server clock + `retry`; `acknowledge` removes them for good (a plain `HDEL`
-//! inside one script call per batch), `fail` puts them back, `dead_letter` parks them with a
-//! reason; packages of a lease that ran out return to the front of the queue atomically on the
-//! next dequeue. A package is never in two places or in none. See `scripts.rs` for the layout.
+//! from the ready lists into a list of their own (the batch), under one lease whose deadline is
+//! the server clock + `retry`; `acknowledge` answers them for good (one script call, grouped by
+//! batch; a whole batch is dropped without per-package work), `fail` puts them back,
+//! `dead_letter` parks them with a reason; the unanswered packages of a lease that ran out return
+//! to the front of the queue atomically on the next dequeue. A package is never in two places or
+//! in none. See `scripts.rs` for the layout.
 //!
 //! **Fast mode** (`reliable = false`): Django Q's semantics. A dequeue pops and forgets; a worker
 //! or cluster that dies loses what it held. `info` says so.
@@ -132,19 +133,20 @@ impl Keys {
         }
     }
 
-    /// What `delete_queue` removes besides the waiting packages (the batch hashes first):
-    /// everything but `seq`, as ids and batches are never reused, so an old receipt can never
-    /// match a new package.
-    fn rest(&self) -> [&String; 8] {
+    /// The keys of `DROP`, which removes everything but `seq`: ids and batches are never
+    /// reused, so an old receipt can never match a new package.
+    fn drop_keys(&self) -> [&String; 10] {
         [
             &self.inflight,
             &self.acked,
+            &self.ready,
             &self.leases,
+            &self.bands,
+            &self.delayed,
             &self.signal,
             &self.dead,
             &self.deadinfo,
             &self.deaddata,
-            &self.bands,
         ]
     }
 }
@@ -470,9 +472,10 @@ impl Broker for RedisBroker {
         }
         chunks.push(&messages[start..]);
         for chunk in chunks {
+            let token = enqueue_token(&k.ready);
             let mut inv = Self::call(
                 &i.scripts.enqueue,
-                &[&k.seq, &k.ready, &k.bands, &k.delayed, &k.signal],
+                &[&k.seq, &k.ready, &k.bands, &k.delayed, &k.signal, &token],
             );
             for m in chunk {
                 inv.arg(m.payload.as_slice())
@@ -566,7 +569,10 @@ impl Broker for RedisBroker {
                 &k.signal,
             ],
         );
-        inv.arg(r.batch).arg(r.index).arg(delay.as_millis() as u64);
+        inv.arg(r.batch)
+            .arg(r.index)
+            .arg(delay.as_millis() as u64)
+            .arg(r.id);
         let _: u64 = self.run(&inv, "fail").await?;
         Ok(())
     }
@@ -616,7 +622,7 @@ impl Broker for RedisBroker {
                 &k.seq,
             ],
         );
-        inv.arg(r.batch).arg(r.index).arg(reason);
+        inv.arg(r.batch).arg(r.index).arg(reason).arg(r.id);
         let _: u64 = self.run(&inv, "dead_letter").await?;
         Ok(())
     }
@@ -679,8 +685,7 @@ impl Broker for RedisBroker {
 
     async fn delete_queue(&self) -> Result<(), BrokerError> {
         let i = &self.inner;
-        self.purge_queue().await?;
-        let inv = Self::call(&i.scripts.drop, &i.keys.rest());
+        let inv = Self::call(&i.scripts.drop, &i.keys.drop_keys());
         let _: u64 = self.run(&inv, "delete_queue").await?;
         Ok(())
     }
@@ -809,6 +814,18 @@ impl Broker for RedisBroker {
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
+}
+
+/// A key unique to one enqueue call (process, time, counter), next to the queue's keys so that
+/// it is in their slot: `<ready base>enq:<token>` never collides with a band list `ready:<n>`.
+fn enqueue_token(ready: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{ready}enq:{:x}.{nanos:x}.{n:x}", std::process::id())
 }
 
 /// Sorted, deduplicated indexes as tokens `i` or `i-j` (runs of three or more).

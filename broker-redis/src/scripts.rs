@@ -51,33 +51,40 @@ local function settle(inflight, acked, leases, b, len)
     redis.call('ZREM', leases, b)
   end
 end
--- Answers one package of a batch and returns its blob; nil for a stale or answered receipt.
-local function take(inflight, acked, leases, b, i)
+-- Answers one package of a batch and returns its blob; nil for a stale or answered receipt, or
+-- one whose id is not the package's (id 0: a foreign value, which has none).
+local function take(inflight, acked, leases, b, i, id)
   local n = tonumber(i)
   if not n or n < 1 or redis.call('SISMEMBER', acked .. b, i) == 1 then return nil end
   local blob = redis.call('LINDEX', inflight .. b, n - 1)
   if not blob then return nil end
+  if id ~= '0' and string.sub(blob, 1, #id + 1) ~= id .. ':' then return nil end
   redis.call('SADD', acked .. b, i)
   settle(inflight, acked, leases, b, redis.call('LLEN', inflight .. b))
   return blob
 end
 "#;
 
-/// KEYS: seq, ready base, bands, delayed, signal. ARGV: (payload, priority, delay_ms)*.
-/// Returns the first id; the batch got consecutive ids.
+/// KEYS: seq, ready base, bands, delayed, signal, token. ARGV: (payload, priority, delay_ms)*.
+/// Returns the first id; the batch got consecutive ids. The token (one per call, kept a minute)
+/// makes a re-sent call (the cluster client re-sends after a dropped connection) store nothing
+/// twice: it answers the first call's id.
 pub fn enqueue() -> String {
     format!(
         "{PRELUDE}{}",
         r#"
 local k = #ARGV / 3
+local seen = redis.call('GET', KEYS[6])
+if seen then return tonumber(seen) end
 local first = redis.call('INCRBY', KEYS[1], k) - k + 1
+redis.call('SET', KEYS[6], string.format('%d', first), 'PX', 60000)
 local lists, order, now = {}, {}, nil
 for i = 0, k - 1 do
   local p, delay = ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
   local blob = string.format('%d', first + i) .. ':0:' .. p .. ':' .. ARGV[3 * i + 1]
   if delay > 0 then
     now = now or clock()
-    redis.call('ZADD', KEYS[4], now + delay, blob)
+    redis.call('ZADD', KEYS[4], string.format('%d', now + delay), blob)
   else
     if not lists[p] then lists[p] = {}; order[#order + 1] = p end
     local l = lists[p]
@@ -143,9 +150,10 @@ while want > 0 do
 end
 if not out then return {0, {}} end
 if ARGV[3] ~= '1' then return {0, out} end
-local b = redis.call('INCR', KEYS[7])
+-- Formatted as text: a Lua number would print as 1.2e+14 past 14 digits.
+local b = string.format('%d', redis.call('INCR', KEYS[7]))
 redis.call('RPUSH', KEYS[4] .. b, unpack(out))
-redis.call('ZADD', KEYS[6], now + tonumber(ARGV[2]), b)
+redis.call('ZADD', KEYS[6], string.format('%d', now + tonumber(ARGV[2])), b)
 return {b, out}
 "#
     )
@@ -193,18 +201,18 @@ return total
 }
 
 /// KEYS: ready base, bands, delayed, inflight base, acked base, leases, signal. ARGV: batch,
-/// index, delay_ms. Back to the front of its band (or to `delayed`), one delivery more in its
+/// index, delay_ms, id. Back to the front of its band (or to `delayed`), one delivery more in its
 /// header.
 pub fn fail() -> String {
     format!(
         "{PRELUDE}{}",
         r#"
-local blob = take(KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2])
+local blob = take(KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[4])
 if not blob then return 0 end
 blob = bump(blob)
 local delay = tonumber(ARGV[3])
 if delay > 0 then
-  redis.call('ZADD', KEYS[3], clock() + delay, blob)
+  redis.call('ZADD', KEYS[3], string.format('%d', clock() + delay), blob)
 else
   push(KEYS[1], KEYS[2], blob, true)
   redis.call('LPUSH', KEYS[7], 1)
@@ -216,12 +224,12 @@ return 1
 }
 
 /// KEYS: inflight base, acked base, leases, dead, deadinfo, deaddata, seq. ARGV: batch, index,
-/// reason. A blob without a header (not written by qcluster) is kept whole under a new name.
+/// reason, id. A blob without a header (not written by qcluster) is kept whole under a new name.
 pub fn dead_letter() -> String {
     format!(
         "{PRELUDE}{}",
         r#"
-local blob = take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+local blob = take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[4])
 if not blob then return 0 end
 local id, n, at = string.match(blob, '^(%d+):(%d+):%-?%d+:()')
 local payload = blob
@@ -229,10 +237,10 @@ if id then
   payload = string.sub(blob, at)
   n = tonumber(n) + 1
 else
-  id = 'malformed-' .. redis.call('INCR', KEYS[7])
+  id = 'malformed-' .. string.format('%d', redis.call('INCR', KEYS[7]))
   n = 1
 end
-local now = clock()
+local now = string.format('%d', clock())
 redis.call('HSET', KEYS[6], id, payload)
 redis.call('HSET', KEYS[5], id, n .. '|' .. now .. '|' .. ARGV[3])
 redis.call('ZADD', KEYS[4], now, id)
@@ -250,14 +258,14 @@ pub fn delete() -> String {
     format!(
         "{PRELUDE}{}",
         r#"
-if take(KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2]) then return 1 end
+if take(KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3]) then return 1 end
 local head = ARGV[3] .. ':'
 local function mine(blob) return string.sub(blob, 1, #head) == head end
 for _, b in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
   local answered = answers(KEYS[5] .. b)
   for i, blob in ipairs(redis.call('LRANGE', KEYS[4] .. b, 0, -1)) do
     if not answered[i] and mine(blob) then
-      take(KEYS[4], KEYS[5], KEYS[6], b, tostring(i))
+      take(KEYS[4], KEYS[5], KEYS[6], b, tostring(i), '0')
       return 1
     end
   end
@@ -291,13 +299,17 @@ end
 return n
 "#;
 
-/// KEYS: inflight base, acked base, then the queue's other keys (`leases` first). Removes what
-/// is in flight and the other keys (waiting packages go first, by `PURGE`).
+/// KEYS: inflight base, acked base, ready base, leases, bands, delayed, then the queue's other
+/// keys. Removes the queue and everything in it, in one step (a purge and a drop in two would
+/// let a concurrent enqueue leave a band list no one can see).
 pub const DROP: &str = r#"
-for _, b in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+for _, b in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
   redis.call('UNLINK', KEYS[1] .. b, KEYS[2] .. b)
 end
-return redis.call('UNLINK', unpack(KEYS, 3))
+for _, p in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  redis.call('UNLINK', KEYS[3] .. p)
+end
+return redis.call('UNLINK', unpack(KEYS, 4))
 "#;
 
 /// KEYS: ready base, bands, delayed. Removes what waits (not what is in flight) and returns
