@@ -133,6 +133,20 @@ impl Keys {
         }
     }
 
+    /// The keys the dequeue, fail and delete scripts share (in their order), then `extra`.
+    fn queue_and<'a>(&'a self, extra: &[&'a String]) -> Vec<&'a String> {
+        let mut keys = vec![
+            &self.ready,
+            &self.bands,
+            &self.delayed,
+            &self.inflight,
+            &self.acked,
+            &self.leases,
+        ];
+        keys.extend_from_slice(extra);
+        keys
+    }
+
     /// The keys of `DROP`, which removes everything but `seq`: ids and batches are never
     /// reused, so an old receipt can never match a new package.
     fn drop_keys(&self) -> [&String; 10] {
@@ -388,18 +402,7 @@ impl RedisBroker {
     async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
         let i = &self.inner;
         let k = &i.keys;
-        let mut inv = Self::call(
-            &i.scripts.dequeue,
-            &[
-                &k.ready,
-                &k.bands,
-                &k.delayed,
-                &k.inflight,
-                &k.acked,
-                &k.leases,
-                &k.seq,
-            ],
-        );
+        let mut inv = Self::call(&i.scripts.dequeue, &k.queue_and(&[&k.seq]));
         inv.arg(i.settings.bulk)
             .arg(i.settings.retry.as_millis() as u64)
             .arg(if i.config.reliable { "1" } else { "0" });
@@ -557,18 +560,7 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let k = &i.keys;
-        let mut inv = Self::call(
-            &i.scripts.fail,
-            &[
-                &k.ready,
-                &k.bands,
-                &k.delayed,
-                &k.inflight,
-                &k.acked,
-                &k.leases,
-                &k.signal,
-            ],
-        );
+        let mut inv = Self::call(&i.scripts.fail, &k.queue_and(&[&k.signal]));
         inv.arg(r.batch)
             .arg(r.index)
             .arg(delay.as_millis() as u64)
@@ -584,17 +576,7 @@ impl Broker for RedisBroker {
             return Ok(()); // popped and forgotten already
         }
         let k = &i.keys;
-        let mut inv = Self::call(
-            &i.scripts.delete,
-            &[
-                &k.ready,
-                &k.bands,
-                &k.delayed,
-                &k.inflight,
-                &k.acked,
-                &k.leases,
-            ],
-        );
+        let mut inv = Self::call(&i.scripts.delete, &k.queue_and(&[]));
         inv.arg(r.batch).arg(r.index).arg(r.id);
         let _: u64 = self.run(&inv, "delete").await?;
         Ok(())
