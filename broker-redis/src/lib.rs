@@ -191,6 +191,9 @@ struct Inner {
     endpoint: String,
     password: Option<String>,
     max_message_size: usize,
+    /// Random per handle: with `batches`, batch ids that no one else uses.
+    batch_prefix: u64,
+    batches: std::sync::atomic::AtomicU64,
 }
 
 /// A queue on Redis. Cheap to clone.
@@ -215,7 +218,8 @@ fn name(reliable: bool) -> &'static str {
 
 /// A receipt: `batch:index:id`.
 struct Receipt {
-    batch: u64,
+    /// Lowercase hex, at most 32 digits (see [`RedisBroker::next_batch`]).
+    batch: String,
     index: u32,
     id: u64,
 }
@@ -336,6 +340,8 @@ impl RedisBroker {
                 endpoint,
                 password,
                 max_message_size,
+                batch_prefix: random_u64(),
+                batches: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -371,7 +377,16 @@ impl RedisBroker {
         };
         let mut parts = ack.as_str().split(':');
         let mut next = || parts.next().ok_or_else(bad);
-        let batch = next()?.parse::<u64>().map_err(|_| bad())?;
+        let batch = next()?;
+        if batch.is_empty()
+            || batch.len() > 32
+            || !batch
+                .bytes()
+                .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(bad());
+        }
+        let batch = batch.to_owned();
         let index = next()?.parse::<u32>().map_err(|_| bad())?;
         let id = next()?.parse::<u64>().map_err(|_| bad())?;
         if parts.next().is_some() {
@@ -399,14 +414,61 @@ impl RedisBroker {
             .map_err(self.err(op))
     }
 
+    /// A batch id never used before: this handle's random prefix and a counter, in hex.
+    fn next_batch(&self) -> String {
+        let n = self
+            .inner
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{:016x}{n:x}", self.inner.batch_prefix)
+    }
+
+    /// Runs the dequeue script and, in reliable mode, reads the batch in the same round trip.
     async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
         let i = &self.inner;
         let k = &i.keys;
-        let mut inv = Self::call(&i.scripts.dequeue, &k.queue_and(&[&k.seq]));
+        let script = &i.scripts.dequeue;
+        let mut inv = Self::call(script, &k.queue_and(&[&k.seq]));
         inv.arg(i.settings.bulk)
             .arg(i.settings.retry.as_millis() as u64)
             .arg(if i.config.reliable { "1" } else { "0" });
-        let (batch, blobs): (u64, Vec<Vec<u8>>) = self.run(&inv, "dequeue").await?;
+        let (batch, blobs) = if i.config.reliable {
+            let batch = self.next_batch();
+            let list = format!("{}{batch}", k.inflight);
+            let keys = k.queue_and(&[&k.seq]);
+            let mut pipe = redis::pipe();
+            pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len());
+            for key in &keys {
+                pipe.arg(key.as_str());
+            }
+            pipe.arg(i.settings.bulk)
+                .arg(i.settings.retry.as_millis() as u64)
+                .arg("1")
+                .arg(&batch)
+                .ignore()
+                .lrange(&list, 0, -1);
+            let mut c = i.conn.clone();
+            let got: Result<(Vec<Vec<u8>>,), _> = pipe.query_async(&mut c).await;
+            let blobs = match got {
+                Ok((blobs,)) => blobs,
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    // First use on this server (or after SCRIPT FLUSH): load it and go again.
+                    inv.load_async(&mut c).await.map_err(self.err("dequeue"))?;
+                    let (blobs,): (Vec<Vec<u8>>,) = pipe
+                        .query_async(&mut c)
+                        .await
+                        .map_err(self.err("dequeue"))?;
+                    blobs
+                }
+                Err(e) => return Err(self.err("dequeue")(e)),
+            };
+            (batch, blobs)
+        } else {
+            let (_, blobs): (u64, Vec<Vec<u8>>) = self.run(&inv, "dequeue").await?;
+            ("0".to_owned(), blobs)
+        };
         let mut out = Vec::with_capacity(blobs.len());
         for (n, mut blob) in blobs.into_iter().enumerate() {
             let index = n + 1;
@@ -521,7 +583,7 @@ impl Broker for RedisBroker {
     async fn acknowledge_many(&self, acks: &[AckId]) -> Result<(), BrokerError> {
         let i = &self.inner;
         // Grouped by batch, as index ranges: a whole batch is one token.
-        let mut groups: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         for a in acks {
             let r = self.receipt(a)?;
             groups.entry(r.batch).or_default().push(r.index);
@@ -541,7 +603,7 @@ impl Broker for RedisBroker {
                     inv = Self::call(&i.scripts.acknowledge, &keys);
                     held = 0;
                 }
-                inv.arg(*batch).arg(part.len()).arg(part);
+                inv.arg(batch.as_str()).arg(part.len()).arg(part);
                 held += part.len();
             }
         }
@@ -561,7 +623,7 @@ impl Broker for RedisBroker {
         }
         let k = &i.keys;
         let mut inv = Self::call(&i.scripts.fail, &k.queue_and(&[&k.signal]));
-        inv.arg(r.batch)
+        inv.arg(&r.batch)
             .arg(r.index)
             .arg(delay.as_millis() as u64)
             .arg(r.id);
@@ -577,7 +639,7 @@ impl Broker for RedisBroker {
         }
         let k = &i.keys;
         let mut inv = Self::call(&i.scripts.delete, &k.queue_and(&[]));
-        inv.arg(r.batch).arg(r.index).arg(r.id);
+        inv.arg(&r.batch).arg(r.index).arg(r.id);
         let _: u64 = self.run(&inv, "delete").await?;
         Ok(())
     }
@@ -604,7 +666,7 @@ impl Broker for RedisBroker {
                 &k.seq,
             ],
         );
-        inv.arg(r.batch).arg(r.index).arg(reason).arg(r.id);
+        inv.arg(&r.batch).arg(r.index).arg(reason).arg(r.id);
         let _: u64 = self.run(&inv, "dead_letter").await?;
         Ok(())
     }
@@ -796,6 +858,19 @@ impl Broker for RedisBroker {
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
+}
+
+/// 64 random bits from the standard library's hasher seeds (fresh per call, OS-seeded).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// A key unique to one enqueue call (process, time, counter), next to the queue's keys so that

@@ -12,7 +12,8 @@
 //!   is one `RPUSH` and one lease, an acknowledgement one `SADD`; the batch goes when all its
 //!   packages are answered. The receipt is `batch:index:id`; a stale receipt (an earlier
 //!   delivery) names a batch that is gone;
-//! - `seq` (counter of ids and batches, never deleted), `signal` (LIST that wakes blocked
+//! - `seq` (counter of ids, never deleted; batch ids come from the client: a random prefix per
+//!   handle and a counter, never reused), `signal` (LIST that wakes blocked
 //!   consumers), `dead` (ZSET id → ms), `deadinfo` (HASH id → `deliveries|ms|reason`),
 //!   `deaddata` (HASH id → payload).
 //!
@@ -103,12 +104,17 @@ return first
 }
 
 /// KEYS: ready base, bands, delayed, inflight base, acked base, leases, seq. ARGV: bulk,
-/// retry_ms, reliable (1/0).
+/// retry_ms, reliable (1/0), batch (a new id of the client's, in reliable mode).
 ///
 /// First brings back what is due: unanswered packages of expired leases (to the front of their
-/// band, one delivery more in their header) and delayed ones (to the back). Then pops up to
-/// `bulk` blobs, highest band first. In reliable mode they go to a new batch list under one
-/// lease. Returns `{batch, {blob...}}` (batch `0` in fast mode).
+/// band, one delivery more in their header) and delayed ones (to the back). Then takes up to
+/// `bulk` blobs, highest band first.
+///
+/// Reliable mode moves them to the batch list under one lease without handling a single blob in
+/// Lua: `SORT … BY nosort LIMIT 0 n STORE` copies the head of a list in C and `LTRIM` drops it
+/// (only a second band in the same claim goes through Lua). It returns `{count, {}}`; the
+/// client reads the batch with an `LRANGE` in the same pipeline. Fast mode pops and returns
+/// `{0, {blob...}}`.
 pub fn dequeue() -> String {
     format!(
         "{PRELUDE}{}",
@@ -130,6 +136,32 @@ if #due > 0 then
   redis.call('ZREM', KEYS[3], unpack(due))
 end
 local want = tonumber(ARGV[1])
+if ARGV[3] == '1' then
+  local dest = KEYS[4] .. ARGV[4]
+  local n = 0
+  while want > 0 do
+    local top = redis.call('ZRANGE', KEYS[2], 0, 0)
+    if #top == 0 then break end
+    local key = KEYS[1] .. top[1]
+    local c
+    if n == 0 then
+      c = redis.call('SORT', key, 'BY', 'nosort', 'LIMIT', 0, want, 'STORE', dest)
+    else
+      local got = redis.call('LRANGE', key, 0, want - 1)
+      c = #got
+      if c > 0 then redis.call('RPUSH', dest, unpack(got)) end
+    end
+    if c > 0 then redis.call('LTRIM', key, c, -1) end
+    -- Fewer than asked: the list is empty now, and so is the band.
+    if c < want then redis.call('ZREM', KEYS[2], top[1]) end
+    n = n + c
+    want = want - c
+  end
+  if n > 0 then
+    redis.call('ZADD', KEYS[6], string.format('%d', now + tonumber(ARGV[2])), ARGV[4])
+  end
+  return {n, {}}
+end
 local out
 while want > 0 do
   local top = redis.call('ZRANGE', KEYS[2], 0, 0)
@@ -141,20 +173,13 @@ while want > 0 do
     else
       out = got
     end
-    -- Fewer than asked: the list is empty now, and so is the band.
     if #got < want then redis.call('ZREM', KEYS[2], top[1]) end
     want = want - #got
   else
     redis.call('ZREM', KEYS[2], top[1])
   end
 end
-if not out then return {0, {}} end
-if ARGV[3] ~= '1' then return {0, out} end
--- Formatted as text: a Lua number would print as 1.2e+14 past 14 digits.
-local b = string.format('%d', redis.call('INCR', KEYS[7]))
-redis.call('RPUSH', KEYS[4] .. b, unpack(out))
-redis.call('ZADD', KEYS[6], string.format('%d', now + tonumber(ARGV[2])), b)
-return {b, out}
+return {0, out or {}}
 "#
     )
 }
