@@ -197,3 +197,27 @@ async fn delete_queue_removes_bands_delayed_and_in_flight() {
     assert_eq!(got[0].payload, vec![7]);
     b.delete_queue().await.expect("delete_queue");
 }
+
+#[tokio::test]
+async fn claims_survive_a_script_flush() {
+    let Some((b, _)) = open("flush", 10).await else {
+        return;
+    };
+    b.enqueue(Message::new(b"one".to_vec()))
+        .await
+        .expect("enqueue");
+    // A server that lost its scripts (restart, failover, SCRIPT FLUSH): the claim pipeline
+    // loads the script itself and goes again.
+    let mut c = raw().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .expect("flush");
+    let got = b.dequeue().await.expect("dequeue after SCRIPT FLUSH");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b"one");
+    b.acknowledge(&got[0].ack).await.expect("ack");
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
+    b.delete_queue().await.expect("delete_queue");
+}
