@@ -428,14 +428,14 @@ impl RedisBroker {
         let i = &self.inner;
         let k = &i.keys;
         let script = &i.scripts.dequeue;
-        let mut inv = Self::call(script, &k.queue_and(&[&k.seq]));
+        let mut inv = Self::call(script, &k.queue_and(&[]));
         inv.arg(i.settings.bulk)
             .arg(i.settings.retry.as_millis() as u64)
             .arg(if i.config.reliable { "1" } else { "0" });
         let (batch, blobs) = if i.config.reliable {
             let batch = self.next_batch();
             let list = format!("{}{batch}", k.inflight);
-            let keys = k.queue_and(&[&k.seq]);
+            let keys = k.queue_and(&[]);
             let mut pipe = redis::pipe();
             pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len());
             for key in &keys {

@@ -103,7 +103,7 @@ return first
     )
 }
 
-/// KEYS: ready base, bands, delayed, inflight base, acked base, leases, seq. ARGV: bulk,
+/// KEYS: ready base, bands, delayed, inflight base, acked base, leases. ARGV: bulk,
 /// retry_ms, reliable (1/0), batch (a new id of the client's, in reliable mode).
 ///
 /// First brings back what is due: unanswered packages of expired leases (to the front of their
