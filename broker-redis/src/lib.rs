@@ -428,21 +428,18 @@ impl RedisBroker {
         let i = &self.inner;
         let k = &i.keys;
         let script = &i.scripts.dequeue;
-        let mut inv = Self::call(script, &k.queue_and(&[]));
-        inv.arg(i.settings.bulk)
-            .arg(i.settings.retry.as_millis() as u64)
-            .arg(if i.config.reliable { "1" } else { "0" });
+        let keys = k.queue_and(&[]);
+        let retry_ms = i.settings.retry.as_millis() as u64;
         let (batch, blobs) = if i.config.reliable {
             let batch = self.next_batch();
             let list = format!("{}{batch}", k.inflight);
-            let keys = k.queue_and(&[]);
             let mut pipe = redis::pipe();
             pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len());
             for key in &keys {
                 pipe.arg(key.as_str());
             }
             pipe.arg(i.settings.bulk)
-                .arg(i.settings.retry.as_millis() as u64)
+                .arg(retry_ms)
                 .arg("1")
                 .arg(&batch)
                 .ignore()
@@ -455,7 +452,11 @@ impl RedisBroker {
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
                     // First use on this server (or after SCRIPT FLUSH): load it and go again.
-                    inv.load_async(&mut c).await.map_err(self.err("dequeue"))?;
+                    script
+                        .prepare_invoke()
+                        .load_async(&mut c)
+                        .await
+                        .map_err(self.err("dequeue"))?;
                     let (blobs,): (Vec<Vec<u8>>,) = pipe
                         .query_async(&mut c)
                         .await
@@ -466,6 +467,8 @@ impl RedisBroker {
             };
             (batch, blobs)
         } else {
+            let mut inv = Self::call(script, &keys);
+            inv.arg(i.settings.bulk).arg(retry_ms).arg("0");
             let (_, blobs): (u64, Vec<Vec<u8>>) = self.run(&inv, "dequeue").await?;
             ("0".to_owned(), blobs)
         };
