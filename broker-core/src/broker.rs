@@ -135,6 +135,9 @@ pub struct Capabilities {
     pub delay: bool,
     /// `set_stat` and `get_stats` work.
     pub stats: bool,
+    /// [`Broker::extend`] pushes a lease back, so a task may run longer than `retry` without
+    /// being delivered to a second consumer.
+    pub extend: bool,
 }
 
 impl Default for Capabilities {
@@ -150,6 +153,7 @@ impl Default for Capabilities {
             priority: false,
             delay: false,
             stats: false,
+            extend: false,
         }
     }
 }
@@ -186,8 +190,23 @@ pub struct BrokerInfo {
 /// - `fail` is a negative acknowledgement: the package goes back to the queue (or to a dead-letter
 ///   place that [`Broker::dead_letters`] lists); it is never silently dropped.
 /// - without receipts a dequeued package is gone from the broker, and `info` says so.
+///
+/// Where a receipt may be settled: by default on **any** handle of the same queue (a clone, a
+/// handle opened by another process): the SQL, Redis and memory adapters keep the lease on the
+/// server, so the receipt alone names it. An adapter whose server binds a reservation to the
+/// connection that took it (AMQP channels, beanstalkd connections) settles only on the handle
+/// that dequeued, must say so in its docs and `info`, and must make that handle's settles work
+/// while a `dequeue` of the same handle is waiting (the cluster runs both at once). If that
+/// connection breaks, the server gives the reservation back by itself; a later settle with the
+/// old receipt is ignored like any stale receipt.
 #[async_trait]
 pub trait Broker: Send + Sync + fmt::Debug {
+    /// The adapter's name as errors and `info` show it (`orm/postgres`, `redis`, `nats`).
+    /// Defaults to the Rust type name; adapters override it with something shorter.
+    fn name(&self) -> &'static str {
+        std::any::type_name::<Self>()
+    }
+
     /// Stores one package; returns the broker's id for it.
     async fn enqueue(&self, message: Message) -> Result<MessageId, BrokerError>;
 
@@ -230,11 +249,24 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// Removes the message behind a receipt whatever its lease (Django Q's `delete`).
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError>;
 
+    /// Pushes the lease of a delivered package back: it now runs out `by` from now (not from
+    /// its former deadline), where [`Capabilities::extend`] holds. A stale receipt (the package
+    /// was acknowledged, or delivered again to someone else) is ignored, like a stale
+    /// acknowledgement: the new holder's lease stands. Adapters whose leases cover a whole
+    /// claimed batch may extend the batch; they say so.
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+        let _ = (ack, by);
+        Err(BrokerError::Unsupported {
+            broker: self.name(),
+            operation: "extend",
+        })
+    }
+
     /// Moves a delivered package to the dead-letter place with a reason (never run again, listable).
     async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
         let _ = (ack, reason);
         Err(BrokerError::Unsupported {
-            broker: "this broker",
+            broker: self.name(),
             operation: "dead_letter",
         })
     }
@@ -243,7 +275,7 @@ pub trait Broker: Send + Sync + fmt::Debug {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
         let _ = limit;
         Err(BrokerError::Unsupported {
-            broker: "this broker",
+            broker: self.name(),
             operation: "dead_letters",
         })
     }
@@ -278,7 +310,7 @@ pub trait Broker: Send + Sync + fmt::Debug {
     async fn set_stat(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), BrokerError> {
         let _ = (key, value, ttl);
         Err(BrokerError::Unsupported {
-            broker: "this broker",
+            broker: self.name(),
             operation: "set_stat",
         })
     }
@@ -288,7 +320,7 @@ pub trait Broker: Send + Sync + fmt::Debug {
     async fn get_stats(&self, prefix: &str) -> Result<Vec<Stat>, BrokerError> {
         let _ = prefix;
         Err(BrokerError::Unsupported {
-            broker: "this broker",
+            broker: self.name(),
             operation: "get_stats",
         })
     }

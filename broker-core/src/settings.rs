@@ -206,3 +206,48 @@ mod tests {
         );
     }
 }
+
+/// Serde helpers for adapter config types: a duration written as seconds (`5`, `0.25`).
+///
+/// ```
+/// #[derive(serde::Deserialize, serde::Serialize)]
+/// struct MyConfig {
+///     #[serde(with = "broker_core::secs")]
+///     connect_timeout: std::time::Duration,
+/// }
+/// ```
+pub mod secs {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Writes the duration as a number of seconds.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    /// Reads a non-negative, finite number of seconds (integer or fraction).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+                Ok(Duration::from_secs(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+                u64::try_from(v)
+                    .map(Duration::from_secs)
+                    .map_err(|_| E::custom("must not be negative"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Duration, E> {
+                Duration::try_from_secs_f64(v)
+                    .map_err(|_| E::custom("must be a finite, non-negative number of seconds"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -4,9 +4,12 @@ use std::fmt;
 use std::time::Duration;
 
 use broker_core::mask_url;
+use serde::{Deserialize, Serialize};
 
-/// Where the SQL broker keeps its queue. Debug output masks passwords.
-#[derive(Clone, PartialEq, Eq)]
+/// `[orm]`: where the SQL broker keeps its queue. Debug output masks passwords. Unknown keys
+/// are refused when read from a config file.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct OrmConfig {
     /// `sqlite://path.sqlite3`, `postgres://user:pw@host/db` or `mysql://user:pw@host/db`
     /// (MariaDB too).
@@ -16,7 +19,8 @@ pub struct OrmConfig {
     pub replica_url: Option<String>,
     /// Most connections the pool opens (SQLite defaults to 1: it has one writer anyway).
     pub pool_size: Option<u32>,
-    /// Longest wait to connect or to get a connection from the pool.
+    /// Longest wait to connect or to get a connection from the pool, in seconds.
+    #[serde(with = "broker_core::secs")]
     pub connect_timeout: Duration,
 }
 

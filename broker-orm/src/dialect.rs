@@ -83,6 +83,7 @@ pub struct Statements {
     pub claim: Arc<str>,
     pub ack: Arc<str>,
     pub fail: Arc<str>,
+    pub extend: Arc<str>,
     pub delete: Arc<str>,
     pub dead_copy: Arc<str>,
     pub dead_delete: Arc<str>,
@@ -172,6 +173,8 @@ impl Statements {
                 "UPDATE qcluster_queue SET leased = 0, visible_at = NOW_US + ? \
                  WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
             ),
+            extend: r("UPDATE qcluster_queue SET visible_at = NOW_US + ? \
+                 WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1"),
             delete: r("DELETE FROM qcluster_queue WHERE id = ? AND queue = ?"),
             dead_copy: r(
                 "INSERT INTO qcluster_dead (queue, message_id, payload, reason, deliveries, dead_at) \

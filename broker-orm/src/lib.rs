@@ -443,6 +443,10 @@ async fn server_facts(db: &Db, ctx: &Ctx) -> Result<(String, Option<usize>, i64)
 
 #[async_trait]
 impl Broker for OrmBroker {
+    fn name(&self) -> &'static str {
+        self.broker()
+    }
+
     async fn enqueue(&self, message: Message) -> Result<MessageId, BrokerError> {
         self.check_size(&message)?;
         let i = &self.inner;
@@ -658,6 +662,23 @@ impl Broker for OrmBroker {
         Ok(())
     }
 
+    /// Moves the row's visibility to `now + by` (the database's clock) if this receipt still
+    /// holds the lease; a stale receipt matches no row.
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+        let (id, n) = parse_ack(ack, self.broker())?;
+        let i = &self.inner;
+        let sql = sqlx::AssertSqlSafe(i.sql.extend.clone());
+        on_db!(&i.db, p => sqlx::query(sql)
+            .bind(micros(by.min(broker_core::MAX_RETRY)))
+            .bind(id)
+            .bind(i.settings.queue.as_str())
+            .bind(n)
+            .execute(p)
+            .await
+            .map_err(i.ctx.err("extend"))?.rows_affected());
+        Ok(())
+    }
+
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
         let (id, _) = parse_ack(ack, self.broker())?;
         let i = &self.inner;
@@ -864,6 +885,7 @@ impl Broker for OrmBroker {
             priority: true,
             delay: true,
             stats: true,
+            extend: true,
         }
     }
 

@@ -162,7 +162,7 @@ async fn raw(url: &str, n: usize) -> Result<(f64, f64), String> {
 async fn ours(url: &str, n: usize, bulk: usize, reliable: bool) -> Result<(f64, f64), String> {
     let mut cfg = RedisConfig::new(url);
     cfg.reliable = reliable;
-    cfg.prefix = format!("bench{}", std::process::id());
+    cfg.prefix = Some(format!("bench{}", std::process::id()));
     let settings = QueueSettings {
         queue: format!("q{bulk}{reliable}"),
         bulk,

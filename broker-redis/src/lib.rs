@@ -40,17 +40,20 @@ pub const MAX_BULK: usize = 1000;
 /// Default largest package (Redis itself allows 512 MB values).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 
-/// `[redis]` settings.
-#[derive(Clone, PartialEq, Eq)]
+/// `[redis]` settings. Debug output masks the password; unknown keys are refused when read from
+/// a config file.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://[[user]:password@]host:port/db`, or `rediss://...` for TLS (feature `tls`). With
     /// `cluster`, any one node of the cluster.
     pub url: String,
-    /// Key prefix; defaults to `qcluster`. Clusters sharing a Redis use their own.
-    pub prefix: String,
+    /// Key prefix; `None` takes `qcluster:<queue>`. Clusters sharing a Redis use their own.
+    pub prefix: Option<String>,
     /// Receipts and leases (true), or Django Q's pop-and-forget (false).
     pub reliable: bool,
-    /// Longest wait to connect.
+    /// Longest wait to connect, in seconds.
+    #[serde(with = "broker_core::secs")]
     pub connect_timeout: Duration,
     /// Talk to a Redis Cluster (slots, redirects) instead of one server.
     pub cluster: bool,
@@ -68,7 +71,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            prefix: "qcluster".to_owned(),
+            prefix: None,
             reliable: true,
             connect_timeout: Duration::from_secs(5),
             cluster: false,
@@ -76,6 +79,21 @@ impl RedisConfig {
             cert_file: None,
             key_file: None,
         }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self::new("redis://127.0.0.1:6379/0")
+    }
+}
+
+impl RedisConfig {
+    /// The key prefix in use: `prefix`, else `qcluster:<queue>`.
+    pub fn prefix_for(&self, queue: &str) -> String {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| format!("qcluster:{queue}"))
     }
 }
 
@@ -178,6 +196,7 @@ struct Scripts {
     drop: Script,
     set_stat: Script,
     get_stats: Script,
+    extend: Script,
 }
 
 struct Inner {
@@ -250,7 +269,8 @@ impl RedisBroker {
         let endpoint = mask_url(&config.url);
         let password = url_password(&config.url);
         let broker = name(config.reliable);
-        if config.prefix.is_empty() || config.prefix.contains(['{', '}']) {
+        let prefix = config.prefix_for(&settings.queue);
+        if prefix.is_empty() || prefix.contains(['{', '}']) {
             return Err(BrokerError::config(
                 "redis.prefix",
                 "must be non-empty text without `{` or `}`",
@@ -297,7 +317,7 @@ impl RedisBroker {
         let max_message_size = settings
             .max_message_size
             .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
-        let keys = Keys::new(&config.prefix, &settings.queue);
+        let keys = Keys::new(&prefix, &settings.queue);
         let info = server_info(&mut conn.clone())
             .await
             .map_err(|e| BrokerError::Unreachable {
@@ -336,6 +356,7 @@ impl RedisBroker {
                     drop: Script::new(scripts::DROP),
                     set_stat: Script::new(scripts::SET_STAT),
                     get_stats: Script::new(scripts::GET_STATS),
+                    extend: Script::new(&scripts::extend()),
                 },
                 endpoint,
                 password,
@@ -502,6 +523,10 @@ impl RedisBroker {
 
 #[async_trait]
 impl Broker for RedisBroker {
+    fn name(&self) -> &'static str {
+        name(self.inner.config.reliable)
+    }
+
     async fn enqueue(&self, message: Message) -> Result<MessageId, BrokerError> {
         let mut ids = self.enqueue_many(vec![message]).await?;
         ids.pop().ok_or_else(|| BrokerError::Backend {
@@ -631,6 +656,25 @@ impl Broker for RedisBroker {
             .arg(delay.as_millis() as u64)
             .arg(r.id);
         let _: u64 = self.run(&inv, "fail").await?;
+        Ok(())
+    }
+
+    /// Extends the lease of the receipt's whole batch (one lease per claim): the batch's other
+    /// unanswered packages are held by the same consumer, so they keep their place with it.
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+        let i = &self.inner;
+        let r = self.receipt(ack)?;
+        if !i.config.reliable {
+            return Err(BrokerError::Unsupported {
+                broker: name(false),
+                operation: "extend",
+            });
+        }
+        let k = &i.keys;
+        let ms = by.min(broker_core::MAX_RETRY).as_millis().max(1) as u64;
+        let mut inv = Self::call(&i.scripts.extend, &[&k.inflight, &k.acked, &k.leases]);
+        inv.arg(&r.batch).arg(r.index).arg(ms).arg(r.id);
+        let _: u64 = self.run(&inv, "extend").await?;
         Ok(())
     }
 
@@ -788,7 +832,7 @@ impl Broker for RedisBroker {
                     .to_owned(),
             );
         }
-        details.insert("prefix".into(), i.config.prefix.clone());
+        details.insert("prefix".into(), i.config.prefix_for(&i.settings.queue));
         details.insert("wake_up".into(), "BLPOP on a signal list".into());
         details.insert(
             "topology".into(),
@@ -832,6 +876,7 @@ impl Broker for RedisBroker {
             priority: true,
             delay: true,
             stats: true,
+            extend: reliable,
         }
     }
 

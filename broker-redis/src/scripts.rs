@@ -248,6 +248,24 @@ return 1
     )
 }
 
+/// KEYS: inflight base, acked base, leases. ARGV: batch, index, by_ms, id. If the receipt still
+/// holds (its batch is leased, the index unanswered, the id its package's), the batch's lease
+/// runs out `by_ms` from now, or later if another package of the batch already holds it longer
+/// (`GT`: a lease shared by a batch is never shortened). A stale receipt changes nothing.
+pub fn extend() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r#"
+local n = tonumber(ARGV[2])
+if not n or n < 1 or redis.call('SISMEMBER', KEYS[2] .. ARGV[1], ARGV[2]) == 1 then return 0 end
+local blob = redis.call('LINDEX', KEYS[1] .. ARGV[1], n - 1)
+if not blob then return 0 end
+if ARGV[4] ~= '0' and string.sub(blob, 1, #ARGV[4] + 1) ~= ARGV[4] .. ':' then return 0 end
+return redis.call('ZADD', KEYS[3], 'XX', 'GT', 'CH', string.format('%d', clock() + tonumber(ARGV[3])), ARGV[1])
+"#
+    )
+}
+
 /// KEYS: inflight base, acked base, leases, dead, deadinfo, deaddata, seq. ARGV: batch, index,
 /// reason, id. A blob without a header (not written by qcluster) is kept whole under a new name.
 pub fn dead_letter() -> String {

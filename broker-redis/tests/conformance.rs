@@ -40,7 +40,7 @@ fn kit(reliable: bool) -> Kit {
     let make = move |s: QueueSettings| -> BrokerFuture {
         let mut cfg = RedisConfig::new(url());
         cfg.reliable = reliable;
-        cfg.prefix = format!("kit{}", &run[16..]);
+        cfg.prefix = Some(format!("kit{}", &run[16..]));
         Box::pin(async move {
             let b = RedisBroker::connect(&cfg, s).await?;
             Ok(Arc::new(b) as Arc<dyn Broker>)

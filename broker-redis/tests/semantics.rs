@@ -14,7 +14,10 @@ fn url() -> String {
 /// A fresh queue with `bulk` and a one-second lease, or `None` after a loud skip.
 async fn open(tag: &str, bulk: usize) -> Option<(RedisBroker, String)> {
     let mut cfg = RedisConfig::new(url());
-    cfg.prefix = format!("sem{}", &uuid::Uuid::now_v7().simple().to_string()[16..]);
+    cfg.prefix = Some(format!(
+        "sem{}",
+        &uuid::Uuid::now_v7().simple().to_string()[16..]
+    ));
     let settings = QueueSettings {
         bulk,
         retry: Duration::from_secs(1),
@@ -24,7 +27,7 @@ async fn open(tag: &str, bulk: usize) -> Option<(RedisBroker, String)> {
     match RedisBroker::connect(&cfg, settings).await {
         Ok(b) => {
             b.delete_queue().await.expect("delete_queue");
-            Some((b, cfg.prefix))
+            Some((b, cfg.prefix.unwrap_or_default()))
         }
         Err(e) => {
             if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {

@@ -104,7 +104,7 @@ fn kit(cfg: RedisConfig) -> Kit {
     let run = uuid::Uuid::now_v7().simple().to_string();
     Kit::new(move |s: QueueSettings| -> BrokerFuture {
         let mut cfg = cfg.clone();
-        cfg.prefix = format!("kit{}", &run[16..]);
+        cfg.prefix = Some(format!("kit{}", &run[16..]));
         Box::pin(async move {
             let b = RedisBroker::connect(&cfg, s).await?;
             Ok(Arc::new(b) as Arc<dyn Broker>)
@@ -166,7 +166,7 @@ async fn conformance_on_redis_cluster() {
     let mut holders = std::collections::BTreeSet::new();
     for q in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] {
         let mut c = cfg.clone();
-        c.prefix = "spread".into();
+        c.prefix = Some("spread".into());
         let b = RedisBroker::connect(&c, QueueSettings::for_queue(q))
             .await
             .expect("connect");

@@ -48,11 +48,7 @@ pub async fn from_config(config: &Config) -> Result<Arc<dyn Broker>, Error> {
         "redis" => {
             let redis = broker_redis::RedisConfig {
                 url: config.redis.url.0.clone(),
-                prefix: config
-                    .redis
-                    .prefix
-                    .clone()
-                    .unwrap_or_else(|| format!("qcluster:{}", config.name)),
+                prefix: config.redis.prefix.clone(),
                 reliable: config.redis.reliable,
                 connect_timeout: config.redis.connect_timeout,
                 cluster: config.redis.cluster,

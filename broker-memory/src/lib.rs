@@ -1,0 +1,2 @@
+//! An in-process broker (work in progress).
+#![warn(missing_docs)]
