@@ -15,6 +15,57 @@
 //! broker for exactly that queue (several calls with the same name must share the queue: the
 //! concurrency check opens four consumers). Checks that need an optional capability are skipped,
 //! loudly, when [`Broker::capabilities`] does not declare it.
+//!
+//! # Where receipts are settled
+//!
+//! By default the kit settles a receipt (`acknowledge`, `fail`, `extend`, ...) on **any** handle
+//! of the queue, often not the one that dequeued it: the SQL, Redis and memory adapters keep the
+//! lease on the server, so the receipt alone names it (see the [`Broker`] trait docs). An
+//! adapter whose server binds a reservation to the connection that took it (AMQP channels,
+//! beanstalkd connections) says so in its docs and `info`, and settles on the dequeuing handle;
+//! the checks below that settle on a second handle are written for the first kind, and the
+//! checks that matter to both kinds (`concurrent_dequeue_one_handle`, `connection_loss`) settle
+//! on the dequeuing handle.
+//!
+//! # What the checks demand
+//!
+//! Every name in [`CHECKS`] is one check; [`Kit::run`] prints `ok`, `skipped: <why>` or
+//! `FAILED` for each. Beside the basics (round trip, order, bulk, receipts, sizes, info, ping,
+//! priority, delay, dead letters, stats, four concurrent consumers):
+//!
+//! - **Sizes follow the declared capabilities.** `round_trip` sends `min(70_000, cap)` bytes and
+//!   exactly `cap` bytes, where `cap` is [`Capabilities::max_message_size`] of a broker opened
+//!   with default settings (the package at the cap is left out above 64 MiB).
+//!   `oversize_is_refused` asks for `min(100_000, cap)` through
+//!   [`QueueSettings::max_message_size`]: a package of exactly that size is stored and comes back,
+//!   one byte more is refused with [`BrokerError::TooLarge`] (right size and limit) before
+//!   anything is stored, in `enqueue` and `enqueue_many`; then `cap + 1` bytes on a default
+//!   broker are refused too. A broker whose server caps packages at 64 KiB passes honestly.
+//! - **`concurrent_dequeue_one_handle`**: two `dequeue` futures of **one** handle (tasks sharing
+//!   an `Arc<dyn Broker>`) wait on an empty queue with `wait` = 5 s; meanwhile `acknowledge` and
+//!   `fail` of two earlier deliveries on the same handle each finish within 2 s and take effect
+//!   (the acknowledged package never comes back; the failed one, where receipts hold, goes to
+//!   one of the waiting dequeues well before its lease would have run out). Then packages are
+//!   enqueued and each is delivered to exactly one of the two. A cluster does exactly this: two
+//!   pushers and a monitor on one handle.
+//! - **`dropped_dequeue_loses_nothing`** (needs receipts): many times, a `dequeue` races a
+//!   concurrent `enqueue` and is dropped at varying points (timeouts of a few milliseconds,
+//!   after a few polls). Every package enqueued must still be delivered: at once, or after its
+//!   lease when a dropped future had claimed it; and none is delivered again once acknowledged.
+//! - **`extend_keeps_the_lease`**: where [`Capabilities::extend`] holds, a package whose lease
+//!   handle A extends (`extend(ack, 2 × retry)`, twice) is not delivered to handle B after the
+//!   original lease, nor after the first extension, would have run out; A's `acknowledge` then
+//!   removes it for good and a later `extend` of that receipt is ignored. A stale `extend` (A's
+//!   lease ran out and B holds the package) is ignored: B's lease stands, so a third dequeue
+//!   gets nothing until it runs out, and then gets the package (B's lease was not extended
+//!   either). Without the capability, `extend` must return [`BrokerError::Unsupported`] naming
+//!   the adapter (not a placeholder); the check then says `skipped`.
+//! - **`connection_loss`**, only with a [`Kit::disconnect`] hook that makes the server drop the
+//!   broker's connections: enqueue, dequeue, drop the connections, then `acknowledge` on the
+//!   dequeuing handle, retrying for a few seconds only errors that
+//!   [`BrokerError::is_transient`] calls transient (as a cluster does). The package must be gone
+//!   for good (not delivered again after its lease), and `dequeue` must work again after the
+//!   loss (another package comes; an empty queue answers empty).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,6 +80,10 @@ use crate::{Broker, BrokerError, Delivery, Message, QueueSettings};
 pub type BrokerFuture = Pin<Box<dyn Future<Output = Result<Arc<dyn Broker>, BrokerError>> + Send>>;
 type Factory = Arc<dyn Fn(QueueSettings) -> BrokerFuture + Send + Sync>;
 type Unreachable = Arc<dyn Fn() -> BrokerFuture + Send + Sync>;
+/// What a [`Kit::disconnect`] hook returns: `Ok` once the server has dropped the connections of
+/// the kit's brokers, or why it could not.
+pub type DisconnectFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type Disconnect = Arc<dyn Fn() -> DisconnectFuture + Send + Sync>;
 type CheckResult = Result<Outcome, String>;
 
 /// How one check ended.
@@ -45,10 +100,18 @@ pub enum Outcome {
 pub struct Kit {
     make: Factory,
     unreachable: Option<Unreachable>,
+    disconnect: Option<Disconnect>,
     secret: Option<String>,
     prefix: String,
     retry: Duration,
 }
+
+/// Largest package the kit sends: a declared `max_message_size` above this is not sent whole.
+const LARGEST_SENT: usize = 64 * 1024 * 1024;
+/// How long a settle may take while dequeues of the same handle wait.
+const SETTLE_PROMPTLY: Duration = Duration::from_secs(2);
+/// How long the kit retries transient errors after a connection loss.
+const RECONNECT_BUDGET: Duration = Duration::from_secs(10);
 
 /// Every check the kit runs, by name, in order.
 pub const CHECKS: &[&str] = &[
@@ -73,7 +136,11 @@ pub const CHECKS: &[&str] = &[
     "delay",
     "dead_letter",
     "stats",
+    "concurrent_dequeue_one_handle",
+    "dropped_dequeue_loses_nothing",
+    "extend_keeps_the_lease",
     "concurrent_consumers",
+    "connection_loss",
 ];
 
 impl Kit {
@@ -85,6 +152,7 @@ impl Kit {
         Self {
             make: Arc::new(make),
             unreachable: None,
+            disconnect: None,
             secret: None,
             prefix: format!("kit{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
             retry: Duration::from_secs(3),
@@ -98,6 +166,27 @@ impl Kit {
         F: Fn() -> BrokerFuture + Send + Sync + 'static,
     {
         self.unreachable = Some(Arc::new(make));
+        self
+    }
+
+    /// A hook that makes the server drop every connection of the brokers this kit's factory made
+    /// (`CLIENT KILL`, `pg_terminate_backend`, `KILL CONNECTION`, ...), and no one else's: other
+    /// tests may share the server. Without it `connection_loss` is skipped, loudly.
+    ///
+    /// ```no_run
+    /// # use broker_core::testkit::Kit;
+    /// # fn k(kit: Kit) -> Kit {
+    /// kit.disconnect(|| Box::pin(async {
+    ///     // e.g. terminate the backends of the database made for this run
+    ///     Ok(())
+    /// }))
+    /// # }
+    /// ```
+    pub fn disconnect<F>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> DisconnectFuture + Send + Sync + 'static,
+    {
+        self.disconnect = Some(Arc::new(hook));
         self
     }
 
@@ -123,14 +212,14 @@ impl Kit {
         let mut failed = Vec::new();
         for name in names {
             let started = Instant::now();
-            let limit = if *name == "concurrent_consumers" {
-                300
-            } else {
-                60
+            // The lease-bound checks wait several leases.
+            let limit = match *name {
+                "concurrent_consumers" => Duration::from_secs(300),
+                _ => Duration::from_secs(60) + self.retry * 8,
             };
-            let result = tokio::time::timeout(Duration::from_secs(limit), self.check(name))
+            let result = tokio::time::timeout(limit, self.check(name))
                 .await
-                .unwrap_or_else(|_| Err(format!("did not finish within {limit} s")));
+                .unwrap_or_else(|_| Err(format!("did not finish within {limit:?}")));
             let ms = started.elapsed().as_millis();
             match result {
                 Ok(Outcome::Passed) => eprintln!("conformance {name}: ok ({ms} ms)"),
@@ -172,7 +261,11 @@ impl Kit {
             "delay" => self.delay().await,
             "dead_letter" => self.dead_letter().await,
             "stats" => self.stats().await,
+            "concurrent_dequeue_one_handle" => self.concurrent_dequeue_one_handle().await,
+            "dropped_dequeue_loses_nothing" => self.dropped_dequeue().await,
+            "extend_keeps_the_lease" => self.extend_keeps_the_lease().await,
             "concurrent_consumers" => self.concurrent().await,
+            "connection_loss" => self.connection_loss().await,
             other => Err(format!("no such check {other:?}")),
         }
     }
@@ -209,28 +302,35 @@ impl Kit {
 
     async fn round_trip(&self) -> CheckResult {
         let b = self.open(self.settings("round_trip")).await?;
+        // Sizes follow what the broker declares: a server that caps packages at 64 KiB passes.
+        let cap = b.capabilities().max_message_size;
         let all: Vec<u8> = (0..=255u8).collect();
-        let payloads = vec![
+        let mut payloads = vec![
             vec![0u8],
             all.clone(),
             all.iter()
                 .rev()
                 .cycle()
-                .take(70_000)
+                .take(70_000.min(cap))
                 .copied()
                 .collect::<Vec<u8>>(),
             b"\x00\xff'\";--\\ DROP TABLE x".to_vec(),
         ];
+        if cap <= LARGEST_SENT {
+            payloads.push((0..cap).map(|i| (i % 251) as u8).collect());
+        }
+        payloads.retain(|p| p.len() <= cap);
         for p in &payloads {
             b.enqueue(Message::new(p.clone()))
                 .await
                 .map_err(err("enqueue"))?;
         }
-        let got = drain(&*b, payloads.len(), Duration::from_secs(10)).await?;
+        let got = drain(&*b, payloads.len(), Duration::from_secs(30)).await?;
         for (d, p) in got.iter().zip(&payloads) {
             if &d.payload != p {
                 return Err(format!(
-                    "payload of {} bytes came back as {} bytes, or changed",
+                    "payload of {} bytes (max_message_size = {cap}) came back as {} bytes, or \
+                     changed, or out of order",
                     p.len(),
                     d.payload.len()
                 ));
@@ -632,13 +732,22 @@ impl Kit {
     }
 
     async fn oversize(&self) -> CheckResult {
-        let limit = 100_000;
+        // The broker's own limit, as a broker opened with default settings declares it.
+        let own = self.open(self.settings("oversize-own")).await?;
+        let cap = own.capabilities().max_message_size;
+        let limit = cap.min(100_000);
         let b = self
             .open(QueueSettings {
                 max_message_size: Some(limit),
                 ..self.settings("oversize")
             })
             .await?;
+        let declared = b.capabilities().max_message_size;
+        if declared != limit {
+            return Err(format!(
+                "asked for max_message_size = {limit}, the broker declares {declared}"
+            ));
+        }
         let exact: Vec<u8> = (0..limit).map(|i| (i % 251) as u8).collect();
         b.enqueue(Message::new(exact.clone()))
             .await
@@ -656,6 +765,10 @@ impl Kit {
             }
             Ok(_) => return Err("a package over max_message_size was accepted".into()),
         }
+        // Refused before anything was stored: only the package at the limit waits.
+        expect_size(&*b, 1)
+            .await
+            .map_err(|e| format!("after refusing a package of {} bytes: {e}", limit + 1))?;
         match b
             .enqueue_many(vec![Message::new(payload(1)), Message::new(over)])
             .await
@@ -680,9 +793,7 @@ impl Kit {
             b.acknowledge(&d.ack).await.map_err(err("acknowledge"))?;
         }
         // The adapter's own limit holds too.
-        let own = self.open(self.settings("oversize-own")).await?;
-        let cap = own.capabilities().max_message_size;
-        if cap <= 64 * 1024 * 1024 {
+        if cap < LARGEST_SENT {
             match own.enqueue(Message::new(vec![0u8; cap + 1])).await {
                 Err(BrokerError::TooLarge { .. }) => {}
                 other => {
@@ -692,6 +803,9 @@ impl Kit {
                     ));
                 }
             }
+            expect_size(&*own, 0)
+                .await
+                .map_err(|e| format!("after refusing max_message_size + 1 bytes: {e}"))?;
         }
         Ok(Outcome::Passed)
     }

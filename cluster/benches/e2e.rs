@@ -98,7 +98,7 @@ fn config(url: &str, name: &str) -> Config {
         secret: Some(Secret::new("bench-secret")),
         ..Config::default()
     };
-    c.orm.url = Url(url.to_owned());
+    c.set("orm.url", url.to_owned()).expect("orm.url");
     c
 }
 
@@ -109,7 +109,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     let on_redis = url.starts_with("redis");
     if on_redis {
         cfg.broker = "redis".into();
-        cfg.redis.url = Url(url.to_owned());
+        cfg.set("redis.url", url.to_owned()).expect("redis.url");
         cfg.store.url = Some(Url(store_url.to_owned()));
     }
     let e = |e: cluster::Error| e.to_string();
@@ -125,7 +125,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     }
     let enqueue = n as f64 / t0.elapsed().as_secs_f64();
 
-    let broker = cluster::broker::from_config(&cfg).await.map_err(e)?;
+    let broker = cluster::Brokers::builtin().connect(&cfg).await.map_err(e)?;
     let codec = cluster::client::codec_from(&cfg).map_err(e)?;
     let cluster = Cluster::new(
         cfg.clone(),

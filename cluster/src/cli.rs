@@ -1,5 +1,6 @@
-//! The `qcluster` command line, reusable by binaries that add their own tasks:
-//! `cluster::cli::main(registry)`.
+//! The `qcluster` command line, reusable by binaries that add their own tasks and brokers:
+//! `cluster::App::new().tasks(registry).broker("nats", connect).main()`, or
+//! `cluster::cli::main(registry)` for tasks only.
 //!
 //! Exit codes: 0 success, 1 task or runtime failure, 2 usage or configuration error.
 
@@ -14,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use figment::value::Value;
 use serde::Deserialize;
 
+use crate::broker::Brokers;
 use crate::config::{Config, Loaded, parse_flag};
 use crate::error::{ConfigError, Error};
 use crate::sentinel::{Cluster, STATUS_PREFIX, Status};
@@ -205,8 +207,14 @@ impl Fail {
 
 type Res<T = ()> = Result<T, Fail>;
 
-/// Runs the `qcluster` command line with `registry`'s tasks and returns the exit code.
+/// Runs the `qcluster` command line with `registry`'s tasks and the built-in brokers, and
+/// returns the exit code. Same as `App::new().tasks(registry).main()`.
 pub fn main(registry: Registry) -> ExitCode {
+    run(registry, Brokers::builtin())
+}
+
+/// Runs the command line with these tasks and brokers.
+pub(crate) fn run(registry: Registry, brokers: Brokers) -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -238,7 +246,7 @@ pub fn main(registry: Registry) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let result = rt.block_on(dispatch(cli, registry));
+    let result = rt.block_on(dispatch(cli, registry, brokers));
     // Blocking tasks that overran their timeout cannot be killed; do not wait for them.
     rt.shutdown_timeout(Duration::from_secs(1));
     match result {
@@ -252,7 +260,7 @@ pub fn main(registry: Registry) -> ExitCode {
     }
 }
 
-fn load(cli: &Cli) -> Res<Loaded> {
+fn load(cli: &Cli, brokers: &Brokers) -> Res<Loaded> {
     let mut flags: Vec<(String, Value)> = Vec::new();
     for raw in &cli.set {
         flags.push(parse_flag(raw)?);
@@ -266,7 +274,7 @@ fn load(cli: &Cli) -> Res<Loaded> {
     if let Some(n) = &cli.name {
         flags.push(("name".into(), Value::from(n.clone())));
     }
-    Ok(Config::load(cli.config.as_deref(), &flags)?)
+    Ok(Config::load_with(cli.config.as_deref(), &flags, brokers)?)
 }
 
 /// Seconds from a flag: finite, not negative, at most ten years.
@@ -282,17 +290,17 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-async fn dispatch(cli: Cli, registry: Registry) -> Res {
+async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
     if let Command::Quickstart { tasks } = &cli.command {
-        return quickstart::run(&cli, *tasks, registry).await;
+        return quickstart::run(&cli, *tasks, registry, &brokers).await;
     }
-    let loaded = load(&cli)?;
+    let loaded = load(&cli, &brokers)?;
     let config = loaded.config.clone();
     match cli.command {
         Command::Quickstart { .. } => Ok(()),
-        Command::Config { out } => show_config(&loaded, out.json),
+        Command::Config { out } => show_config(&loaded, &brokers, out.json),
         Command::Run => {
-            let cluster = Cluster::connect(config, registry).await?;
+            let cluster = Cluster::connect_with(config, registry, &brokers).await?;
             let stop = async {
                 if let Err(e) = crate::shutdown_signal().await {
                     tracing::error!("cannot listen for signals: {e}");
@@ -302,22 +310,22 @@ async fn dispatch(cli: Cli, registry: Registry) -> Res {
             cluster.run(stop).await?;
             Ok(())
         }
-        Command::Enqueue(args) => enqueue(&config, registry, args).await,
+        Command::Enqueue(args) => enqueue(&config, registry, &brokers, args).await,
         Command::Result { id, wait, out } => {
             let id: TaskId = id
                 .parse()
                 .map_err(|e| Fail::usage(format!("`{id}` is not a task id: {e}")))?;
-            let store = Store::connect(&config.store_url(), config.orm.connect_timeout).await?;
+            let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
             let r = match wait {
                 Some(w) => wait_for(&store, id, secs("--wait", w)?).await?,
                 None => store.get(id).await?,
             };
             show_result(id, r, out.json)
         }
-        Command::Info { out } => info(&config, out.json).await,
-        Command::Ping { out } => ping(&config, out.json).await,
+        Command::Info { out } => info(&config, &brokers, out.json).await,
+        Command::Ping { out } => ping(&config, &brokers, out.json).await,
         Command::Purge { out } => {
-            let broker = crate::broker::from_config(&config).await?;
+            let broker = brokers.connect(&config).await?;
             let n = broker.purge_queue().await.map_err(Error::from)?;
             if out.json {
                 print_json(&serde_json::json!({ "queue": config.name, "purged": n }));
@@ -327,7 +335,7 @@ async fn dispatch(cli: Cli, registry: Registry) -> Res {
             Ok(())
         }
         Command::Quarantine { limit, out } => {
-            let broker = crate::broker::from_config(&config).await?;
+            let broker = brokers.connect(&config).await?;
             let dead = broker.dead_letters(limit).await.map_err(Error::from)?;
             let rows: Vec<serde_json::Value> = dead
                 .iter()
@@ -360,8 +368,8 @@ async fn dispatch(cli: Cli, registry: Registry) -> Res {
     }
 }
 
-fn show_config(loaded: &Loaded, json: bool) -> Res {
-    let entries = loaded.entries();
+fn show_config(loaded: &Loaded, brokers: &Brokers, json: bool) -> Res {
+    let entries = loaded.entries_with(brokers);
     if json {
         let map: serde_json::Map<String, serde_json::Value> = entries
             .into_iter()
@@ -494,7 +502,7 @@ fn read_lines(path: &PathBuf) -> Res<Vec<NewTask>> {
     Ok(tasks)
 }
 
-async fn enqueue(config: &Config, registry: Registry, a: EnqueueArgs) -> Res {
+async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: EnqueueArgs) -> Res {
     let registry = Arc::new(registry);
     let tasks = match (&a.from, &a.func) {
         (Some(path), _) => read_lines(path)?,
@@ -527,7 +535,9 @@ async fn enqueue(config: &Config, registry: Registry, a: EnqueueArgs) -> Res {
             }
         })?;
     }
-    let client = Client::connect(config).await?.with_registry(registry);
+    let client = Client::connect_with(config, brokers)
+        .await?
+        .with_registry(registry);
     let mut stdout = std::io::stdout().lock();
     let mut ids = Vec::with_capacity(tasks.len());
     for chunk in tasks.chunks(1000) {
@@ -554,8 +564,8 @@ async fn enqueue(config: &Config, registry: Registry, a: EnqueueArgs) -> Res {
     Ok(())
 }
 
-async fn info(config: &Config, json: bool) -> Res {
-    let broker = crate::broker::from_config(config).await?;
+async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
+    let broker = brokers.connect(config).await?;
     let info = broker.info().await.map_err(Error::from)?;
     let queued = broker.queue_size().await.map_err(Error::from)?;
     let in_flight = broker.lock_size().await.map_err(Error::from)?;
@@ -616,16 +626,16 @@ async fn info(config: &Config, json: bool) -> Res {
     Ok(())
 }
 
-async fn ping(config: &Config, json: bool) -> Res {
+async fn ping(config: &Config, brokers: &Brokers, json: bool) -> Res {
     let t = Instant::now();
-    let broker = crate::broker::from_config(config).await;
+    let broker = brokers.connect(config).await;
     let broker_ok = match &broker {
         Ok(b) => b.ping().await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     let broker_ms = t.elapsed().as_secs_f64() * 1000.0;
     let t = Instant::now();
-    let store_ok = Store::connect(&config.store_url(), config.orm.connect_timeout)
+    let store_ok = Store::connect(&config.store_url(), config.store.connect_timeout)
         .await
         .map(drop)
         .map_err(|e| e.to_string());

@@ -65,15 +65,43 @@ pub fn codec_from(config: &Config) -> Result<Codec, Error> {
     let secret = config.load_secret()?;
     Ok(Codec::new(secret.expose(), &config.name)?
         .with_compression(config.compress)
-        .with_max_size(config.max_message_size))
+        .with_max_size(
+            config
+                .max_message_size
+                .unwrap_or(crate::config::DEFAULT_MAX_MESSAGE_SIZE),
+        ))
 }
 
 impl Client {
-    /// A client on the configured broker and result store.
+    /// A client on the configured broker (one of the built-in adapters) and result store.
     pub async fn connect(config: &Config) -> Result<Self, Error> {
+        Self::connect_with(config, &crate::broker::Brokers::builtin()).await
+    }
+
+    /// A client on the configured broker, found in `brokers`, and the result store. With
+    /// `sync = true` tasks run in the calling process at enqueue time and no broker server is
+    /// contacted: the client holds an in-process memory broker instead.
+    pub async fn connect_with(
+        config: &Config,
+        brokers: &crate::broker::Brokers,
+    ) -> Result<Self, Error> {
+        let broker = if config.sync {
+            let b = broker_memory::MemoryBroker::connect(
+                broker_memory::MemoryConfig::default(),
+                config.queue_settings(),
+            )
+            .await?;
+            Arc::new(b) as Arc<dyn Broker>
+        } else {
+            brokers.connect(config).await?
+        };
+        Self::with_broker(config, broker).await
+    }
+
+    /// A client on a ready broker, with the codec and the result store `config` describes.
+    pub async fn with_broker(config: &Config, broker: Arc<dyn Broker>) -> Result<Self, Error> {
         let codec = codec_from(config)?;
-        let broker = crate::broker::from_config(config).await?;
-        let store = Store::connect(&config.store_url(), config.orm.connect_timeout).await?;
+        let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
         let mut c = Self::new(broker, codec).with_store(store);
         if config.sync {
             c.sync = Some(Arc::new(config.clone()));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use figment::providers::{Env, Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::error::ConfigError;
 
@@ -16,21 +16,26 @@ use crate::error::ConfigError;
 /// `secret` is read from `QCLUSTER_SECRET` as is (not parsed as a number or boolean).
 const ENV_NOT_KEYS: &[&str] = &["config", "log", "require_services", "secret"];
 
+/// Largest package when `max_message_size` is not set and the broker sets no lower limit.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
 /// Name under which the default values are reported.
 pub const SOURCE_DEFAULT: &str = "default";
 /// Name under which `--set` and other flags are reported.
 pub const SOURCE_FLAG: &str = "command-line flag";
 
-/// The whole cluster configuration. Field names are the keys of `qcluster.toml`.
+/// The whole cluster configuration. Field names are the keys of `qcluster.toml`; a broker's own
+/// section (`[orm]`, `[redis]`, `[nats]`…) is kept raw and read by its factory (see
+/// [`crate::broker::Brokers`]). Unknown keys are refused by [`Config::load`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Config {
     /// Cluster name: names the queue, keys the signatures (two clusters with different names
     /// cannot run each other's packages) and tags results.
     pub name: String,
     /// Label shown by `info` and `monitor`.
     pub label: String,
-    /// Which broker carries the packages: `orm` (default).
+    /// Which broker carries the packages: a registered name, `orm` (default), `redis`, `memory`…
     pub broker: String,
     /// Concurrent task executors.
     pub workers: usize,
@@ -72,18 +77,74 @@ pub struct Config {
     pub sync: bool,
     /// Run missed schedule slots after downtime (scheduler, later).
     pub catch_up: bool,
-    /// Largest package in bytes.
-    pub max_message_size: usize,
+    /// Largest package in bytes; unset takes the broker's own limit (16 MiB, or less where the
+    /// server allows less). A value set here that the server cannot take is refused.
+    pub max_message_size: Option<usize>,
     /// The signing secret. Only from `QCLUSTER_SECRET` or a flag, never from the file.
     pub secret: Option<Secret>,
     /// File holding the signing secret.
     pub secret_file: Option<PathBuf>,
-    /// `[orm]`: the SQL broker.
-    pub orm: OrmSection,
-    /// `[redis]`: the Redis broker.
-    pub redis: RedisSection,
     /// `[store]`: where results are kept.
     pub store: StoreSection,
+    /// Broker sections (`[orm]`, `[redis]`, …), raw: each adapter reads its own. Set keys in
+    /// code with [`Config::set`].
+    #[serde(skip)]
+    pub sections: Sections,
+    /// Where loaded values came from (empty for a configuration built in code).
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// Raw broker sections by name. Debug masks URLs and secret-looking keys.
+#[derive(Clone, Default)]
+pub struct Sections(std::collections::BTreeMap<String, Value>);
+
+impl fmt::Debug for Sections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut m = f.debug_map();
+        for (name, v) in &self.0 {
+            let json = serde_json::to_value(v).unwrap_or_default();
+            let mut entries = Vec::new();
+            flatten(name, &json, &mut entries);
+            for e in entries {
+                m.entry(&e.key, &mask(&e.key, e.value).to_string());
+            }
+        }
+        m.finish()
+    }
+}
+
+/// The layers a configuration was loaded from. Opaque, and never printed: it holds raw values.
+#[derive(Clone, Default)]
+pub struct Origin(Option<std::sync::Arc<Figment>>);
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "loaded"
+        } else {
+            "in code"
+        })
+    }
+}
+
+/// Masks a value for display: URLs lose their password, secret-looking keys their value.
+pub(crate) fn mask(key: &str, value: serde_json::Value) -> serde_json::Value {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    match value {
+        serde_json::Value::Null => serde_json::Value::Null,
+        _ if leaf.contains("password")
+            || leaf.contains("secret")
+            || leaf.contains("token")
+            || leaf.ends_with("_key") && !leaf.ends_with("key_file") =>
+        {
+            serde_json::Value::String("********".into())
+        }
+        serde_json::Value::String(s) if leaf.ends_with("url") => {
+            serde_json::Value::String(broker_core::mask_url(&s))
+        }
+        other => other,
+    }
 }
 
 impl Default for Config {
@@ -109,86 +170,34 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             sync: false,
             catch_up: true,
-            max_message_size: 16 * 1024 * 1024,
+            max_message_size: None,
             secret: None,
             secret_file: None,
-            orm: OrmSection::default(),
-            redis: RedisSection::default(),
             store: StoreSection::default(),
-        }
-    }
-}
-
-/// `[orm]`: where the SQL broker keeps its queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OrmSection {
-    /// `sqlite://qcluster.sqlite3`, `postgres://…` or `mysql://…`.
-    pub url: Url,
-    /// Read replica for `info` and sizes (Django Q's `has_replica`).
-    pub replica_url: Option<Url>,
-    /// Connections in the pool.
-    pub pool_size: Option<u32>,
-    /// Seconds to wait for a connection.
-    #[serde(with = "secs")]
-    pub connect_timeout: Duration,
-}
-
-impl Default for OrmSection {
-    fn default() -> Self {
-        Self {
-            url: Url("sqlite://qcluster.sqlite3".to_owned()),
-            replica_url: None,
-            pool_size: None,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-/// `[redis]`: the Redis broker.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisSection {
-    /// `redis://[:password@]host:port/db`, or `rediss://` (TLS, feature `redis-tls`).
-    pub url: Url,
-    /// Key prefix; defaults to the cluster name.
-    pub prefix: Option<String>,
-    /// Receipts and leases (true), or Django Q's pop-and-forget (false).
-    pub reliable: bool,
-    /// Seconds to wait for a connection.
-    #[serde(with = "secs")]
-    pub connect_timeout: Duration,
-    /// `url` is one node of a Redis Cluster (a queue's keys share a hash tag, so one slot).
-    pub cluster: bool,
-    /// PEM CA file for `rediss://` (the system's roots otherwise).
-    pub ca_file: Option<std::path::PathBuf>,
-    /// PEM client certificate for `rediss://`, with `key_file`.
-    pub cert_file: Option<std::path::PathBuf>,
-    /// PEM private key of `cert_file`.
-    pub key_file: Option<std::path::PathBuf>,
-}
-
-impl Default for RedisSection {
-    fn default() -> Self {
-        Self {
-            url: Url("redis://127.0.0.1:6379/0".to_owned()),
-            prefix: None,
-            reliable: true,
-            connect_timeout: Duration::from_secs(5),
-            cluster: false,
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
+            sections: Sections::default(),
+            origin: Origin::default(),
         }
     }
 }
 
 /// `[store]`: the result store.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
     /// Defaults to the ORM broker's database when `broker = "orm"`, else `sqlite://qcluster.sqlite3`.
     pub url: Option<Url>,
+    /// Seconds to wait for a connection.
+    #[serde(with = "secs")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// A URL whose password is masked wherever it is printed.
@@ -242,37 +251,7 @@ impl Serialize for Secret {
     }
 }
 
-/// Seconds as a number (integer or fraction) in the file, a `Duration` in code.
-mod secs {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Duration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number of seconds")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
-                Ok(Duration::from_secs(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
-                u64::try_from(v)
-                    .map(Duration::from_secs)
-                    .map_err(|_| E::custom("must not be negative"))
-            }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Duration, E> {
-                Duration::try_from_secs_f64(v)
-                    .map_err(|_| E::custom("must be a finite, non-negative number of seconds"))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+use broker_core::secs;
 
 /// A provider with a name of our own (so that `qcluster config` can say where a value came from).
 struct Named {
@@ -328,11 +307,31 @@ fn rank(source: &str) -> u8 {
 fn sensitive(key: &str) -> bool {
     key == "secret"
         || key == "config"
-        || key == "orm"
-        || key == "redis"
         || key == "store"
+        || (!key.contains('.') && !is_cluster_key(key))
         || key.ends_with("url")
-        || key.contains("password")
+        || ["password", "secret", "token"]
+            .iter()
+            .any(|w| key.rsplit('.').next().is_some_and(|l| l.contains(w)))
+}
+
+/// The top-level keys of [`Config`] (every other top-level key is a broker section).
+fn cluster_keys() -> &'static [String] {
+    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let value = serde_json::to_value(Config::default()).unwrap_or_default();
+        let mut keys: Vec<String> = value
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    })
+}
+
+/// True for a key of the cluster itself (`workers`, `store`), false for a broker section.
+pub(crate) fn is_cluster_key(key: &str) -> bool {
+    cluster_keys().iter().any(|k| k == key)
 }
 
 /// A TOML syntax error without the quoted source line (it may hold a password): where, and what.
@@ -361,19 +360,39 @@ pub struct Entry {
 }
 
 impl Loaded {
-    /// Every key with its effective value (masked) and source, in key order.
+    /// Every key with its effective value (masked) and source, in key order; the sections of
+    /// the built-in brokers with their defaults.
     pub fn entries(&self) -> Vec<Entry> {
+        self.entries_with(&crate::broker::Brokers::builtin())
+    }
+
+    /// Every key with its effective value (masked) and source, in key order. The selected
+    /// broker's section (and any other section of a registered broker) shows every key of the
+    /// adapter's config, defaults included; other sections show what was written.
+    pub fn entries_with(&self, brokers: &crate::broker::Brokers) -> Vec<Entry> {
         let mut out = Vec::new();
         let value = serde_json::to_value(&self.config).unwrap_or_default();
         flatten("", &value, &mut out);
+        let mut names: Vec<&str> = self.config.sections.0.keys().map(String::as_str).collect();
+        if !names.contains(&self.config.broker.as_str()) {
+            names.push(&self.config.broker);
+        }
+        for name in names {
+            let section = match brokers.describe(&self.config, name) {
+                Ok(v) => v,
+                Err(_) => self
+                    .config
+                    .section_value(name)
+                    .and_then(|v| serde_json::to_value(v).ok())
+                    .unwrap_or_default(),
+            };
+            flatten(name, &section, &mut out);
+        }
         for e in &mut out {
             e.source = self.source_of(&e.key);
-            if let serde_json::Value::String(s) = &e.value
-                && e.key.ends_with("url")
-            {
-                e.value = serde_json::Value::String(broker_core::mask_url(s));
-            }
+            e.value = mask(&e.key, std::mem::take(&mut e.value));
         }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }
 
@@ -419,53 +438,40 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<Entry>) {
     }
 }
 
-/// Keys that exist in the file format, for "did you mean" suggestions.
-fn known_keys(section: Option<&str>) -> Vec<String> {
-    let value = serde_json::to_value(Config::default()).unwrap_or_default();
-    let mut out = Vec::new();
-    flatten("", &value, &mut out);
-    let mut keys: Vec<String> = out
-        .into_iter()
-        .filter_map(|e| match section {
-            Some(s) => e.key.strip_prefix(&format!("{s}.")).map(str::to_owned),
-            None => Some(e.key.split('.').next().unwrap_or_default().to_owned()),
-        })
-        .collect();
-    // Optional keys serialise as null and still count.
-    keys.extend(
-        [
-            "max_rss",
-            "queue_limit",
-            "secret",
-            "secret_file",
-            "replica_url",
-            "pool_size",
-            "url",
-            "prefix",
-            "ca_file",
-            "cert_file",
-            "key_file",
-        ]
-        .map(str::to_owned),
-    );
-    keys.sort();
-    keys.dedup();
-    keys
-}
-
-fn suggest(unknown: &str, section: Option<&str>) -> Option<String> {
-    known_keys(section)
+/// The candidate closest to `unknown`, if any is close enough to suggest.
+fn closest<'a>(unknown: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    candidates
         .into_iter()
         .map(|k| {
             // Transpositions and one-letter slips in short keys count as close too.
-            let edits = strsim::damerau_levenshtein(unknown, &k);
+            let edits = strsim::damerau_levenshtein(unknown, k);
             let close = edits <= (k.len() / 3).max(1);
-            let score = strsim::jaro_winkler(unknown, &k) + if close { 1.0 } else { 0.0 };
+            let score = strsim::jaro_winkler(unknown, k) + if close { 1.0 } else { 0.0 };
             (score, k)
         })
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| k)
+        .map(|(_, k)| k.to_owned())
+}
+
+/// " (from <source>)" for `key`, or nothing when it is a default or unknown.
+pub(crate) fn from_source(figment: Option<&Figment>, key: &str) -> String {
+    let Some(md) = figment.and_then(|f| f.find_metadata(key)) else {
+        return String::new();
+    };
+    describe_source(md, key)
+}
+
+fn describe_source(md: &Metadata, key: &str) -> String {
+    if md.name.contains("environment") {
+        format!(" (from {})", env_name(key))
+    } else {
+        match &md.source {
+            Some(figment::Source::File(p)) => format!(" (from file {})", p.display()),
+            _ if md.name == SOURCE_DEFAULT => String::new(),
+            _ => format!(" (from {})", md.name),
+        }
+    }
 }
 
 /// Parses `KEY=VALUE` from `--set`; the value is read as TOML (`4`, `true`, `"x"`), else as text.
@@ -489,8 +495,19 @@ pub fn parse_flag(raw: &str) -> Result<(String, Value), ConfigError> {
 
 impl Config {
     /// Loads the configuration: defaults, then the file (`path`, else `QCLUSTER_CONFIG`, else
-    /// `./qcluster.toml` if present), then `QCLUSTER_*` variables, then `flags`; validates it.
+    /// `./qcluster.toml` if present), then `QCLUSTER_*` variables, then `flags`; validates it
+    /// with the brokers built into this binary.
     pub fn load(path: Option<&Path>, flags: &[(String, Value)]) -> Result<Loaded, ConfigError> {
+        Self::load_with(path, flags, &crate::broker::Brokers::builtin())
+    }
+
+    /// [`Config::load`] with the brokers `brokers` registers: `broker` must name one of them,
+    /// and the sections of registered brokers are read (and refused) by their config types.
+    pub fn load_with(
+        path: Option<&Path>,
+        flags: &[(String, Value)],
+        brokers: &crate::broker::Brokers,
+    ) -> Result<Loaded, ConfigError> {
         let file = match path {
             Some(p) => Some(p.to_path_buf()),
             None => match std::env::var_os("QCLUSTER_CONFIG") {
@@ -550,7 +567,27 @@ impl Config {
             dict,
         });
 
-        let mut config: Config = figment.extract().map_err(|e| from_figment(e, &figment))?;
+        let mut config: Config = figment.extract().map_err(|e| known_error(e, None))?;
+        // Every other top-level key is a broker section, or a mistake.
+        let all: Dict = figment.extract().map_err(|e| known_error(e, None))?;
+        for (key, value) in all {
+            if is_cluster_key(&key) {
+                continue;
+            }
+            if !brokers.contains(&key) && crate::broker::feature_of(&key).is_none() {
+                let candidates = cluster_keys()
+                    .iter()
+                    .map(String::as_str)
+                    .chain(brokers.names());
+                let hint = closest(&key, candidates)
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_default();
+                let from = from_source(Some(&figment), &key);
+                return Err(ConfigError::new(&key, format!("unknown key{from}{hint}")));
+            }
+            config.sections.0.insert(key, value);
+        }
+        config.origin = Origin(Some(std::sync::Arc::new(figment.clone())));
         let mut secret_source = None;
         if flags.iter().any(|(k, _)| k == "secret") {
             secret_source = Some(SOURCE_FLAG.to_owned());
@@ -573,7 +610,64 @@ impl Config {
             loaded.secret_source = None;
         }
         loaded.config.validate()?;
+        brokers.check_name(&loaded.config.broker)?;
+        // Every section of a registered broker is read now, so a typo stops start-up even in
+        // the section of a broker not in use.
+        let present: Vec<String> = loaded.config.sections.0.keys().cloned().collect();
+        for name in present.iter().chain(std::iter::once(&loaded.config.broker)) {
+            if brokers.contains(name) {
+                brokers.describe(&loaded.config, name)?;
+            }
+        }
         Ok(loaded)
+    }
+
+    /// The raw section `[<name>]`, if the configuration has one.
+    pub fn section_value(&self, name: &str) -> Option<&Value> {
+        self.sections.0.get(name)
+    }
+
+    /// The layers this configuration was loaded from, if it was loaded (not built in code).
+    pub(crate) fn origin(&self) -> Option<std::sync::Arc<Figment>> {
+        self.origin.0.clone()
+    }
+
+    /// Sets a key in code, the way `--set` does: `set("orm.url", "postgres://…")`,
+    /// `set("workers", 4)`. A broker section key is kept for its factory to read.
+    pub fn set(&mut self, key: &str, value: impl Serialize) -> Result<&mut Self, ConfigError> {
+        let value = Value::serialize(value).map_err(|e| ConfigError::new(key, e.to_string()))?;
+        let head = key.split('.').next().unwrap_or(key);
+        if is_cluster_key(head) {
+            let mut dict = Value::serialize(&*self)
+                .ok()
+                .and_then(|v| v.into_dict())
+                .unwrap_or_default();
+            insert_path(&mut dict, key, value.clone());
+            let mut updated: Config = Value::from(dict)
+                .deserialize()
+                .map_err(|e| known_error(e, None))?;
+            updated.secret = self.secret.clone();
+            updated.sections = std::mem::take(&mut self.sections);
+            updated.origin = std::mem::take(&mut self.origin);
+            *self = updated;
+        } else {
+            let mut dict = Dict::new();
+            for (k, v) in std::mem::take(&mut self.sections.0) {
+                dict.insert(k, v);
+            }
+            insert_path(&mut dict, key, value.clone());
+            self.sections.0 = dict.into_iter().collect();
+        }
+        if let Some(f) = &self.origin.0 {
+            let mut d = Dict::new();
+            insert_path(&mut d, key, value);
+            let merged = (**f).clone().merge(Named {
+                name: SOURCE_FLAG,
+                dict: d,
+            });
+            self.origin = Origin(Some(std::sync::Arc::new(merged)));
+        }
+        Ok(self)
     }
 
     /// Checks values and combinations, naming the key at fault.
@@ -605,8 +699,8 @@ impl Config {
             ("guard_cycle", self.guard_cycle, Duration::from_secs(3600)),
             ("shutdown_timeout", self.shutdown_timeout, day),
             (
-                "orm.connect_timeout",
-                self.orm.connect_timeout,
+                "store.connect_timeout",
+                self.store.connect_timeout,
                 Duration::from_secs(3600),
             ),
         ] {
@@ -649,17 +743,13 @@ impl Config {
                 "must be -1 (keep no successes), 0 (keep all) or a positive count".into(),
             );
         }
-        if self.max_message_size < 64 {
+        if self.max_message_size.is_some_and(|m| m < 64) {
             return err("max_message_size", "must be at least 64 bytes".into());
         }
-        if !crate::broker::KNOWN.contains(&self.broker.as_str()) {
+        if self.max_message_size.is_some_and(|m| m > u32::MAX as usize) {
             return err(
-                "broker",
-                format!(
-                    "unknown broker `{}`; expected one of: {}",
-                    self.broker,
-                    crate::broker::KNOWN.join(", ")
-                ),
+                "max_message_size",
+                format!("must be at most {} bytes", u32::MAX),
             );
         }
         Ok(())
@@ -675,10 +765,16 @@ impl Config {
 
     /// The result store's URL: `[store] url`, else the ORM database, else a local SQLite file.
     pub fn store_url(&self) -> String {
+        const LOCAL: &str = "sqlite://qcluster.sqlite3";
         match (&self.store.url, self.broker.as_str()) {
             (Some(u), _) => u.0.clone(),
-            (None, "orm") => self.orm.url.0.clone(),
-            _ => "sqlite://qcluster.sqlite3".to_owned(),
+            (None, "orm") => self
+                .section_value("orm")
+                .and_then(|v| v.find_ref("url"))
+                .and_then(|v| v.as_str())
+                .unwrap_or(LOCAL)
+                .to_owned(),
+            _ => LOCAL.to_owned(),
         }
     }
 
@@ -721,7 +817,7 @@ impl Config {
             retry: self.retry,
             wait: Duration::from_secs(1),
             poll: self.poll,
-            max_message_size: Some(self.max_message_size),
+            max_message_size: self.max_message_size,
         }
     }
 }
@@ -745,42 +841,35 @@ fn insert_path(dict: &mut Dict, key: &str, value: Value) {
     }
 }
 
-/// Turns figment's error into one that names the key, its source and the closest known key.
-fn from_figment(e: figment::Error, figment: &Figment) -> ConfigError {
-    let first = e.into_iter().next();
-    let Some(e) = first else {
+/// Turns figment's error into one that names the key (inside `section` when given), its source
+/// and the closest known key.
+pub(crate) fn known_error(e: figment::Error, section: Option<&str>) -> ConfigError {
+    let Some(e) = e.into_iter().next() else {
         return ConfigError::new("config", "invalid configuration".to_owned());
     };
-    let mut path = e.path.clone();
-    let source = e
-        .metadata
-        .as_ref()
-        .map(|md| match &md.source {
-            Some(figment::Source::File(p)) => format!("file {}", p.display()),
-            _ => md.name.to_string(),
-        })
-        .unwrap_or_default();
+    let mut path: Vec<String> = section.map(str::to_owned).into_iter().collect();
+    path.extend(e.path.iter().cloned());
     let from = |key: &str| {
-        if source.contains("environment") {
-            format!(" (from {})", env_name(key))
-        } else if source.is_empty() {
-            String::new()
-        } else {
-            format!(" (from {source})")
-        }
+        e.metadata
+            .as_ref()
+            .map(|md| describe_source(md, key))
+            .unwrap_or_default()
     };
     match &e.kind {
-        figment::error::Kind::UnknownField(field, _) => {
+        figment::error::Kind::UnknownField(field, expected) => {
             if path.last() == Some(field) {
                 path.pop();
             }
-            let section = path.first().cloned();
+            let prefix = path.join(".");
             path.push(field.clone());
             let key = path.join(".");
-            let hint = suggest(field, section.as_deref())
-                .map(|k| match &section {
-                    Some(s) => format!("; did you mean `{s}.{k}`?"),
-                    None => format!("; did you mean `{k}`?"),
+            let hint = closest(field, expected.iter().copied())
+                .map(|k| {
+                    if prefix.is_empty() {
+                        format!("; did you mean `{k}`?")
+                    } else {
+                        format!("; did you mean `{prefix}.{k}`?")
+                    }
                 })
                 .unwrap_or_default();
             ConfigError::new(&key, format!("unknown key{}{hint}", from(&key)))
@@ -791,7 +880,6 @@ fn from_figment(e: figment::Error, figment: &Figment) -> ConfigError {
             } else {
                 path.join(".")
             };
-            let _ = figment;
             if let Some(syntax) = toml_syntax(&kind.to_string()) {
                 return ConfigError::new(&key, format!("{syntax}{}", from(&key)));
             }
@@ -812,10 +900,14 @@ mod tests {
 
     #[test]
     fn suggestions_find_the_closest_key() {
-        assert_eq!(suggest("workres", None).as_deref(), Some("workers"));
-        assert_eq!(suggest("ur", Some("orm")).as_deref(), Some("url"));
-        assert_eq!(suggest("ulr", Some("orm")).as_deref(), Some("url"));
-        assert_eq!(suggest("zzzzzz", None), None);
+        let top = || cluster_keys().iter().map(String::as_str);
+        assert_eq!(closest("workres", top()).as_deref(), Some("workers"));
+        assert_eq!(closest("ur", ["url", "pool_size"]).as_deref(), Some("url"));
+        assert_eq!(
+            closest("ulr", ["url", "replica_url"]).as_deref(),
+            Some("url")
+        );
+        assert_eq!(closest("zzzzzz", top()), None);
     }
 
     #[test]
@@ -834,12 +926,15 @@ mod tests {
             secret: Some(Secret::new("hunter2-secret")),
             ..Config::default()
         };
-        c.orm.url = Url("postgres://u:pw-xyz@h/db".into());
+        c.set("orm.url", "postgres://u:pw-xyz@h/db").expect("set");
+        c.set("nats.token", "tok-xyz").expect("set");
+        assert_eq!(c.store_url(), "postgres://u:pw-xyz@h/db");
         let dbg = format!("{c:?}");
         let json = serde_json::to_string(&c).expect("json");
         for out in [dbg, json] {
             assert!(!out.contains("hunter2-secret"), "{out}");
         }
         assert!(!format!("{c:?}").contains("pw-xyz"));
+        assert!(!format!("{c:?}").contains("tok-xyz"));
     }
 }

@@ -7,6 +7,7 @@
 //! each package with the broker.
 #![warn(missing_docs)]
 
+mod app;
 pub mod broker;
 mod builtin;
 pub mod cli;
@@ -20,6 +21,8 @@ pub mod store;
 pub mod task;
 mod worker;
 
+pub use app::App;
+pub use broker::Brokers;
 pub use client::{Client, EnqueueOptions, NewTask};
 pub use config::{Config, Loaded};
 pub use error::{ConfigError, Error, StoreFault};
@@ -28,3 +31,4 @@ pub use store::{Store, TaskRecord};
 pub use task::{Registry, Task, TaskContext};
 
 pub use broker_core;
+pub use broker_memory;

@@ -105,6 +105,8 @@ pub struct Counters {
     pub given_back: AtomicU64,
     /// Roles restarted by the guard.
     pub reincarnations: AtomicU64,
+    /// Lease extensions of running tasks.
+    pub extended: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -126,6 +128,9 @@ pub struct Summary {
     pub given_back: u64,
     /// Roles restarted.
     pub reincarnations: u64,
+    /// Lease extensions of running tasks.
+    #[serde(default)]
+    pub extended: u64,
 }
 
 impl Counters {
@@ -141,6 +146,7 @@ impl Counters {
             duplicates: g(&self.duplicates),
             given_back: g(&self.given_back),
             reincarnations: g(&self.reincarnations),
+            extended: g(&self.extended),
         }
     }
 }
@@ -302,11 +308,31 @@ pub async fn shutdown_signal() -> Result<(), Error> {
 }
 
 impl Cluster {
-    /// Connects broker and store as `config` says and signs with its secret.
+    /// Connects broker (one of the built-in adapters) and store as `config` says and signs with
+    /// its secret.
     pub async fn connect(config: Config, registry: Registry) -> Result<Self, Error> {
+        Self::connect_with(config, registry, &crate::broker::Brokers::builtin()).await
+    }
+
+    /// Connects the broker `config` names, found in `brokers`, and the store.
+    pub async fn connect_with(
+        config: Config,
+        registry: Registry,
+        brokers: &crate::broker::Brokers,
+    ) -> Result<Self, Error> {
+        crate::client::codec_from(&config)?;
+        let broker = brokers.connect(&config).await?;
+        Self::with_broker(config, registry, broker).await
+    }
+
+    /// A cluster on a ready broker: codec (from the secret) and result store as `config` says.
+    pub async fn with_broker(
+        config: Config,
+        registry: Registry,
+        broker: Arc<dyn Broker>,
+    ) -> Result<Self, Error> {
         let codec = crate::client::codec_from(&config)?;
-        let broker = crate::broker::from_config(&config).await?;
-        let store = Store::connect(&config.store_url(), config.orm.connect_timeout).await?;
+        let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
         Ok(Self::new(config, broker, store, codec, registry))
     }
 

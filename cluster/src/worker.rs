@@ -23,6 +23,49 @@ fn lease_margin(retry: Duration) -> Duration {
     (retry / 10).min(Duration::from_secs(1))
 }
 
+/// Lease left when a running task's lease is extended: two margins (a fifth of `retry`, at most
+/// 2 s). A task that finishes before that costs the broker no call at all.
+fn extend_when_left(retry: Duration) -> Duration {
+    lease_margin(retry) * 2
+}
+
+/// Keeps the lease of a running task: just before it runs out, extends it by `retry`, for as
+/// long as the task runs. Returns only when the lease could not be kept (the broker refused or
+/// did not answer until the last margin): the caller then stops the run, as a second consumer
+/// may get the package.
+async fn keep_lease(shared: &Shared, job: &Job, retry: Duration) -> String {
+    let margin = lease_margin(retry);
+    let mut deadline = job.claimed + retry;
+    loop {
+        let at = deadline
+            .checked_sub(extend_when_left(retry))
+            .unwrap_or(deadline);
+        tokio::time::sleep_until(at.into()).await;
+        let asked = std::time::Instant::now();
+        let last_chance = deadline.checked_sub(margin).unwrap_or(deadline);
+        let call = shared.broker.extend(&job.ack, retry);
+        match tokio::time::timeout_at(last_chance.max(asked).into(), call).await {
+            Ok(Ok(())) => {
+                shared.counters.extended.fetch_add(1, Ordering::Relaxed);
+                deadline = asked + retry;
+            }
+            Ok(Err(e)) if std::time::Instant::now() + Duration::from_millis(100) < last_chance => {
+                tracing::warn!(
+                    "lease of task {} not extended ({e}); trying again",
+                    job.package.id
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => {
+                return format!("lease could not be extended ({e}); stopped before it ran out");
+            }
+            Err(_) => {
+                return "lease could not be extended in time; stopped before it ran out".into();
+            }
+        }
+    }
+}
+
 /// What one run produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ran {
@@ -152,7 +195,14 @@ pub(crate) async fn run(
         }
         let intended = effective_timeout(job.package.options.timeout, cfg.timeout);
         let margin = lease_margin(cfg.retry);
-        if intended + margin < cfg.retry && job.claimed.elapsed() + intended + margin >= cfg.retry {
+        let extend = shared.broker.capabilities().extend;
+        let late = if extend {
+            // The lease can be extended, as long as it has not run out already.
+            job.claimed.elapsed() + margin >= cfg.retry
+        } else {
+            intended + margin < cfg.retry && job.claimed.elapsed() + intended + margin >= cfg.retry
+        };
+        if late {
             tracing::warn!(
                 "task {} waited too long for a worker to finish within its lease; given back \
                  (lower `bulk` or `queue_limit` for long tasks)",
@@ -186,6 +236,21 @@ pub(crate) async fn run(
                 permanent: true,
                 started_us: now,
                 stopped_us: now,
+            }
+        } else if extend {
+            // The lease follows the run: extended just before it runs out, up to the timeout.
+            let _running = Running::new(&shared.running);
+            let run = execute(&shared.registry, &job.package, attempt, intended);
+            let started_us = now_us();
+            tokio::select! {
+                biased;
+                ran = run => ran,
+                lost = keep_lease(&shared, &job, cfg.retry) => Ran {
+                    result: Err(lost),
+                    permanent: false,
+                    started_us,
+                    stopped_us: now_us(),
+                },
             }
         } else {
             // Never past the lease: a run still going then would be delivered to someone else.

@@ -37,7 +37,7 @@ async fn world(tag: &str, b: Backend) -> Option<World> {
             let mut w = World::new(tag, None);
             let prefix = format!("test:{}", w.name);
             let cfg = redis_config(&w, &prefix);
-            if let Err(e) = cluster::broker::from_config(&cfg).await {
+            if let Err(e) = cluster::Brokers::builtin().connect(&cfg).await {
                 if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
                     panic!("server required but unreachable: {e}");
                 }
@@ -61,8 +61,9 @@ fn redis_config(w: &World, prefix: &str) -> cluster::Config {
         secret: Some(cluster::config::Secret::new(w.secret.clone())),
         ..cluster::Config::default()
     };
-    cfg.redis.url = cluster::config::Url(redis_url());
-    cfg.redis.prefix = Some(prefix.to_owned());
+    cfg.set("redis.url", redis_url()).expect("redis.url");
+    cfg.set("redis.prefix", Some(prefix.to_owned()))
+        .expect("redis.prefix");
     cfg.store.url = Some(cluster::config::Url(w.url.clone()));
     cfg
 }
@@ -77,7 +78,7 @@ fn config_of(w: &World, b: Backend) -> cluster::Config {
         secret: Some(cluster::config::Secret::new(w.secret.clone())),
         ..cluster::Config::default()
     };
-    cfg.orm.url = cluster::config::Url(w.url.clone());
+    cfg.set("orm.url", w.url.clone()).expect("orm.url");
     cfg
 }
 
@@ -282,7 +283,10 @@ async fn redelivery_of_a_success_is_discarded(b: Backend) {
         timeout: Duration::from_secs(1),
         ..config_of(&w, b)
     };
-    let broker = cluster::broker::from_config(&cfg).await.expect("broker");
+    let broker = cluster::Brokers::builtin()
+        .connect(&cfg)
+        .await
+        .expect("broker");
     let got = broker.dequeue().await.expect("dequeue");
     assert_eq!(got.len(), 1);
     let store = w.store().await;

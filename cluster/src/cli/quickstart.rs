@@ -10,6 +10,7 @@ use broker_core::TaskOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{Cli, Fail, Res, load};
+use crate::broker::Brokers;
 use crate::sentinel::Cluster;
 use crate::{Client, EnqueueOptions, NewTask, Registry};
 
@@ -116,16 +117,16 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-pub(super) async fn run(cli: &Cli, n: usize, registry: Registry) -> Res {
+pub(super) async fn run(cli: &Cli, n: usize, registry: Registry, brokers: &Brokers) -> Res {
     prepare(cli)?;
-    let loaded = load(cli)?;
+    let loaded = load(cli, brokers)?;
     let config = loaded.config;
     ensure_secret(&config)?;
     if n == 0 {
         return Err(Fail::usage("--tasks must be at least 1"));
     }
     let registry = Arc::new(registry);
-    let client = Client::connect(&config)
+    let client = Client::connect_with(&config, brokers)
         .await?
         .with_registry(registry.clone());
     let store = client
@@ -142,7 +143,7 @@ pub(super) async fn run(cli: &Cli, n: usize, registry: Registry) -> Res {
     }
     pb.finish();
 
-    let cluster = Cluster::connect(config.clone(), (*registry).clone()).await?;
+    let cluster = Cluster::connect_with(config.clone(), (*registry).clone(), brokers).await?;
     let counters = cluster.counters();
     let started = Instant::now();
     let pb = bar(n as u64, "run");
