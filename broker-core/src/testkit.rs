@@ -1023,6 +1023,377 @@ impl Kit {
         Ok(Outcome::Passed)
     }
 
+    async fn concurrent_dequeue_one_handle(&self) -> CheckResult {
+        let wait = Duration::from_secs(5);
+        let s = QueueSettings {
+            wait,
+            ..self.settings("one-handle")
+        };
+        let b = self.open(s.clone()).await?;
+        let receipts = b.capabilities().receipts;
+        for i in 1..=2 {
+            b.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        // Taken before the leases start.
+        let t0 = Instant::now();
+        let held = drain(&*b, 2, Duration::from_secs(10)).await?;
+        // Two dequeues of the same handle wait on the now empty queue.
+        let mut tasks = Vec::new();
+        for c in 0..2 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut empty = 0u32;
+                loop {
+                    let got = b.dequeue().await.map_err(|e| format!("dequeue {c}: {e}"))?;
+                    if !got.is_empty() || Instant::now() > deadline {
+                        return Ok::<_, String>((got, Instant::now(), empty));
+                    }
+                    empty += 1;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(c) = tasks.iter().position(|t| t.is_finished()) {
+            let got = (&mut tasks[c]).await;
+            return Err(format!(
+                "dequeue {c} on an empty queue returned before anything was enqueued: {got:?}"
+            ));
+        }
+        // The settles of this handle must not wait behind its dequeues.
+        let (acked, ack_took) = timed(b.acknowledge(&held[0].ack)).await;
+        acked.map_err(err("acknowledge while two dequeues of the handle wait"))?;
+        let (failed, fail_took) = timed(b.fail(&held[1].ack)).await;
+        let failed_at = Instant::now();
+        failed.map_err(err("fail while two dequeues of the handle wait"))?;
+        if ack_took > SETTLE_PROMPTLY || fail_took > SETTLE_PROMPTLY {
+            return Err(format!(
+                "while two dequeues of the same handle waited (wait = {wait:?}), acknowledge \
+                 took {ack_took:?} and fail {fail_took:?}; each must finish within \
+                 {SETTLE_PROMPTLY:?}"
+            ));
+        }
+        // Where receipts hold, the failed package goes to one of the waiting dequeues.
+        let mut want = Vec::new();
+        if receipts {
+            want.push(held[1].payload.clone());
+        }
+        let fresh = if receipts { 3..4 } else { 3..5 };
+        for i in fresh {
+            b.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+            want.push(payload(i));
+        }
+        let mut got: Vec<(usize, Delivery, Instant)> = Vec::new();
+        for (c, t) in tasks.into_iter().enumerate() {
+            let (batch, at, _) = tokio::time::timeout(wait + Duration::from_secs(20), t)
+                .await
+                .map_err(|_| format!("dequeue {c} did not return"))?
+                .map_err(|e| format!("dequeue {c} panicked: {e}"))??;
+            got.extend(batch.into_iter().map(|d| (c, d, at)));
+        }
+        let mut delivered: Vec<Vec<u8>> = got.iter().map(|(_, d, _)| d.payload.clone()).collect();
+        delivered.sort();
+        want.sort();
+        if delivered != want {
+            let who: Vec<(usize, String)> = got
+                .iter()
+                .map(|(c, d, _)| (*c, String::from_utf8_lossy(&d.payload).into_owned()))
+                .collect();
+            return Err(format!(
+                "two dequeues of one handle got {who:?}; want each of {} packages exactly once",
+                want.len()
+            ));
+        }
+        if receipts {
+            let (_, _, at) = got
+                .iter()
+                .find(|(_, d, _)| d.payload == held[1].payload)
+                .ok_or("the failed package did not come back")?;
+            if at.saturating_duration_since(failed_at) > self.retry / 2 {
+                return Err(format!(
+                    "the failed package came back {:?} after fail (retry = {:?}): fail did not \
+                     take effect while the handle's dequeues waited",
+                    at.saturating_duration_since(failed_at),
+                    self.retry
+                ));
+            }
+        }
+        for (_, d, _) in &got {
+            b.acknowledge(&d.ack).await.map_err(err("acknowledge"))?;
+        }
+        // The acknowledged package never comes back: look past its lease on a handle that waits
+        // little.
+        let probe = self.open_no_reset(self.settings("one-handle")).await?;
+        if receipts {
+            sleep_until(t0 + self.retry + Duration::from_millis(300)).await;
+        }
+        let again = probe.dequeue().await.map_err(err("dequeue"))?;
+        if !again.is_empty() {
+            return Err(format!(
+                "{:?} was delivered again after acknowledge/fail while dequeues waited",
+                String::from_utf8_lossy(&again[0].payload)
+            ));
+        }
+        expect_empty(&*probe).await
+    }
+
+    async fn dropped_dequeue(&self) -> CheckResult {
+        const ROUNDS: usize = 60;
+        let s = QueueSettings {
+            wait: Duration::from_millis(200),
+            ..self.settings("dropped")
+        };
+        let b = self.open(s).await?;
+        if !b.capabilities().receipts {
+            return Ok(Outcome::Skipped(
+                "broker declares no receipts: a dequeue pops and forgets, so a dequeue future \
+                 dropped after its pop loses those packages by design"
+                    .into(),
+            ));
+        }
+        let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut dropped = 0usize;
+        let mut last_drop: Option<Instant> = None;
+        let settle = async |batch: Vec<Delivery>, seen: &mut HashMap<Vec<u8>, usize>| {
+            for d in batch {
+                b.acknowledge(&d.ack).await.map_err(err("acknowledge"))?;
+                *seen.entry(d.payload).or_default() += 1;
+            }
+            Ok::<_, String>(())
+        };
+        for i in 0..ROUNDS {
+            let p = payload(1000 + i);
+            // Varying points: the enqueue comes first, with the dequeue, or a little after it;
+            // the dequeue is dropped after a few hundred microseconds to a few milliseconds, or
+            // after its first few polls.
+            let lead = Duration::from_micros(((i * 389) % 3000) as u64);
+            let cut = Duration::from_micros(((i * 1733) % 9000) as u64);
+            let enq = if i % 4 == 0 {
+                b.enqueue(Message::new(p)).await.map_err(err("enqueue"))?;
+                None
+            } else {
+                let producer = b.clone();
+                Some(tokio::spawn(async move {
+                    if i % 4 == 2 {
+                        tokio::time::sleep(lead).await;
+                    }
+                    producer.enqueue(Message::new(p)).await
+                }))
+            };
+            let outcome = if i % 4 == 3 {
+                poll_at_most(b.dequeue(), 1 + i % 5, cut + Duration::from_millis(5)).await
+            } else {
+                tokio::time::timeout(cut, b.dequeue()).await.ok()
+            };
+            match outcome {
+                Some(batch) => settle(batch.map_err(err("dequeue"))?, &mut seen).await?,
+                None => {
+                    dropped += 1;
+                    last_drop = Some(Instant::now());
+                }
+            }
+            if let Some(enq) = enq {
+                enq.await
+                    .map_err(|e| format!("enqueue task panicked: {e}"))?
+                    .map_err(err("enqueue"))?;
+            }
+        }
+        // Drain: packages a dropped future claimed come back after their lease; keep looking
+        // until then, so a package delivered twice shows.
+        let all = |seen: &HashMap<Vec<u8>, usize>| {
+            (0..ROUNDS).all(|i| seen.contains_key(&payload(1000 + i)))
+        };
+        let quiet_from = last_drop.map(|t| t + self.retry + Duration::from_millis(500));
+        let hard = Instant::now() + self.retry + Duration::from_secs(10);
+        while Instant::now() < hard
+            && !(all(&seen) && quiet_from.is_none_or(|t| Instant::now() >= t))
+        {
+            let batch = b.dequeue().await.map_err(err("dequeue"))?;
+            settle(batch, &mut seen).await?;
+        }
+        let missing = (0..ROUNDS)
+            .filter(|i| !seen.contains_key(&payload(1000 + i)))
+            .count();
+        let twice = seen.values().filter(|&&n| n > 1).count();
+        if missing > 0 || twice > 0 {
+            return Err(format!(
+                "{ROUNDS} packages, {dropped} dequeue futures dropped: {missing} never delivered \
+                 (looked until retry + 10 s), {twice} delivered again after being acknowledged"
+            ));
+        }
+        expect_empty(&*b).await
+    }
+
+    async fn extend_keeps_the_lease(&self) -> CheckResult {
+        let s = self.settings("extend");
+        let a = self.open(s.clone()).await?;
+        let r = self.retry;
+        if !a.capabilities().extend {
+            a.enqueue(Message::new(payload(1)))
+                .await
+                .map_err(err("enqueue"))?;
+            let held = drain(&*a, 1, Duration::from_secs(10)).await?;
+            let answer = a.extend(&held[0].ack, r * 2).await;
+            ack_all(&*a, &held).await?;
+            return match answer {
+                Err(BrokerError::Unsupported { broker, operation })
+                    if operation == "extend" && !broker.is_empty() && broker != "this broker" =>
+                {
+                    Ok(Outcome::Skipped(format!(
+                        "broker declares no extend (and extend says: {})",
+                        BrokerError::Unsupported { broker, operation }
+                    )))
+                }
+                other => Err(format!(
+                    "broker declares no extend, yet extend gave {other:?}, not \
+                     Err(Unsupported {{ broker: <the adapter's name>, operation: \"extend\" }})"
+                )),
+            };
+        }
+        let b = self.open_no_reset(s.clone()).await?;
+        a.enqueue(Message::new(payload(1)))
+            .await
+            .map_err(err("enqueue"))?;
+        // Taken before the lease starts.
+        let t0 = Instant::now();
+        let held = drain(&*a, 1, Duration::from_secs(10)).await?;
+        let ack = &held[0].ack;
+        sleep_until(t0 + r / 2).await;
+        a.extend(ack, r * 2).await.map_err(err("extend"))?;
+        // Past the original lease (t0 + retry): B must see nothing.
+        nothing_until(&*b, t0 + r * 3 / 2, "after the first extend").await?;
+        a.extend(ack, r * 2).await.map_err(err("second extend"))?;
+        // Past the first extension too: the second one holds it.
+        nothing_until(
+            &*b,
+            t0 + r * 5 / 2 + Duration::from_millis(600),
+            "after the second extend",
+        )
+        .await?;
+        a.acknowledge(ack).await.map_err(err("acknowledge"))?;
+        // An extend of an acknowledged receipt is ignored.
+        a.extend(ack, r * 2)
+            .await
+            .map_err(err("extend after acknowledge"))?;
+        expect_empty(&*a).await?;
+        if a.lock_size().await.map_err(err("lock_size"))?.is_none() {
+            nothing_until(
+                &*b,
+                t0 + r * 7 / 2 + Duration::from_millis(600),
+                "after acknowledge",
+            )
+            .await?;
+        }
+
+        // A stale extend: A's lease ran out and B holds the package now.
+        a.enqueue(Message::new(payload(2)))
+            .await
+            .map_err(err("enqueue"))?;
+        let first = drain(&*a, 1, Duration::from_secs(10)).await?;
+        let second = drain(&*b, 1, r + Duration::from_secs(10)).await?;
+        let tb = Instant::now();
+        a.extend(&first[0].ack, r * 10)
+            .await
+            .map_err(err("extend with a stale receipt"))?;
+        // B's lease stands: nothing for a third dequeue until it runs out...
+        nothing_until(
+            &*a,
+            tb + r - Duration::from_millis(300).min(r / 4),
+            "while B holds the package after A's stale extend",
+        )
+        .await?;
+        // ... and then the package comes back: the stale extend did not push B's lease back.
+        let back = drain(
+            &*a,
+            1,
+            (tb + r * 2).saturating_duration_since(Instant::now()),
+        )
+        .await
+        .map_err(|e| {
+            format!("{e}: a stale extend (by 10 × retry) pushed back the new holder's lease")
+        })?;
+        if back[0].payload != second[0].payload {
+            return Err("a different package came back after B's lease".into());
+        }
+        if let Some(n) = back[0].deliveries
+            && n != 3
+        {
+            return Err(format!("third delivery counted as {n}"));
+        }
+        ack_all(&*a, &back).await?;
+        expect_empty(&*a).await
+    }
+
+    async fn connection_loss(&self) -> CheckResult {
+        let Some(disconnect) = &self.disconnect else {
+            return Ok(Outcome::Skipped(
+                "no disconnect hook given (Kit::disconnect): connection loss not tested".into(),
+            ));
+        };
+        let b = self.open(self.settings("connloss")).await?;
+        for i in 1..=2 {
+            b.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let t0 = Instant::now();
+        let held = drain(&*b, 1, Duration::from_secs(10)).await?;
+        disconnect()
+            .await
+            .map_err(|e| format!("disconnect hook: {e}"))?;
+        // Settle on the dequeuing handle, retrying transient errors as a cluster would.
+        let ack = &held[0].ack;
+        transient_retry("acknowledge after the connection was lost", || {
+            b.acknowledge(ack)
+        })
+        .await?;
+        // Dequeue works again: the other package comes.
+        let deadline = Instant::now() + RECONNECT_BUDGET + self.retry;
+        let mut next = Vec::new();
+        while next.is_empty() && Instant::now() < deadline {
+            next = transient_retry("dequeue after the connection was lost", || b.dequeue()).await?;
+        }
+        if next.len() != 1 || next[0].payload != payload(2) {
+            return Err(format!(
+                "after the connection was lost, dequeue gave {} packages{}",
+                next.len(),
+                if next.is_empty() {
+                    ""
+                } else {
+                    ", not the one waiting"
+                }
+            ));
+        }
+        transient_retry("acknowledge", || b.acknowledge(&next[0].ack)).await?;
+        // Once more, on an empty queue: it answers empty.
+        disconnect()
+            .await
+            .map_err(|e| format!("disconnect hook: {e}"))?;
+        let empty = transient_retry(
+            "dequeue on an empty queue after the connection was lost",
+            || b.dequeue(),
+        )
+        .await?;
+        if !empty.is_empty() {
+            return Err("a settled package was delivered again after the connection loss".into());
+        }
+        // Past the first lease: the acknowledged package is gone for good.
+        sleep_until(t0 + self.retry + Duration::from_millis(300)).await;
+        let again = transient_retry("dequeue", || b.dequeue()).await?;
+        if !again.is_empty() {
+            return Err(format!(
+                "{:?} came back after its lease: the acknowledge after the connection loss did \
+                 not take effect",
+                String::from_utf8_lossy(&again[0].payload)
+            ));
+        }
+        expect_empty(&*b).await
+    }
+
     async fn concurrent(&self) -> CheckResult {
         const N: usize = 1000;
         const CONSUMERS: usize = 4;
@@ -1092,6 +1463,83 @@ fn payload(i: usize) -> Vec<u8> {
 
 fn err(op: &'static str) -> impl Fn(BrokerError) -> String {
     move |e| format!("{op}: {e}")
+}
+
+/// Runs `f` and says how long it took (at most 30 s: a hang is an error too).
+async fn timed<T>(
+    f: impl Future<Output = Result<T, BrokerError>>,
+) -> (Result<T, BrokerError>, Duration) {
+    let t = Instant::now();
+    let r = match tokio::time::timeout(Duration::from_secs(30), f).await {
+        Ok(r) => r,
+        Err(_) => Err(BrokerError::Backend {
+            broker: "testkit",
+            message: "did not finish within 30 s".into(),
+        }),
+    };
+    (r, t.elapsed())
+}
+
+async fn sleep_until(t: Instant) {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
+}
+
+/// Dequeues on `b` until `until`; any package delivered meanwhile is an error.
+async fn nothing_until(b: &dyn Broker, until: Instant, when: &str) -> Result<(), String> {
+    while Instant::now() < until {
+        let got = b.dequeue().await.map_err(err("dequeue"))?;
+        if !got.is_empty() {
+            return Err(format!(
+                "another handle got the package {when}, before that lease ran out"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Polls `f` at most `polls` times (and for at most `within`), then drops it.
+async fn poll_at_most<F: Future>(f: F, polls: usize, within: Duration) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut n = 0;
+    let limited = std::future::poll_fn(|cx| {
+        n += 1;
+        match f.as_mut().poll(cx) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+            std::task::Poll::Pending if n >= polls => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    });
+    tokio::time::timeout(within, limited).await.ok().flatten()
+}
+
+/// Runs `f` again while it fails with a transient error, for at most [`RECONNECT_BUDGET`].
+async fn transient_retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BrokerError>>,
+{
+    let deadline = Instant::now() + RECONNECT_BUDGET;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(e) if e.is_transient() => {
+                return Err(format!(
+                    "{what}: still failing after {RECONNECT_BUDGET:?}: {e}"
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{what}: {e} (not transient, so a cluster would give up; a lost connection \
+                     must give Unreachable or Timeout) [{e:?}]"
+                ));
+            }
+        }
+    }
 }
 
 /// Dequeues until `n` packages came, in delivery order; fails after `within`.
