@@ -456,3 +456,77 @@ fn broker_not_compiled_in_names_the_feature() {
         stderr(&out)
     );
 }
+
+fn mysql_url() -> String {
+    std::env::var("QCLUSTER_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+/// A default MariaDB (`max_allowed_packet` = 16 MiB) with no `max_message_size` set: the
+/// broker takes the server's limit and the cluster runs; only a value the user sets explicitly
+/// and the server cannot take is refused, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_with_default_settings_runs() {
+    let url = mysql_url();
+    if !common::reachable(&url).await {
+        return;
+    }
+    let w = World::new("mariadefault", Some(url));
+    let out = w.run(&["ping"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ids = w.enqueue_lines(&[r#"{"func": "echo", "args": "on mariadb"}"#.to_owned()]);
+    let mut run = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(30)).await;
+    common::signal(&run.0, "TERM");
+    assert_eq!(
+        common::wait_exit(&mut run.0, Duration::from_secs(20)),
+        Some(0)
+    );
+    let r = w
+        .store()
+        .await
+        .get(ids[0])
+        .await
+        .expect("get")
+        .expect("row");
+    assert!(r.success, "{:?}", r.result);
+
+    let out = w.run(&["--set", "max_message_size=16777216", "ping"]);
+    assert!(!out.status.success());
+    let out = w.run(&["--set", "max_message_size=16777216", "info"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`max_message_size`") && stderr(&out).contains("max_allowed_packet"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `broker = "memory"`: one process only, said plainly by `info`; sections of other registered
+/// brokers are still checked; an unknown broker lists the registered ones.
+#[test]
+fn memory_broker_and_registered_names() {
+    let w = World::new("memory", None);
+    let v = w.json(&["--broker", "memory", "info", "--json"], 0);
+    assert_eq!(v["broker"]["broker"], "memory", "{v}");
+    let notes = v["broker"]["notes"].to_string();
+    assert!(notes.contains("process"), "{notes}");
+
+    w.write_config("broker = \"memory\"\n[redis]\nreliabel = false\n");
+    let out = w.run(&["config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`redis.reliabel`: unknown key (from file qcluster.toml); did you mean `redis.reliable`?"),
+        "{}",
+        stderr(&out)
+    );
+
+    w.write_config("broker = \"beanstalk\"\n");
+    let out = w.run(&["config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown broker `beanstalk`; registered here: memory, orm, redis"),
+        "{}",
+        stderr(&out)
+    );
+}
