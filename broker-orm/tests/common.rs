@@ -164,6 +164,13 @@ mod own_db {
         }
     }
 
+    #[cfg(feature = "postgres")]
+    const PG_CONNECTIONS: &str =
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()";
+    #[cfg(feature = "mysql")]
+    const MYSQL_CONNECTIONS: &str = "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+         WHERE DB = ? AND ID <> CONNECTION_ID()";
+
     /// Makes the server close every connection to database `name` but the caller's; waits (at
     /// most 10 s) until they are gone. An error if there was none: the kit's brokers hold some.
     async fn drop_connections(admin: &Admin, name: &str) -> Result<(), String> {
@@ -171,29 +178,22 @@ mod own_db {
         let mut killed: Option<Vec<i64>> = None;
         loop {
             let now: Vec<i64> = match admin {
-            #[cfg(feature = "postgres")]
-            Admin::Postgres(p) => sqlx::query_scalar::<_, i32>(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            )
-            .bind(name)
-            .fetch_all(p)
-            .await
-            .map_err(|e| format!("pg_stat_activity: {e}"))?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-            #[cfg(feature = "mysql")]
-            Admin::MySql(p) => sqlx::query_scalar::<_, u64>(
-                "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
-            )
-            .bind(name)
-            .fetch_all(p)
-            .await
-            .map_err(|e| format!("PROCESSLIST: {e}"))?
-            .into_iter()
-            .map(|i| i as i64)
-            .collect(),
-        };
+                #[cfg(feature = "postgres")]
+                Admin::Postgres(p) => sqlx::query_scalar::<_, i32>(PG_CONNECTIONS)
+                    .bind(name)
+                    .fetch_all(p)
+                    .await
+                    .map_err(|e| format!("pg_stat_activity: {e}"))?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect(),
+                #[cfg(feature = "mysql")]
+                Admin::MySql(p) => sqlx::query_scalar::<_, i64>(MYSQL_CONNECTIONS)
+                    .bind(name)
+                    .fetch_all(p)
+                    .await
+                    .map_err(|e| format!("PROCESSLIST: {e}"))?,
+            };
             let Some(killed) = &killed else {
                 if now.is_empty() {
                     return Err(format!("no connection to database {name} to drop"));
