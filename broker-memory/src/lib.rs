@@ -31,9 +31,28 @@
 //!   A malformed receipt gives [`BrokerError::InvalidReceipt`].
 //!
 //! Limits: packages live in this process only and are lost when it exits; other processes cannot
-//! see the queue. Nothing bounds how many packages or dead letters a queue holds but memory.
+//! see the queue. Nothing bounds how many packages or dead letters a queue holds but memory; a
+//! queue, once opened, stays in its hub (empty after `delete_queue`) as long as the hub lives.
 //! Stats (`set_stat`) belong to the hub, shared by all its queues, like a server's. Times are
 //! [`tokio::time::Instant`]s, so a test runtime with paused time moves leases and delays too.
+//!
+//! ```
+//! use broker_core::{Broker, Message, QueueSettings};
+//! use broker_memory::{MemoryBroker, MemoryHub};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), broker_core::BrokerError> {
+//! let hub = MemoryHub::new(); // or MemoryHub::global(), which `MemoryBroker::connect` uses
+//! let producer = MemoryBroker::open(&hub, QueueSettings::for_queue("jobs"))?;
+//! let consumer = MemoryBroker::open(&hub, QueueSettings::for_queue("jobs"))?;
+//! producer.enqueue(Message::new(b"package".to_vec())).await?;
+//! let got = consumer.dequeue().await?;
+//! assert_eq!((got[0].payload.as_slice(), got[0].deliveries), (&b"package"[..], Some(1)));
+//! consumer.acknowledge(&got[0].ack).await?;
+//! assert_eq!(producer.queue_size().await?, 0);
+//! # Ok(())
+//! # }
+//! ```
 #![warn(missing_docs)]
 
 use std::cmp::Reverse;
