@@ -572,9 +572,16 @@ async fn malformed_receipts_are_refused_and_settle_nothing() {
     assert_eq!(sizes(&b).await, (0, 0, 0));
 }
 
+/// What the cluster's broker registry needs of a factory's future.
+fn registrable<F: std::future::Future + Send + 'static>(f: F) -> F {
+    f
+}
+
 #[tokio::test]
 async fn connect_opens_the_global_hub_and_validates() {
     let s = settings("broker-memory-test-global", 1, 50);
+    let from_config = registrable(MemoryBroker::connect(MemoryConfig::default(), s.clone()));
+    assert_eq!(from_config.await.unwrap().queue_size().await.unwrap(), 0);
     let a = MemoryBroker::connect(MemoryConfig::default(), s.clone())
         .await
         .unwrap();
