@@ -1,7 +1,11 @@
 //! The whole cluster, end to end, beside the raw claim-and-delete SQL loop in the same run.
 //!
-//! `cargo bench -p cluster --features orm-postgres --bench e2e [-- sqlite postgres redis]`
-//! (`redis` needs `--features redis`; its results go to a SQLite file)
+//! `cargo bench -p cluster --features orm-postgres --bench e2e [-- memory sqlite postgres redis]`
+//! (`redis` needs `--features redis`; its results go to a SQLite file, as do `memory`'s)
+//!
+//! `memory` is the whole cluster with no broker I/O: its tasks/s and CPU per task are the
+//! cluster's own ceiling (codec, registry, workers, monitor, result store), beside which the
+//! other backends show what their broker costs.
 //!
 //! For each backend: N `noop` tasks are enqueued (timed on its own), then a cluster with
 //! 2 workers and otherwise default settings (bulk 10, results saved, `save_limit` 250) runs
@@ -9,7 +13,9 @@
 //! the last settled task. Then, on the idle cluster, 300 tasks are enqueued one at a time and
 //! the enqueue→start latency is read from their saved results. The baseline is
 //! `broker_orm::rawloop::claim_delete` with the same bulk and 2 connections: no codec, no
-//! tasks, no results. Finally the idle RSS of a `qcluster run` process.
+//! tasks, no results. `cpu µs` is this process's CPU time (user + system) per task over the
+//! run phase (for SQLite that includes the database, which runs in-process). Finally the idle
+//! RSS of a `qcluster run` process.
 //! Env: `BENCH_N` (default 20000), `QCLUSTER_TEST_POSTGRES_URL`.
 
 use std::sync::atomic::Ordering;
@@ -33,19 +39,20 @@ async fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     if wanted.is_empty() {
-        wanted = vec!["sqlite".into(), "postgres".into()];
+        wanted = vec!["memory".into(), "sqlite".into(), "postgres".into()];
     }
     let dir = tempfile::tempdir().expect("temp dir");
     println!("qcluster end-to-end bench: N = {n} noop tasks, {WORKERS} workers, default settings");
     println!(
-        "{:<10} {:>11} {:>10} {:>10} {:>7} {:>9} {:>9}",
-        "backend", "enqueue/s", "tasks/s", "raw/s", "ratio", "p50 ms", "p99 ms"
+        "{:<10} {:>11} {:>10} {:>8} {:>10} {:>7} {:>9} {:>9}",
+        "backend", "enqueue/s", "tasks/s", "cpu µs", "raw/s", "ratio", "p50 ms", "p99 ms"
     );
     for backend in wanted {
         let url = match backend.as_str() {
             "redis" => std::env::var("QCLUSTER_TEST_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
             "sqlite" => format!("sqlite://{}/bench.sqlite3", dir.path().display()),
+            "memory" => "memory".to_owned(),
             "postgres" => std::env::var("QCLUSTER_TEST_POSTGRES_URL")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
             other => {
@@ -59,13 +66,14 @@ async fn main() {
         );
         match run(&url, &store, n).await {
             Ok(r) if r.raw.is_nan() => println!(
-                "{backend:<10} {:>11.0} {:>10.0} {:>10} {:>7} {:>9.2} {:>9.2}",
-                r.enqueue, r.tasks, "-", "-", r.p50_ms, r.p99_ms
+                "{backend:<10} {:>11.0} {:>10.0} {:>8.1} {:>10} {:>7} {:>9.2} {:>9.2}",
+                r.enqueue, r.tasks, r.cpu_us, "-", "-", r.p50_ms, r.p99_ms
             ),
             Ok(r) => println!(
-                "{backend:<10} {:>11.0} {:>10.0} {:>10.0} {:>6.0}% {:>9.2} {:>9.2}",
+                "{backend:<10} {:>11.0} {:>10.0} {:>8.1} {:>10.0} {:>6.0}% {:>9.2} {:>9.2}",
                 r.enqueue,
                 r.tasks,
+                r.cpu_us,
                 r.raw,
                 100.0 * r.tasks / r.raw,
                 r.p50_ms,
@@ -86,6 +94,7 @@ async fn main() {
 struct Figures {
     enqueue: f64,
     tasks: f64,
+    cpu_us: f64,
     raw: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -107,6 +116,14 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     let name = format!("bench_{tag}");
     let mut cfg = config(url, &name);
     let on_redis = url.starts_with("redis");
+    let in_memory = url == "memory";
+    if in_memory {
+        cfg = Config {
+            broker: "memory".into(),
+            ..cfg
+        };
+        cfg.store.url = Some(Url(store_url.to_owned()));
+    }
     if on_redis {
         cfg.broker = "redis".into();
         cfg.set("redis.url", url.to_owned()).expect("redis.url");
@@ -125,6 +142,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     }
     let enqueue = n as f64 / t0.elapsed().as_secs_f64();
 
+    // A handle of its own, as a cluster process has (`memory` handles share the process's queue).
     let broker = cluster::Brokers::builtin().connect(&cfg).await.map_err(e)?;
     let codec = cluster::client::codec_from(&cfg).map_err(e)?;
     let cluster = Cluster::new(
@@ -137,6 +155,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     let counters = cluster.counters();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let t0 = Instant::now();
+    let cpu0 = cpu_secs();
     let running = tokio::spawn(cluster.run(async {
         let _ = stop_rx.await;
     }));
@@ -147,6 +166,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let tasks_per_s = n as f64 / t0.elapsed().as_secs_f64();
+    let cpu_us = (cpu_secs() - cpu0) * 1e6 / n as f64;
 
     // Latency on the idle cluster: one task at a time.
     let group = format!("lat_{tag}");
@@ -179,11 +199,13 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     let _ = client.broker().delete_queue().await;
     let _ = store.clear(&name).await;
 
-    if on_redis {
-        // The raw limit for Redis is the broker bench's (pipelined LPUSH/RPOP).
+    if on_redis || in_memory {
+        // The raw limit for Redis is the broker bench's (pipelined LPUSH/RPOP); memory has
+        // no broker to compare with: it is the baseline of the others.
         return Ok(Figures {
             enqueue,
             tasks: tasks_per_s,
+            cpu_us,
             raw: f64::NAN,
             p50_ms,
             p99_ms,
@@ -205,6 +227,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     Ok(Figures {
         enqueue,
         tasks: tasks_per_s,
+        cpu_us,
         raw,
         p50_ms,
         p99_ms,
@@ -236,4 +259,15 @@ fn idle_rss(dir: &std::path::Path) -> Result<u64, String> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| "no VmRSS".to_owned())
+}
+
+/// CPU time of this process so far (user + system), in seconds.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
