@@ -1,9 +1,9 @@
 //! [`NatsBroker`]: the [`Broker`] trait on NATS JetStream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer, response::Response, stream};
 use async_nats::{Client, HeaderMap};
@@ -74,6 +74,18 @@ struct Inner {
     server_version: String,
     server_max_payload: usize,
     next_subject: String,
+    /// Background tasks that keep extending leases asked longer than `retry`, by package.
+    keepers: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(keepers) = self.keepers.get_mut() {
+            for (_, k) in keepers.drain() {
+                k.abort();
+            }
+        }
+    }
 }
 
 impl fmt::Debug for NatsBroker {
@@ -234,6 +246,7 @@ impl NatsBroker {
                 api_timeout: config.connect_timeout,
                 server_version: info.version.clone(),
                 server_max_payload: info.max_payload,
+                keepers: Mutex::new(HashMap::new()),
             }),
         };
         broker.ensure().await?;
@@ -711,6 +724,7 @@ impl NatsBroker {
 
     async fn settle(&self, ack: &AckId, op: Settle) -> Result<(), BrokerError> {
         let r = self.receipt(ack)?;
+        self.stop_keeper(r.stream_seq);
         if !self.is_current(&r).await? {
             return Ok(());
         }
@@ -719,6 +733,64 @@ impl NatsBroker {
             self.forget(&r).await;
         }
         Ok(())
+    }
+}
+
+impl NatsBroker {
+    /// Stops extending the lease of package `seq` (it is being settled, or extended anew).
+    fn stop_keeper(&self, seq: u64) {
+        let mut keepers = self
+            .inner
+            .keepers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(k) = keepers.remove(&seq) {
+            k.abort();
+        }
+    }
+
+    /// Keeps the lease of `r` until `target`: NATS restarts a lease at `retry` and no longer,
+    /// so a longer extension is a few `+WPI`s, the last one `retry` before `target`. Stops
+    /// early when this handle settles the package, or when it was delivered to someone else.
+    fn keep_until(&self, r: Receipt, target: Instant) {
+        let retry = self.inner.settings.retry;
+        let margin = (retry / 5).min(Duration::from_secs(1));
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let seq = r.stream_seq;
+        let task = tokio::spawn(async move {
+            let mut lease_end = Instant::now() + retry;
+            while lease_end < target {
+                let at = target
+                    .checked_sub(retry)
+                    .unwrap_or(target)
+                    .min(lease_end.checked_sub(margin).unwrap_or(lease_end));
+                tokio::time::sleep_until(at.into()).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let broker = NatsBroker { inner };
+                let sent = Instant::now();
+                match broker.is_current(&r).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!("nats: lease of package {seq} not checked: {e}"),
+                }
+                match broker.send(&r, Settle::Progress).await {
+                    Ok(()) => lease_end = sent + retry,
+                    Err(e) => {
+                        tracing::warn!("nats: lease of package {seq} not extended: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        let mut keepers = self
+            .inner
+            .keepers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = keepers.insert(seq, task.abort_handle()) {
+            old.abort();
+        }
+        keepers.retain(|_, k| !k.is_finished());
     }
 }
 
@@ -862,6 +934,7 @@ impl Broker for NatsBroker {
         let mut current = Vec::with_capacity(acks.len());
         for a in acks {
             let r = self.receipt(a)?;
+            self.stop_keeper(r.stream_seq);
             if self.is_current(&r).await? {
                 current.push(r);
             }
@@ -897,6 +970,7 @@ impl Broker for NatsBroker {
     /// `+TERM`, then the message is removed from the stream by sequence, whatever its lease.
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
         let r = self.receipt(ack)?;
+        self.stop_keeper(r.stream_seq);
         self.send(&r, Settle::Term).await?;
         self.delete_message(&self.inner.names.work_stream, r.stream_seq)
             .await?;
@@ -905,13 +979,25 @@ impl Broker for NatsBroker {
     }
 
     /// `+WPI` (work in progress): the server restarts the lease at the consumer's `ack_wait`,
-    /// i.e. it now runs out `retry` from now, **whatever `by` is** (NATS takes no duration).
-    /// The cluster extends by `retry`, which is exact.
+    /// i.e. `retry` from now; NATS takes no duration. So `by` up to `retry` is rounded up to
+    /// `retry` (the cluster extends by exactly `retry`), and a longer `by` is kept by a
+    /// background task of this handle that sends `+WPI` again before each lease runs out, the
+    /// last one `retry` before `by` is over. That task stops when this handle settles the
+    /// package or the package was delivered to someone else; a settle on another handle leaves
+    /// it running until `by` is over, harmlessly (the server ignores progress on a settled
+    /// package).
     async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
-        if by > self.inner.settings.retry {
-            tracing::debug!("nats: extend by {by:?} rounded to retry");
+        let asked = Instant::now();
+        let r = self.receipt(ack)?;
+        self.stop_keeper(r.stream_seq);
+        if !self.is_current(&r).await? {
+            return Ok(());
         }
-        self.settle(ack, Settle::Progress).await
+        self.send(&r, Settle::Progress).await?;
+        if by > self.inner.settings.retry {
+            self.keep_until(r, asked + by);
+        }
+        Ok(())
     }
 
     /// Copies the package into the dead-letter stream with the reason, then `+TERM`s it and
@@ -919,6 +1005,7 @@ impl Broker for NatsBroker {
     /// be delivered again and dead-lettered twice), never in neither.
     async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
         let r = self.receipt(ack)?;
+        self.stop_keeper(r.stream_seq);
         if !self.is_current(&r).await? {
             return Ok(());
         }

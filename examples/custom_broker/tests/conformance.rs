@@ -25,25 +25,36 @@ async fn conformance() {
         return;
     }
     let prefix = run_prefix();
+    // Through a proxy, so that the connection-loss check can cut the kit's connections.
+    let proxy = Proxy::start().await.expect("proxy");
+    let cut = proxy.cutter();
+    let via = proxy.url.clone();
     let p = prefix.clone();
     let make = move |s: QueueSettings| -> BrokerFuture {
-        let mut cfg = NatsConfig::new(with_secret(&url()));
+        let mut cfg = NatsConfig::new(with_secret(&via));
         cfg.prefix = p.clone();
         Box::pin(async move {
             let b = NatsBroker::connect(cfg, s).await?;
             Ok(Arc::new(b) as Arc<dyn Broker>)
         })
     };
-    let kit = Kit::new(make).secret(SECRET).unreachable(|| {
-        Box::pin(async {
-            // Nothing listens on port 1: refused at once, within connect_timeout at worst.
-            let mut cfg = NatsConfig::new(format!("nats://kit:{SECRET}@127.0.0.1:1"));
-            cfg.connect_timeout = Duration::from_secs(2);
-            let b = NatsBroker::connect(cfg, QueueSettings::for_queue("unreachable")).await?;
-            Ok(Arc::new(b) as Arc<dyn Broker>)
+    let kit = Kit::new(make)
+        .secret(SECRET)
+        .disconnect(move || {
+            cut();
+            Box::pin(async { Ok(()) })
         })
-    });
+        .unreachable(|| {
+            Box::pin(async {
+                // Nothing listens on port 1: refused at once, within connect_timeout at worst.
+                let mut cfg = NatsConfig::new(format!("nats://kit:{SECRET}@127.0.0.1:1"));
+                cfg.connect_timeout = Duration::from_secs(2);
+                let b = NatsBroker::connect(cfg, QueueSettings::for_queue("unreachable")).await?;
+                Ok(Arc::new(b) as Arc<dyn Broker>)
+            })
+        });
     let outcome = tokio::spawn(async move { kit.run().await }).await;
+    drop(proxy);
     cleanup(&prefix).await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());

@@ -57,3 +57,62 @@ pub async fn cleanup(prefix: &str) {
         let _ = js.delete_stream(n).await;
     }
 }
+
+/// A TCP proxy in front of the server that can cut every connection through it at once (the
+/// server has no command to drop a given client's connections), while it keeps accepting new
+/// ones, so clients reconnect.
+pub struct Proxy {
+    /// `nats://127.0.0.1:<port>` of the proxy.
+    pub url: String,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free local port and forwards to the host:port of [`url`].
+    pub async fn start() -> std::io::Result<Self> {
+        let upstream = url()
+            .trim_start_matches("nats://")
+            .rsplit('@')
+            .next()
+            .unwrap_or("127.0.0.1:4222")
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Ok(Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            conns,
+            accept,
+        })
+    }
+
+    /// A hook that drops every connection open through the proxy now.
+    pub fn cutter(&self) -> impl Fn() + Send + Sync + 'static {
+        let conns = self.conns.clone();
+        move || {
+            for c in conns.lock().unwrap().drain(..) {
+                c.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        (self.cutter())();
+    }
+}
