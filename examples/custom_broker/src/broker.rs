@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -76,6 +77,8 @@ struct Inner {
     next_subject: String,
     /// Background tasks that keep extending leases asked longer than `retry`, by package.
     keepers: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Set by `delete_queue`: the next dequeue creates the queue again first.
+    deleted: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -247,6 +250,7 @@ impl NatsBroker {
                 server_version: info.version.clone(),
                 server_max_payload: info.max_payload,
                 keepers: Mutex::new(HashMap::new()),
+                deleted: AtomicBool::new(false),
             }),
         };
         broker.ensure().await?;
@@ -329,6 +333,7 @@ impl NatsBroker {
                 .await
                 .map_err(|e| self.error("update consumer", e))?;
         }
+        self.inner.deleted.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -876,6 +881,9 @@ impl Broker for NatsBroker {
         // The lease starts when the server delivers, which is after this instant: a receipt
         // is surely current until this + retry, less a margin for the settle's trip.
         let margin = (lease / 10).min(Duration::from_secs(1));
+        if i.deleted.swap(false, Ordering::AcqRel) {
+            self.ensure().await?;
+        }
         for attempt in 0..2 {
             let sure_until = now_ms()
                 .saturating_add(u64::try_from((lease - margin).as_millis()).unwrap_or(u64::MAX));
@@ -887,7 +895,15 @@ impl Broker for NatsBroker {
                 broker: NAME,
                 message: scrub(&i.secrets, e),
             })?;
-            if end == End::Missing && pull.received().is_empty() {
+            let missing = match end {
+                End::Missing => true,
+                // Pulls on a missing consumer go unanswered: look whether it is there.
+                End::Abandoned if pull.received().is_empty() => {
+                    self.consumer_state().await?.is_none()
+                }
+                _ => false,
+            };
+            if missing && pull.received().is_empty() {
                 if attempt == 0 {
                     tracing::info!(
                         "nats: queue {:?} is gone; creating it again",
@@ -1113,6 +1129,7 @@ impl Broker for NatsBroker {
                 Err(e) => return Err(self.refused("delete queue", e)),
             }
         }
+        self.inner.deleted.store(true, Ordering::Release);
         Ok(())
     }
 

@@ -14,8 +14,9 @@ use async_nats::{Client, Message, StatusCode, Subscriber};
 use futures::StreamExt;
 use serde::Serialize;
 
-/// Extra time after `expires` for the server's closing status to arrive.
-const GRACE: Duration = Duration::from_secs(2);
+/// Extra time after `expires` for the server's closing status to arrive (it comes within a few
+/// milliseconds when all is well).
+const GRACE: Duration = Duration::from_secs(1);
 
 /// How a pull request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +25,8 @@ pub(crate) enum End {
     Done,
     /// Nobody serves the consumer: the queue was deleted; recreate it and pull again.
     Missing,
-    /// The client's own deadline passed without a closing status (connection trouble).
+    /// The client's own deadline passed without a closing status: connection trouble, or the
+    /// consumer does not exist (the JetStream API ignores pulls on a missing consumer).
     Abandoned,
 }
 
@@ -161,7 +163,8 @@ impl Drop for Pull {
             return; // No runtime left: the leases run out and the server delivers them again.
         };
         let client = self.client.clone();
-        let until = self.expires_at + GRACE;
+        // An abandoned request may still be answered late: listen a little longer for it.
+        let until = (self.expires_at + GRACE).max(Instant::now() + GRACE);
         runtime.spawn(give_back(client, received, subscriber, until));
     }
 }
