@@ -1207,6 +1207,7 @@ impl Kit {
         let all = |seen: &HashMap<Vec<u8>, usize>| {
             (0..ROUNDS).all(|i| seen.contains_key(&payload(1000 + i)))
         };
+        let in_rounds = seen.len();
         let quiet_from = last_drop.map(|t| t + self.retry + Duration::from_millis(500));
         let hard = Instant::now() + self.retry + Duration::from_secs(10);
         while Instant::now() < hard
@@ -1225,6 +1226,11 @@ impl Kit {
                  (looked until retry + 10 s), {twice} delivered again after being acknowledged"
             ));
         }
+        eprintln!(
+            "conformance dropped_dequeue_loses_nothing: {dropped} of {ROUNDS} dequeue futures \
+             dropped; {in_rounds} packages delivered at once, {} afterwards",
+            ROUNDS - in_rounds
+        );
         expect_empty(&*b).await
     }
 
@@ -1334,7 +1340,20 @@ impl Kit {
                 "no disconnect hook given (Kit::disconnect): connection loss not tested".into(),
             ));
         };
-        let b = self.open(self.settings("connloss")).await?;
+        let cut = async || {
+            disconnect()
+                .await
+                .map_err(|e| format!("disconnect hook: {e}"))
+        };
+        // A longer wait, so that a dequeue is surely waiting when the connections drop.
+        let wait = Duration::from_secs(2);
+        let b = self
+            .open(QueueSettings {
+                wait,
+                ..self.settings("connloss")
+            })
+            .await?;
+        let mut retried = Vec::new();
         for i in 1..=2 {
             b.enqueue(Message::new(payload(i)))
                 .await
@@ -1342,20 +1361,22 @@ impl Kit {
         }
         let t0 = Instant::now();
         let held = drain(&*b, 1, Duration::from_secs(10)).await?;
-        disconnect()
-            .await
-            .map_err(|e| format!("disconnect hook: {e}"))?;
+        cut().await?;
         // Settle on the dequeuing handle, retrying transient errors as a cluster would.
         let ack = &held[0].ack;
-        transient_retry("acknowledge after the connection was lost", || {
+        let ((), n) = transient_retry("acknowledge after the connection was lost", || {
             b.acknowledge(ack)
         })
         .await?;
+        retried.push(("acknowledge", n));
         // Dequeue works again: the other package comes.
         let deadline = Instant::now() + RECONNECT_BUDGET + self.retry;
         let mut next = Vec::new();
         while next.is_empty() && Instant::now() < deadline {
-            next = transient_retry("dequeue after the connection was lost", || b.dequeue()).await?;
+            let (got, n) =
+                transient_retry("dequeue after the connection was lost", || b.dequeue()).await?;
+            retried.push(("dequeue", n));
+            next = got;
         }
         if next.len() != 1 || next[0].payload != payload(2) {
             return Err(format!(
@@ -1369,21 +1390,51 @@ impl Kit {
             ));
         }
         transient_retry("acknowledge", || b.acknowledge(&next[0].ack)).await?;
-        // Once more, on an empty queue: it answers empty.
-        disconnect()
+        // The connections drop while a dequeue waits on the empty queue: it ends (empty, or with
+        // a transient error) instead of hanging, and the next one answers empty.
+        let waiting = {
+            let b = b.clone();
+            tokio::spawn(async move { b.dequeue().await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cut().await?;
+        let ended = tokio::time::timeout(wait + RECONNECT_BUDGET, waiting)
             .await
-            .map_err(|e| format!("disconnect hook: {e}"))?;
-        let empty = transient_retry(
+            .map_err(|_| {
+                format!(
+                    "a dequeue waiting when the connections dropped did not end within \
+                     {:?}",
+                    wait + RECONNECT_BUDGET
+                )
+            })?
+            .map_err(|e| format!("dequeue panicked: {e}"))?;
+        let waiting_ended = match ended {
+            Ok(got) if got.is_empty() => "empty".to_owned(),
+            Ok(_) => {
+                return Err(
+                    "a settled package was delivered again after the connection loss".into(),
+                );
+            }
+            Err(e) if e.is_transient() => format!("transient error: {e}"),
+            Err(e) => {
+                return Err(format!(
+                    "a dequeue waiting when the connections dropped gave {e} (not transient, \
+                     so a cluster would give up) [{e:?}]"
+                ));
+            }
+        };
+        let (empty, n) = transient_retry(
             "dequeue on an empty queue after the connection was lost",
             || b.dequeue(),
         )
         .await?;
+        retried.push(("dequeue", n));
         if !empty.is_empty() {
             return Err("a settled package was delivered again after the connection loss".into());
         }
         // Past the first lease: the acknowledged package is gone for good.
         sleep_until(t0 + self.retry + Duration::from_millis(300)).await;
-        let again = transient_retry("dequeue", || b.dequeue()).await?;
+        let (again, _) = transient_retry("dequeue", || b.dequeue()).await?;
         if !again.is_empty() {
             return Err(format!(
                 "{:?} came back after its lease: the acknowledge after the connection loss did \
@@ -1391,6 +1442,10 @@ impl Kit {
                 String::from_utf8_lossy(&again[0].payload)
             ));
         }
+        eprintln!(
+            "conformance connection_loss: transient errors retried {retried:?}; the waiting \
+             dequeue ended with {waiting_ended}"
+        );
         expect_empty(&*b).await
     }
 
@@ -1512,18 +1567,21 @@ async fn poll_at_most<F: Future>(f: F, polls: usize, within: Duration) -> Option
     tokio::time::timeout(within, limited).await.ok().flatten()
 }
 
-/// Runs `f` again while it fails with a transient error, for at most [`RECONNECT_BUDGET`].
-async fn transient_retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, String>
+/// Runs `f` again while it fails with a transient error, for at most [`RECONNECT_BUDGET`];
+/// returns its value and how many errors were retried.
+async fn transient_retry<T, F, Fut>(what: &str, mut f: F) -> Result<(T, u32), String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, BrokerError>>,
 {
     let deadline = Instant::now() + RECONNECT_BUDGET;
     let mut pause = Duration::from_millis(50);
+    let mut retried = 0;
     loop {
         match f().await {
-            Ok(v) => return Ok(v),
+            Ok(v) => return Ok((v, retried)),
             Err(e) if e.is_transient() && Instant::now() < deadline => {
+                retried += 1;
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
             }

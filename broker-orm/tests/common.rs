@@ -133,13 +133,19 @@ mod own_db {
             let (admin, name) = (self.admin.clone(), self.name.clone());
             move || {
                 let (admin, name) = (admin.clone(), name.clone());
-                Box::pin(async move { drop_connections(&admin, &name).await })
+                Box::pin(async move { drop_connections(&admin, &name, &[]).await })
             }
+        }
+
+        /// Like the hook, but spares the connections with these server ids
+        /// (`pg_backend_pid()`, `CONNECTION_ID()`).
+        pub async fn drop_connections_but(&self, spare: &[i64]) -> Result<(), String> {
+            drop_connections(&self.admin, &self.name, spare).await
         }
 
         /// Drops the database (its connections first).
         pub async fn remove(self) {
-            let _ = drop_connections(&self.admin, &self.name).await;
+            let _ = drop_connections(&self.admin, &self.name, &[]).await;
             let result = match &self.admin {
                 #[cfg(feature = "postgres")]
                 Admin::Postgres(p) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -171,9 +177,10 @@ mod own_db {
     const MYSQL_CONNECTIONS: &str = "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
          WHERE DB = ? AND ID <> CONNECTION_ID()";
 
-    /// Makes the server close every connection to database `name` but the caller's; waits (at
-    /// most 10 s) until they are gone. An error if there was none: the kit's brokers hold some.
-    async fn drop_connections(admin: &Admin, name: &str) -> Result<(), String> {
+    /// Makes the server close every connection to database `name` but the caller's and
+    /// `spare`; waits (at most 10 s) until they are gone. An error if there was none: the kit's
+    /// brokers hold some.
+    async fn drop_connections(admin: &Admin, name: &str, spare: &[i64]) -> Result<(), String> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut killed: Option<Vec<i64>> = None;
         loop {
@@ -194,6 +201,7 @@ mod own_db {
                     .await
                     .map_err(|e| format!("PROCESSLIST: {e}"))?,
             };
+            let now: Vec<i64> = now.into_iter().filter(|id| !spare.contains(id)).collect();
             let Some(killed) = &killed else {
                 if now.is_empty() {
                     return Err(format!("no connection to database {name} to drop"));

@@ -6,7 +6,6 @@
 
 mod common;
 
-use broker_core::testkit::Kit;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -30,7 +29,7 @@ async fn run_in_own_db(url: String, unreachable: String) {
             return kit(url, unreachable).run().await;
         }
     };
-    let k: Kit = kit(db.url.clone(), unreachable).disconnect(db.hook());
+    let k = kit(db.url.clone(), unreachable).disconnect(db.hook());
     let outcome = tokio::spawn(async move { k.run().await }).await;
     db.remove().await;
     if let Err(e) = outcome {
