@@ -18,14 +18,15 @@
 //!
 //! # Where receipts are settled
 //!
-//! By default the kit settles a receipt (`acknowledge`, `fail`, `extend`, ...) on **any** handle
-//! of the queue, often not the one that dequeued it: the SQL, Redis and memory adapters keep the
-//! lease on the server, so the receipt alone names it (see the [`Broker`] trait docs). An
-//! adapter whose server binds a reservation to the connection that took it (AMQP channels,
-//! beanstalkd connections) says so in its docs and `info`, and settles on the dequeuing handle;
-//! the checks below that settle on a second handle are written for the first kind, and the
-//! checks that matter to both kinds (`concurrent_dequeue_one_handle`, `connection_loss`) settle
-//! on the dequeuing handle.
+//! By default a receipt may be settled (`acknowledge`, `fail`, `extend`, `dead_letter`,
+//! `delete`) on **any** handle of the queue, not only the one that dequeued it: the SQL, Redis
+//! and memory adapters keep the lease on the server, so the receipt alone names it (see the
+//! [`Broker`] trait docs); `settle_on_another_handle` checks this. An adapter whose server binds
+//! a reservation to the connection that took it (AMQP channels, beanstalkd connections) says so
+//! in its docs and `info`, settles on the dequeuing handle only, and tells the kit with
+//! [`Kit::bound_reservations`]: then `settle_on_another_handle` is skipped and
+//! `connection_loss` expects the package whose connection broke to come back. Every other check
+//! settles each receipt on the handle that dequeued it, so both kinds run them unchanged.
 //!
 //! # What the checks demand
 //!
@@ -41,6 +42,9 @@
 //!   one byte more is refused with [`BrokerError::TooLarge`] (right size and limit) before
 //!   anything is stored, in `enqueue` and `enqueue_many`; then `cap + 1` bytes on a default
 //!   broker are refused too. A broker whose server caps packages at 64 KiB passes honestly.
+//! - **`settle_on_another_handle`** (needs receipts; skipped with [`Kit::bound_reservations`]):
+//!   packages dequeued on handle A and acknowledged or failed on handle B (another factory
+//!   call on the same queue) are gone for good, or back at once.
 //! - **`concurrent_dequeue_one_handle`**: two `dequeue` futures of **one** handle (tasks sharing
 //!   an `Arc<dyn Broker>`) wait on an empty queue with `wait` = 5 s; meanwhile `acknowledge` and
 //!   `fail` of two earlier deliveries on the same handle each finish within 2 s and take effect
@@ -64,8 +68,13 @@
 //!   broker's connections: enqueue, dequeue, drop the connections, then `acknowledge` on the
 //!   dequeuing handle, retrying for a few seconds only errors that
 //!   [`BrokerError::is_transient`] calls transient (as a cluster does). The package must be gone
-//!   for good (not delivered again after its lease), and `dequeue` must work again after the
-//!   loss (another package comes; an empty queue answers empty).
+//!   for good (not delivered again after its lease; with [`Kit::bound_reservations`] it comes
+//!   back at once instead, since the server gave the reservation back), and `dequeue` must work
+//!   again after the loss: the other waiting package comes, and a `dequeue` that was waiting
+//!   when the connections dropped ends (empty, or with a transient error) instead of hanging.
+//!
+//! [`Capabilities::max_message_size`]: crate::Capabilities::max_message_size
+//! [`Capabilities::extend`]: crate::Capabilities::extend
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -101,6 +110,7 @@ pub struct Kit {
     make: Factory,
     unreachable: Option<Unreachable>,
     disconnect: Option<Disconnect>,
+    bound_reservations: bool,
     secret: Option<String>,
     prefix: String,
     retry: Duration,
@@ -108,6 +118,8 @@ pub struct Kit {
 
 /// Largest package the kit sends: a declared `max_message_size` above this is not sent whole.
 const LARGEST_SENT: usize = 64 * 1024 * 1024;
+/// The `wait` of the kit's queues (longest `dequeue` on an empty queue), unless a check says.
+const KIT_WAIT: Duration = Duration::from_millis(300);
 /// How long a settle may take while dequeues of the same handle wait.
 const SETTLE_PROMPTLY: Duration = Duration::from_secs(2);
 /// How long the kit retries transient errors after a connection loss.
@@ -122,6 +134,7 @@ pub const CHECKS: &[&str] = &[
     "fail_keeps_package",
     "receipts_redeliver_after_retry",
     "stale_receipt_is_ignored",
+    "settle_on_another_handle",
     "lock_size_counts_in_flight",
     "queue_size_counts_waiting",
     "purge_queue",
@@ -153,6 +166,7 @@ impl Kit {
             make: Arc::new(make),
             unreachable: None,
             disconnect: None,
+            bound_reservations: false,
             secret: None,
             prefix: format!("kit{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
             retry: Duration::from_secs(3),
@@ -187,6 +201,16 @@ impl Kit {
         F: Fn() -> DisconnectFuture + Send + Sync + 'static,
     {
         self.disconnect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Says that the adapter's server binds a reservation to the connection that took it
+    /// (AMQP channels, beanstalkd connections; see the [`Broker`] docs): receipts are settled
+    /// only on the dequeuing handle, `settle_on_another_handle` is skipped, and in
+    /// `connection_loss` the package whose connection broke comes back (the server gave it
+    /// back; the acknowledge of its old receipt is ignored) instead of being gone for good.
+    pub fn bound_reservations(mut self) -> Self {
+        self.bound_reservations = true;
         self
     }
 
@@ -247,6 +271,7 @@ impl Kit {
             "fail_keeps_package" => self.fail_keeps_package().await,
             "receipts_redeliver_after_retry" => self.receipts_redeliver().await,
             "stale_receipt_is_ignored" => self.stale_receipt().await,
+            "settle_on_another_handle" => self.settle_on_another_handle().await,
             "lock_size_counts_in_flight" => self.lock_size().await,
             "queue_size_counts_waiting" => self.queue_size().await,
             "purge_queue" => self.purge().await,
@@ -275,7 +300,7 @@ impl Kit {
             queue: format!("{}-{check}", self.prefix),
             bulk: 1,
             retry: self.retry,
-            wait: Duration::from_millis(300),
+            wait: KIT_WAIT,
             poll: Duration::from_millis(50),
             max_message_size: None,
         }
@@ -577,6 +602,53 @@ impl Kit {
         }
         ack_all(&*b, &second).await?;
         expect_empty(&*b).await
+    }
+
+    async fn settle_on_another_handle(&self) -> CheckResult {
+        if self.bound_reservations {
+            return Ok(Outcome::Skipped(
+                "the server binds reservations to connections (Kit::bound_reservations): \
+                 receipts are settled on the dequeuing handle only"
+                    .into(),
+            ));
+        }
+        let s = self.settings("other-handle");
+        let a = self.open(s.clone()).await?;
+        if !a.capabilities().receipts {
+            return Ok(Outcome::Skipped("broker declares no receipts".into()));
+        }
+        let b = self.open_no_reset(s).await?;
+        for i in 1..=2 {
+            a.enqueue(Message::new(payload(i)))
+                .await
+                .map_err(err("enqueue"))?;
+        }
+        let t0 = Instant::now();
+        let held = drain(&*a, 2, Duration::from_secs(10)).await?;
+        // Settled on a handle that did not dequeue them: the receipt alone names the lease.
+        b.acknowledge(&held[0].ack)
+            .await
+            .map_err(err("acknowledge on another handle"))?;
+        b.fail(&held[1].ack)
+            .await
+            .map_err(err("fail on another handle"))?;
+        let back = drain(&*a, 1, self.retry / 2)
+            .await
+            .map_err(|e| format!("{e}: a fail on another handle did not give the package back"))?;
+        if back[0].payload != held[1].payload {
+            return Err("a different package came back after a fail on another handle".into());
+        }
+        b.acknowledge(&back[0].ack)
+            .await
+            .map_err(err("acknowledge on another handle"))?;
+        expect_empty(&*a).await?;
+        if a.lock_size().await.map_err(err("lock_size"))?.is_none() {
+            sleep_until(t0 + self.retry + Duration::from_millis(300)).await;
+        }
+        if !a.dequeue().await.map_err(err("dequeue"))?.is_empty() {
+            return Err("a package acknowledged on another handle was delivered again".into());
+        }
+        Ok(Outcome::Passed)
     }
 
     async fn lock_size(&self) -> CheckResult {
@@ -1305,10 +1377,11 @@ impl Kit {
         a.extend(&first[0].ack, r * 10)
             .await
             .map_err(err("extend with a stale receipt"))?;
-        // B's lease stands: nothing for a third dequeue until it runs out...
+        // B's lease stands: nothing for a third dequeue until it runs out (the last look starts
+        // early enough to end, after up to `wait`, before B's lease does)...
         nothing_until(
             &*a,
-            tb + r - Duration::from_millis(300).min(r / 4),
+            tb + r.saturating_sub(KIT_WAIT + Duration::from_millis(400)),
             "while B holds the package after A's stale extend",
         )
         .await?;
@@ -1369,27 +1442,45 @@ impl Kit {
         })
         .await?;
         retried.push(("acknowledge", n));
-        // Dequeue works again: the other package comes.
+        // Dequeue works again: the other package comes; and, where the server binds
+        // reservations to connections, the first one too (given back when its connection
+        // broke; the acknowledge of its old receipt was ignored).
+        let bound = self.bound_reservations;
+        let mut want = vec![payload(2)];
+        if bound {
+            want.push(held[0].payload.clone());
+        }
+        want.sort();
         let deadline = Instant::now() + RECONNECT_BUDGET + self.retry;
-        let mut next = Vec::new();
-        while next.is_empty() && Instant::now() < deadline {
-            let (got, n) =
+        let mut got = Vec::new();
+        while got.len() < want.len() && Instant::now() < deadline {
+            let (batch, n) =
                 transient_retry("dequeue after the connection was lost", || b.dequeue()).await?;
             retried.push(("dequeue", n));
-            next = got;
+            for d in batch {
+                transient_retry("acknowledge", || b.acknowledge(&d.ack)).await?;
+                got.push(d.payload);
+            }
         }
-        if next.len() != 1 || next[0].payload != payload(2) {
+        got.sort();
+        if got != want {
+            let names = |v: &[Vec<u8>]| {
+                v.iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect::<Vec<_>>()
+            };
+            let hint = if !bound && got.contains(&held[0].payload) {
+                " (the acknowledged package came back; if the server binds reservations to \
+                 connections, say so with Kit::bound_reservations)"
+            } else {
+                ""
+            };
             return Err(format!(
-                "after the connection was lost, dequeue gave {} packages{}",
-                next.len(),
-                if next.is_empty() {
-                    ""
-                } else {
-                    ", not the one waiting"
-                }
+                "after the connection was lost, dequeue gave {:?}, want {:?}{hint}",
+                names(&got),
+                names(&want)
             ));
         }
-        transient_retry("acknowledge", || b.acknowledge(&next[0].ack)).await?;
         // The connections drop while a dequeue waits on the empty queue: it ends (empty, or with
         // a transient error) instead of hanging, and the next one answers empty.
         let waiting = {
@@ -1539,7 +1630,8 @@ async fn sleep_until(t: Instant) {
     tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
 }
 
-/// Dequeues on `b` until `until`; any package delivered meanwhile is an error.
+/// Dequeues on `b` until `until` (the last dequeue starts before it and may end up to `wait`
+/// after it); any package delivered meanwhile is an error.
 async fn nothing_until(b: &dyn Broker, until: Instant, when: &str) -> Result<(), String> {
     while Instant::now() < until {
         let got = b.dequeue().await.map_err(err("dequeue"))?;
