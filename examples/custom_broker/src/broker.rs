@@ -77,6 +77,8 @@ struct Inner {
     next_subject: String,
     /// Background tasks that keep extending leases asked longer than `retry`, by package.
     keepers: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Whether `keepers` was ever used: settles skip its lock until then.
+    any_keeper: AtomicBool,
     /// Set by `delete_queue`: the next dequeue creates the queue again first.
     deleted: AtomicBool,
 }
@@ -250,6 +252,7 @@ impl NatsBroker {
                 server_version: info.version.clone(),
                 server_max_payload: info.max_payload,
                 keepers: Mutex::new(HashMap::new()),
+                any_keeper: AtomicBool::new(false),
                 deleted: AtomicBool::new(false),
             }),
         };
@@ -744,6 +747,9 @@ impl NatsBroker {
 impl NatsBroker {
     /// Stops extending the lease of package `seq` (it is being settled, or extended anew).
     fn stop_keeper(&self, seq: u64) {
+        if !self.inner.any_keeper.load(Ordering::Acquire) {
+            return;
+        }
         let mut keepers = self
             .inner
             .keepers
@@ -796,6 +802,7 @@ impl NatsBroker {
             old.abort();
         }
         keepers.retain(|_, k| !k.is_finished());
+        self.inner.any_keeper.store(true, Ordering::Release);
     }
 }
 
@@ -948,25 +955,29 @@ impl Broker for NatsBroker {
     /// one connection's acks in order, so its answer covers the others.
     async fn acknowledge_many(&self, acks: &[AckId]) -> Result<(), BrokerError> {
         let mut current = Vec::with_capacity(acks.len());
+        let mut redelivered = Vec::new();
         for a in acks {
             let r = self.receipt(a)?;
             self.stop_keeper(r.stream_seq);
             if self.is_current(&r).await? {
+                if r.delivered > 1 {
+                    redelivered.push(r.clone());
+                }
                 current.push(r);
             }
         }
-        let Some((last, rest)) = current.split_last() else {
+        let Some(last) = current.pop() else {
             return Ok(());
         };
-        for r in rest {
+        for r in current {
             self.inner
                 .client
-                .publish(r.subject.clone(), Settle::Ack.body())
+                .publish(r.subject, Settle::Ack.body())
                 .await
                 .map_err(|e| self.error("acknowledge", e))?;
         }
-        self.send(last, Settle::Ack).await?;
-        for r in &current {
+        self.send(&last, Settle::Ack).await?;
+        for r in &redelivered {
             self.forget(r).await;
         }
         Ok(())

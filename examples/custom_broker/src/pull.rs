@@ -89,15 +89,18 @@ impl Pull {
         let Some(sub) = self.subscriber.as_mut() else {
             return Ok(End::Done);
         };
+        // One timer for the whole request, not one per message.
+        let timer = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(timer);
         loop {
-            let next = tokio::time::timeout_at(deadline.into(), sub.next()).await;
-            let message = match next {
-                Err(_) => return Ok(End::Abandoned),
-                Ok(None) => {
-                    self.closed = true;
-                    return Ok(End::Done);
-                }
-                Ok(Some(m)) => m,
+            let next = tokio::select! {
+                biased;
+                m = sub.next() => m,
+                () = &mut timer => return Ok(End::Abandoned),
+            };
+            let Some(message) = next else {
+                self.closed = true;
+                return Ok(End::Done);
             };
             match message.status {
                 None | Some(StatusCode::OK) if message.reply.is_some() => {

@@ -48,40 +48,45 @@ impl Receipt {
             receipt: ack.as_str().to_owned(),
         };
         let (subject, until) = ack.as_str().split_once(' ').ok_or_else(invalid)?;
-        let mut r = Self::parse_subject(subject).ok_or_else(invalid)?;
-        r.sure_until_ms = until.parse().map_err(|_| invalid())?;
-        let tokens: Vec<&str> = subject.split('.').collect();
-        let (s, c) = if tokens.len() == 9 {
-            (tokens[2], tokens[3])
-        } else {
-            (tokens[4], tokens[5])
-        };
+        let sure_until_ms = until.parse().map_err(|_| invalid())?;
+        let (r, s, c) = Self::parse_parts(subject).ok_or_else(invalid)?;
         if s != stream || c != consumer {
             return Err(invalid());
         }
-        Ok(r)
+        Ok(Self { sure_until_ms, ..r })
+    }
+
+    fn parse_subject(subject: &str) -> Option<Self> {
+        Self::parse_parts(subject).map(|(r, _, _)| r)
     }
 
     /// `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` (servers before
     /// 2.10), or the form with domain and account hash after `$JS.ACK.` (2.10 and later).
-    fn parse_subject(subject: &str) -> Option<Self> {
-        let tokens: Vec<&str> = subject.split('.').collect();
-        let numbers = match tokens.len() {
-            9 => &tokens[4..7],
-            n if n >= 11 => &tokens[6..9],
+    /// Returns the receipt, its stream and its consumer. Allocates only the subject's copy.
+    fn parse_parts(subject: &str) -> Option<(Self, &str, &str)> {
+        let mut t = [""; 12];
+        let mut len = 0;
+        for part in subject.split('.') {
+            *t.get_mut(len)? = part;
+            len += 1;
+        }
+        let at = match len {
+            9 => 2,
+            11 | 12 => 4,
             _ => return None,
         };
-        if tokens[0] != "$JS" || tokens[1] != "ACK" || tokens.iter().any(|t| t.is_empty()) {
+        if t[0] != "$JS" || t[1] != "ACK" || t[..len].iter().any(|x| x.is_empty()) {
             return None;
         }
-        let n = |t: &str| t.parse::<u64>().ok();
-        Some(Self {
+        let n = |i: usize| t[at + i].parse::<u64>().ok();
+        let r = Self {
             subject: subject.to_owned(),
-            delivered: n(numbers[0])?,
-            stream_seq: n(numbers[1])?,
-            consumer_seq: n(numbers[2])?,
+            delivered: n(2)?,
+            stream_seq: n(3)?,
+            consumer_seq: n(4)?,
             sure_until_ms: 0,
-        })
+        };
+        Some((r, t[at], t[at + 1]))
     }
 }
 
