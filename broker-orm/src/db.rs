@@ -72,7 +72,8 @@ impl Ctx {
             .fold(message.to_owned(), |m, pw| redact(&m, Some(pw)))
     }
 
-    /// Maps a sqlx error from operation `op`.
+    /// Maps a sqlx error from operation `op`: connection trouble is [`BrokerError::Unreachable`]
+    /// (transient), a pool wait [`BrokerError::Timeout`], anything else the server's message.
     pub fn err(&self, op: &'static str) -> impl Fn(sqlx::Error) -> BrokerError + '_ {
         move |e| {
             let broker = self.dialect.broker_name();
@@ -86,6 +87,15 @@ impl Ctx {
                     endpoint: self.endpoint.clone(),
                     message,
                 },
+                // The server ended the session (restart, `pg_terminate_backend`, `KILL`): the
+                // pool reconnects, so this passes like a broken socket does.
+                sqlx::Error::Database(ref d) if d.code().is_some_and(|c| session_ended(&c)) => {
+                    BrokerError::Unreachable {
+                        broker,
+                        endpoint: self.endpoint.clone(),
+                        message,
+                    }
+                }
                 sqlx::Error::PoolTimedOut => BrokerError::Timeout {
                     broker,
                     operation: op,
@@ -218,4 +228,11 @@ pub(crate) async fn connect(
             after: timeout,
         }),
     }
+}
+
+/// SQLSTATEs that mean the server ended this session, not that the statement was wrong: class
+/// 08 (connection exception), PostgreSQL's `admin_shutdown`, `crash_shutdown` and
+/// `cannot_connect_now` (57P01–57P03), and MariaDB's `ER_CONNECTION_KILLED` (70100).
+fn session_ended(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "70100")
 }
