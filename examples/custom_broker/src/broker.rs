@@ -1210,7 +1210,7 @@ impl Broker for NatsBroker {
             retry_secs: Some(i.settings.retry.as_secs_f64()),
             notes: vec![
                 "at least once: a package not settled within its lease (retry = the consumer's ack wait) is delivered again".into(),
-                "extend restarts the lease at a full retry, whatever the duration asked".into(),
+                "extend: NATS restarts a lease at retry only; a longer extension is kept by the extending handle (repeated +WPI)".into(),
                 "receipts settle on any handle; stale ones are recognised after their lease".into(),
                 "first in, first out: no priorities; no enqueue delay (fail_after delays work)".into(),
                 "packages given back (fail, lease ran out) count as in flight until delivered again, and purge leaves them".into(),
