@@ -93,15 +93,34 @@ impl QueueSettings {
     }
 }
 
-/// Returns `url` with its password (and any `password=` query value) replaced by `***`.
+/// Returns `url` with its password (and any `password=` query value) replaced by `***`; a user
+/// part without a password is masked too unless the scheme makes it a login name (SQL, Redis,
+/// AMQP, MongoDB), since many servers take a token there (`nats://TOKEN@host`).
 ///
 /// Anything that does not parse as a URL is cut to its scheme, so an odd string can't leak.
 pub fn mask_url(raw: &str) -> String {
+    /// Schemes whose user part (without a password) is a login name, not a secret.
+    const LOGIN_SCHEMES: &[&str] = &[
+        "postgres",
+        "postgresql",
+        "mysql",
+        "mariadb",
+        "redis",
+        "rediss",
+        "amqp",
+        "amqps",
+        "mongodb",
+        "mongodb+srv",
+    ];
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
                 // Only fails for URLs that cannot have a password, which this one has.
                 let _ = url.set_password(Some("***"));
+            } else if !url.username().is_empty() && !LOGIN_SCHEMES.contains(&url.scheme()) {
+                // A lone user part is a token on many servers (`nats://TOKEN@host`): kept only
+                // where the scheme makes it a login name.
+                let _ = url.set_username("***");
             }
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
@@ -166,6 +185,8 @@ mod tests {
         assert!(!m.contains("hunter2") && !m.contains("x9"), "{m}");
         assert!(m.contains("db.example:5432") && m.contains("bob"), "{m}");
         assert_eq!(mask_url("sqlite://q.sqlite3"), "sqlite://q.sqlite3");
+        assert_eq!(mask_url("nats://s3cr3t-tok@h:4222"), "nats://***@h:4222");
+        assert_eq!(mask_url("postgres://app@db/x"), "postgres://app@db/x");
         assert!(!mask_url("weird://u:p@ss@h:1 x").contains("p@ss"));
         let bad_port = mask_url("postgres://h:99999/db?password=x9");
         assert!(
