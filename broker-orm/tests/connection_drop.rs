@@ -78,12 +78,10 @@ mod in_flight {
         }
     }
 
-    /// Fails today: `broker-orm/src/db.rs` `Ctx::err` maps the server's FATAL 57P01
-    /// (`terminating connection due to administrator command`), a `sqlx::Error::Database`, to
-    /// `BrokerError::Backend` instead of `Unreachable`.
+    /// PostgreSQL ends the session with FATAL 57P01 (`terminating connection due to
+    /// administrator command`), which sqlx reports as a database error.
     #[cfg(feature = "postgres")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "broker-orm bug: PostgreSQL's 57P01 on a broken connection maps to Backend (not transient)"]
     async fn postgres_ack_in_flight() {
         use sqlx::Connection as _;
         let base = postgres_url();
