@@ -250,11 +250,14 @@ pub trait Broker: Send + Sync + fmt::Debug {
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError>;
 
     /// Pushes the lease of a delivered package back: it now runs out `by` from now (not from
-    /// its former deadline), where [`Capabilities::extend`] holds. A stale receipt (the package
-    /// was acknowledged, or delivered again to someone else) is ignored, like a stale
-    /// acknowledgement: the new holder's lease stands. Adapters whose leases cover a whole
-    /// claimed batch may extend the batch; they say so.
-    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+    /// its former deadline), where [`Capabilities::extend`] holds.
+    ///
+    /// `Ok(true)`: this receipt holds the lease, now extended. `Ok(false)`: it no longer does
+    /// (the package was settled, or delivered again to someone else) and nothing changed, like a
+    /// stale acknowledgement: the new holder's lease stands, and a caller still running the task
+    /// should stop. An adapter that cannot tell answers `true` and says so. Adapters whose
+    /// leases cover a whole claimed batch may extend the batch; they say so too.
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<bool, BrokerError> {
         let _ = (ack, by);
         Err(BrokerError::Unsupported {
             broker: self.name(),

@@ -1349,10 +1349,14 @@ impl Kit {
         let held = drain(&*a, 1, Duration::from_secs(10)).await?;
         let ack = &held[0].ack;
         sleep_until(t0 + r / 2).await;
-        a.extend(ack, r * 2).await.map_err(err("extend"))?;
+        if !a.extend(ack, r * 2).await.map_err(err("extend"))? {
+            return Err("extend of a held lease answered false (lease not held)".into());
+        }
         // Past the original lease (t0 + retry): B must see nothing.
         nothing_until(&*b, t0 + r * 3 / 2, "after the first extend").await?;
-        a.extend(ack, r * 2).await.map_err(err("second extend"))?;
+        if !a.extend(ack, r * 2).await.map_err(err("second extend"))? {
+            return Err("second extend of a held lease answered false".into());
+        }
         // Past the first extension too: the second one holds it.
         nothing_until(
             &*b,
@@ -1361,7 +1365,7 @@ impl Kit {
         )
         .await?;
         a.acknowledge(ack).await.map_err(err("acknowledge"))?;
-        // An extend of an acknowledged receipt is ignored.
+        // An extend of an acknowledged receipt is ignored (adapters that cannot tell answer true).
         a.extend(ack, r * 2)
             .await
             .map_err(err("extend after acknowledge"))?;
@@ -1382,9 +1386,16 @@ impl Kit {
         let first = drain(&*a, 1, Duration::from_secs(10)).await?;
         let second = drain(&*b, 1, r + Duration::from_secs(10)).await?;
         let tb = Instant::now();
-        a.extend(&first[0].ack, r * 10)
+        if a.extend(&first[0].ack, r * 10)
             .await
-            .map_err(err("extend with a stale receipt"))?;
+            .map_err(err("extend with a stale receipt"))?
+        {
+            return Err(
+                "extend with a stale receipt (the package was delivered again) answered true: \
+                 the caller would go on running a task someone else holds"
+                    .into(),
+            );
+        }
         // B's lease stands: nothing for a third dequeue until it runs out (the last look starts
         // early enough to end, after up to `wait`, before B's lease does)...
         nothing_until(

@@ -222,18 +222,20 @@ impl MemoryBroker {
         ack: &AckId,
         wake: bool,
         f: impl FnOnce(&mut State, u64, Instant),
-    ) -> Result<(), BrokerError> {
+    ) -> Result<bool, BrokerError> {
         let (id, n) = parse_receipt(ack)?;
-        {
+        let held = {
             let mut st = self.state();
-            if st.holds(id, n) {
+            let held = st.holds(id, n);
+            if held {
                 f(&mut st, id, Instant::now());
             }
-        }
+            held
+        };
         if wake {
             self.queue.notify.notify_waiters();
         }
-        Ok(())
+        Ok(held)
     }
 }
 
@@ -534,6 +536,7 @@ impl Broker for MemoryBroker {
         self.settle(ack, false, |st, id, _| {
             st.take(id);
         })
+        .map(drop)
     }
 
     /// Every receipt is parsed first: one malformed receipt settles none.
@@ -555,10 +558,12 @@ impl Broker for MemoryBroker {
         self.settle(ack, true, |st, id, now| {
             st.give_back(id, now, Duration::ZERO)
         })
+        .map(drop)
     }
 
     async fn fail_after(&self, ack: &AckId, delay: Duration) -> Result<(), BrokerError> {
         self.settle(ack, true, |st, id, now| st.give_back(id, now, delay))
+            .map(drop)
     }
 
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
@@ -569,7 +574,7 @@ impl Broker for MemoryBroker {
 
     /// The lease runs out `by` from now (at most [`MAX_RETRY`]); a lease that ran out but whose
     /// package was not delivered again is taken up again.
-    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<bool, BrokerError> {
         self.settle(ack, true, |st, id, now| {
             st.move_to(id, Place::Leased(later(now, by.min(MAX_RETRY))));
         })
@@ -587,6 +592,7 @@ impl Broker for MemoryBroker {
                 });
             }
         })
+        .map(drop)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {

@@ -99,7 +99,10 @@ async fn stale_receipts_are_ignored_but_delete_is_not() {
         .unwrap();
     b.dead_letter(&first.ack, "stale").await.unwrap();
     // A stale extend must not shorten (or lengthen) the new holder's lease.
-    b.extend(&first.ack, Duration::ZERO).await.unwrap();
+    assert!(
+        !b.extend(&first.ack, Duration::ZERO).await.unwrap(),
+        "a stale extend says the lease is not held"
+    );
     assert_eq!(sizes(&b).await, (0, 1, 0), "the second lease was touched");
     let quick = open(&hub, "q", 1, 50);
     assert!(quick.dequeue().await.unwrap().is_empty());
@@ -143,7 +146,7 @@ async fn extend_keeps_the_package_from_a_second_consumer() {
     let t0 = Instant::now();
     let d = one(&a).await;
     tokio::time::sleep(RETRY / 2).await;
-    a.extend(&d.ack, Duration::from_millis(1200)).await.unwrap();
+    assert!(a.extend(&d.ack, Duration::from_millis(1200)).await.unwrap());
     // Well past the original lease, the second consumer still gets nothing.
     while t0.elapsed() < RETRY * 2 {
         let got = other.dequeue().await.unwrap();
@@ -557,7 +560,9 @@ async fn malformed_receipts_are_refused_and_settle_nothing() {
     assert!(is_invalid(b.fail(&bad).await));
     assert!(is_invalid(b.fail_after(&bad, Duration::from_secs(1)).await));
     assert!(is_invalid(b.delete(&bad).await));
-    assert!(is_invalid(b.extend(&bad, Duration::from_secs(1)).await));
+    assert!(is_invalid(
+        b.extend(&bad, Duration::from_secs(1)).await.map(drop)
+    ));
     assert!(is_invalid(b.dead_letter(&bad, "x").await));
     let mixed = [got[0].ack.clone(), bad.clone(), got[1].ack.clone()];
     assert!(is_invalid(b.acknowledge_many(&mixed).await));

@@ -664,11 +664,11 @@ impl Broker for OrmBroker {
 
     /// Moves the row's visibility to `now + by` (the database's clock) if this receipt still
     /// holds the lease; a stale receipt matches no row.
-    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<bool, BrokerError> {
         let (id, n) = parse_ack(ack, self.broker())?;
         let i = &self.inner;
         let sql = sqlx::AssertSqlSafe(i.sql.extend.clone());
-        on_db!(&i.db, p => sqlx::query(sql)
+        let rows = on_db!(&i.db, p => sqlx::query(sql)
             .bind(micros(by.min(broker_core::MAX_RETRY)))
             .bind(id)
             .bind(i.settings.queue.as_str())
@@ -676,7 +676,9 @@ impl Broker for OrmBroker {
             .execute(p)
             .await
             .map_err(i.ctx.err("extend"))?.rows_affected());
-        Ok(())
+        // sqlx asks MySQL for matched rows (CLIENT_FOUND_ROWS), so 1 means the lease is held
+        // even when the new deadline equals the old one.
+        Ok(rows == 1)
     }
 
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {

@@ -661,7 +661,7 @@ impl Broker for RedisBroker {
 
     /// Extends the lease of the receipt's whole batch (one lease per claim): the batch's other
     /// unanswered packages are held by the same consumer, so they keep their place with it.
-    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<bool, BrokerError> {
         let i = &self.inner;
         let r = self.receipt(ack)?;
         if !i.config.reliable {
@@ -674,8 +674,8 @@ impl Broker for RedisBroker {
         let ms = by.min(broker_core::MAX_RETRY).as_millis().max(1) as u64;
         let mut inv = Self::call(&i.scripts.extend, &[&k.inflight, &k.acked, &k.leases]);
         inv.arg(&r.batch).arg(r.index).arg(ms).arg(r.id);
-        let _: u64 = self.run(&inv, "extend").await?;
-        Ok(())
+        let held: u64 = self.run(&inv, "extend").await?;
+        Ok(held == 1)
     }
 
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {

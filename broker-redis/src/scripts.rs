@@ -251,7 +251,8 @@ return 1
 /// KEYS: inflight base, acked base, leases. ARGV: batch, index, by_ms, id. If the receipt still
 /// holds (its batch is leased, the index unanswered, the id its package's), the batch's lease
 /// runs out `by_ms` from now, or later if another package of the batch already holds it longer
-/// (`GT`: a lease shared by a batch is never shortened). A stale receipt changes nothing.
+/// (`GT`: a lease shared by a batch is never shortened), and the script returns 1. A stale
+/// receipt changes nothing and returns 0.
 pub fn extend() -> String {
     format!(
         "{PRELUDE}{}",
@@ -261,7 +262,9 @@ if not n or n < 1 or redis.call('SISMEMBER', KEYS[2] .. ARGV[1], ARGV[2]) == 1 t
 local blob = redis.call('LINDEX', KEYS[1] .. ARGV[1], n - 1)
 if not blob then return 0 end
 if ARGV[4] ~= '0' and string.sub(blob, 1, #ARGV[4] + 1) ~= ARGV[4] .. ':' then return 0 end
-return redis.call('ZADD', KEYS[3], 'XX', 'GT', 'CH', string.format('%d', clock() + tonumber(ARGV[3])), ARGV[1])
+if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[3], 'XX', 'GT', string.format('%d', clock() + tonumber(ARGV[3])), ARGV[1])
+return 1
 "#
     )
 }

@@ -180,6 +180,11 @@ impl Shared {
         seq
     }
 
+    /// True while a delivery is in the ledger (received, not yet settled or given back).
+    pub fn unsettled(&self, seq: u64) -> bool {
+        self.lock_ledger().contains_key(&seq)
+    }
+
     /// Removes a settled delivery from the ledger.
     pub fn settle(&self, seq: u64) {
         self.lock_ledger().remove(&seq);

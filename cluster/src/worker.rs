@@ -4,7 +4,9 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use broker_core::AckId;
 
 use broker_core::{TaskPackage, now_us};
 use futures::FutureExt;
@@ -23,45 +25,101 @@ fn lease_margin(retry: Duration) -> Duration {
     (retry / 10).min(Duration::from_secs(1))
 }
 
-/// Lease left when a running task's lease is extended: two margins (a fifth of `retry`, at most
-/// 2 s). A task that finishes before that costs the broker no call at all.
+/// Lease left when extension starts: a third of `retry`, at most 10 s, at least two margins.
+/// A task that finishes before that costs the broker no call; a broker that does not answer
+/// has until the last margin, with retries, before the lease is given up.
 fn extend_when_left(retry: Duration) -> Duration {
-    lease_margin(retry) * 2
+    (retry / 3)
+        .min(Duration::from_secs(10))
+        .max(lease_margin(retry) * 2)
 }
 
-/// Keeps the lease of a running task: just before it runs out, extends it by `retry`, for as
-/// long as the task runs. Returns only when the lease could not be kept (the broker refused or
-/// did not answer until the last margin): the caller then stops the run, as a second consumer
-/// may get the package.
-async fn keep_lease(shared: &Shared, job: &Job, retry: Duration) -> String {
-    let margin = lease_margin(retry);
-    let mut deadline = job.claimed + retry;
+/// Why a lease was given up.
+#[derive(Debug)]
+enum Lost {
+    /// The broker says the receipt no longer holds it: someone else may run the package.
+    Moved,
+    /// No extension succeeded before the last margin.
+    Unanswered(String),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Moved => f.write_str("the broker gave the package to another consumer"),
+            Lost::Unanswered(e) => write!(f, "the lease could not be extended in time ({e})"),
+        }
+    }
+}
+
+/// Waits until only [`extend_when_left`] of the lease ending at `deadline` is left, then
+/// extends it by `retry` (retrying errors until the last margin) and moves `deadline`.
+async fn extend_once(
+    shared: &Shared,
+    ack: &AckId,
+    retry: Duration,
+    deadline: &mut Instant,
+) -> Result<(), Lost> {
+    let at = deadline
+        .checked_sub(extend_when_left(retry))
+        .unwrap_or(*deadline);
+    tokio::time::sleep_until(at.into()).await;
+    let last_chance = deadline
+        .checked_sub(lease_margin(retry))
+        .unwrap_or(*deadline);
+    let mut last_error = String::from("no answer");
+    loop {
+        let asked = Instant::now();
+        if asked >= last_chance {
+            return Err(Lost::Unanswered(last_error));
+        }
+        match tokio::time::timeout_at(last_chance.into(), shared.broker.extend(ack, retry)).await {
+            Ok(Ok(true)) => {
+                shared.counters.extended.fetch_add(1, Ordering::Relaxed);
+                *deadline = asked + retry;
+                return Ok(());
+            }
+            Ok(Ok(false)) => return Err(Lost::Moved),
+            Ok(Err(e)) => {
+                tracing::warn!("lease not extended ({e}); trying again");
+                last_error = e.to_string();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(_) => return Err(Lost::Unanswered("no answer".into())),
+        }
+    }
+}
+
+/// Keeps the lease of a running task for as long as the task runs. Returns only when the lease
+/// is lost: the caller then stops the run and gives the package back, with no attempt counted.
+async fn keep_lease(shared: &Shared, ack: &AckId, retry: Duration, deadline: &mut Instant) -> Lost {
+    loop {
+        if let Err(lost) = extend_once(shared, ack, retry, deadline).await {
+            return lost;
+        }
+    }
+}
+
+/// After the run: keeps the lease until the monitor has settled the delivery (saving a result
+/// may take a while), so a finished task is not delivered again meanwhile.
+async fn keep_until_settled(
+    shared: Arc<Shared>,
+    seq: u64,
+    ack: AckId,
+    retry: Duration,
+    mut deadline: Instant,
+) {
     loop {
         let at = deadline
             .checked_sub(extend_when_left(retry))
             .unwrap_or(deadline);
         tokio::time::sleep_until(at.into()).await;
-        let asked = std::time::Instant::now();
-        let last_chance = deadline.checked_sub(margin).unwrap_or(deadline);
-        let call = shared.broker.extend(&job.ack, retry);
-        match tokio::time::timeout_at(last_chance.max(asked).into(), call).await {
-            Ok(Ok(())) => {
-                shared.counters.extended.fetch_add(1, Ordering::Relaxed);
-                deadline = asked + retry;
-            }
-            Ok(Err(e)) if std::time::Instant::now() + Duration::from_millis(100) < last_chance => {
-                tracing::warn!(
-                    "lease of task {} not extended ({e}); trying again",
-                    job.package.id
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Ok(Err(e)) => {
-                return format!("lease could not be extended ({e}); stopped before it ran out");
-            }
-            Err(_) => {
-                return "lease could not be extended in time; stopped before it ran out".into();
-            }
+        if !shared.unsettled(seq) {
+            return;
+        }
+        if let Err(lost) = extend_once(&shared, &ack, retry, &mut deadline).await {
+            tracing::warn!("a finished task's lease was lost before it was settled: {lost}");
+            return;
         }
     }
 }
@@ -196,21 +254,6 @@ pub(crate) async fn run(
         let intended = effective_timeout(job.package.options.timeout, cfg.timeout);
         let margin = lease_margin(cfg.retry);
         let extend = shared.broker.capabilities().extend;
-        let late = if extend {
-            // The lease can be extended, as long as it has not run out already.
-            job.claimed.elapsed() + margin >= cfg.retry
-        } else {
-            intended + margin < cfg.retry && job.claimed.elapsed() + intended + margin >= cfg.retry
-        };
-        if late {
-            tracing::warn!(
-                "task {} waited too long for a worker to finish within its lease; given back \
-                 (lower `bulk` or `queue_limit` for long tasks)",
-                job.package.id
-            );
-            shared.give_back(job.seq, &job.ack).await;
-            continue;
-        }
         let attempt = match shared.prior(&job).await {
             Prior::Settled => {
                 let _ = outcomes.send(Outcome::duplicate(job)).await;
@@ -224,6 +267,22 @@ pub(crate) async fn run(
             }
             Prior::Attempt(n) => n,
         };
+        // Checked after the store was asked: that took time too.
+        let late = if extend {
+            // The lease can be extended, if enough of it is left to ask.
+            job.claimed.elapsed() + margin * 2 >= cfg.retry
+        } else {
+            intended + margin < cfg.retry && job.claimed.elapsed() + intended + margin >= cfg.retry
+        };
+        if late {
+            tracing::warn!(
+                "task {} waited too long for a worker to finish within its lease; given back \
+                 (lower `bulk` or `queue_limit` for long tasks)",
+                job.package.id
+            );
+            shared.give_back(job.seq, &job.ack).await;
+            continue;
+        }
         let ran = if job.deliveries.unwrap_or(0) > attempt.saturating_add(MAX_UNRECORDED_DELIVERIES)
         {
             let now = now_us();
@@ -238,19 +297,40 @@ pub(crate) async fn run(
                 stopped_us: now,
             }
         } else if extend {
-            // The lease follows the run: extended just before it runs out, up to the timeout.
-            let _running = Running::new(&shared.running);
-            let run = execute(&shared.registry, &job.package, attempt, intended);
-            let started_us = now_us();
-            tokio::select! {
-                biased;
-                ran = run => ran,
-                lost = keep_lease(&shared, &job, cfg.retry) => Ran {
-                    result: Err(lost),
-                    permanent: false,
-                    started_us,
-                    stopped_us: now_us(),
-                },
+            // The lease follows the run: extended before it runs out, up to the timeout.
+            let mut deadline = job.claimed + cfg.retry;
+            let ran = {
+                let _running = Running::new(&shared.running);
+                let run = execute(&shared.registry, &job.package, attempt, intended);
+                tokio::select! {
+                    biased;
+                    ran = run => Ok(ran),
+                    lost = keep_lease(&shared, &job.ack, cfg.retry, &mut deadline) => Err(lost),
+                }
+            };
+            match ran {
+                Ok(ran) => {
+                    // Little lease left: keep it until the monitor has settled the delivery.
+                    if deadline.saturating_duration_since(Instant::now())
+                        < extend_when_left(cfg.retry) * 2
+                    {
+                        tokio::spawn(keep_until_settled(
+                            shared.clone(),
+                            job.seq,
+                            job.ack.clone(),
+                            cfg.retry,
+                            deadline,
+                        ));
+                    }
+                    ran
+                }
+                Err(lost) => {
+                    // Not a failure of the task: no attempt is recorded, the package goes back
+                    // (a stale give-back is ignored if someone else holds it now).
+                    tracing::warn!("task {} stopped: {lost}; given back", job.package.id);
+                    shared.give_back(job.seq, &job.ack).await;
+                    continue;
+                }
             }
         } else {
             // Never past the lease: a run still going then would be delivered to someone else.

@@ -155,3 +155,238 @@ async fn slow_task_keeps_its_lease_redis() {
 async fn slow_task_keeps_its_lease_memory() {
     slow_task_keeps_its_lease("memory").await;
 }
+
+/// The memory broker, with `extend` failing (transient errors) for its first `fail` calls and
+/// then answering "not held" for the next `moved` ones: what a broker outage or a lost lease
+/// looks like to the cluster.
+#[derive(Debug)]
+struct Flaky {
+    inner: cluster::broker_memory::MemoryBroker,
+    fail: std::sync::atomic::AtomicUsize,
+    moved: std::sync::atomic::AtomicUsize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+mod flaky {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use cluster::broker_core::{
+        AckId, Broker, BrokerError, BrokerInfo, Capabilities, Delivery, Message, MessageId, Stat,
+        async_trait,
+    };
+
+    #[async_trait]
+    impl Broker for super::Flaky {
+        async fn enqueue(&self, m: Message) -> Result<MessageId, BrokerError> {
+            self.inner.enqueue(m).await
+        }
+        async fn enqueue_many(&self, m: Vec<Message>) -> Result<Vec<MessageId>, BrokerError> {
+            self.inner.enqueue_many(m).await
+        }
+        async fn dequeue(&self) -> Result<Vec<Delivery>, BrokerError> {
+            self.inner.dequeue().await
+        }
+        async fn acknowledge(&self, a: &AckId) -> Result<(), BrokerError> {
+            self.inner.acknowledge(a).await
+        }
+        async fn acknowledge_many(&self, a: &[AckId]) -> Result<(), BrokerError> {
+            self.inner.acknowledge_many(a).await
+        }
+        async fn fail(&self, a: &AckId) -> Result<(), BrokerError> {
+            self.inner.fail(a).await
+        }
+        async fn fail_after(&self, a: &AckId, d: Duration) -> Result<(), BrokerError> {
+            self.inner.fail_after(a, d).await
+        }
+        async fn delete(&self, a: &AckId) -> Result<(), BrokerError> {
+            self.inner.delete(a).await
+        }
+        async fn extend(&self, a: &AckId, by: Duration) -> Result<bool, BrokerError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let take = |n: &std::sync::atomic::AtomicUsize| {
+                n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                    .is_ok()
+            };
+            if take(&self.fail) {
+                return Err(BrokerError::Unreachable {
+                    broker: "flaky",
+                    endpoint: "test".into(),
+                    message: "down for a moment".into(),
+                });
+            }
+            if take(&self.moved) {
+                return Ok(false);
+            }
+            self.inner.extend(a, by).await
+        }
+        async fn dead_letter(&self, a: &AckId, r: &str) -> Result<(), BrokerError> {
+            self.inner.dead_letter(a, r).await
+        }
+        async fn purge_queue(&self) -> Result<u64, BrokerError> {
+            self.inner.purge_queue().await
+        }
+        async fn delete_queue(&self) -> Result<(), BrokerError> {
+            self.inner.delete_queue().await
+        }
+        async fn queue_size(&self) -> Result<u64, BrokerError> {
+            self.inner.queue_size().await
+        }
+        async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
+            self.inner.lock_size().await
+        }
+        async fn ping(&self) -> Result<(), BrokerError> {
+            self.inner.ping().await
+        }
+        async fn info(&self) -> Result<BrokerInfo, BrokerError> {
+            self.inner.info().await
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn set_stat(&self, k: &str, v: &[u8], ttl: Duration) -> Result<(), BrokerError> {
+            self.inner.set_stat(k, v, ttl).await
+        }
+        async fn get_stats(&self, p: &str) -> Result<Vec<Stat>, BrokerError> {
+            self.inner.get_stats(p).await
+        }
+    }
+}
+
+/// A lease that cannot be kept (the broker errs until the last margin, or says the package
+/// moved) stops the run and gives the package back without using up an attempt, even with
+/// `ack_failure`: the task then runs to success on a later delivery.
+async fn lost_lease_is_given_back(fail: usize, moved: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config("memory", dir.path());
+    cfg.ack_failure = true;
+    cfg.max_attempts = 1;
+    let inner = cluster::broker_memory::MemoryBroker::open(
+        &cluster::broker_memory::MemoryHub::new(),
+        cfg.queue_settings(),
+    )
+    .expect("memory");
+    let flaky = Arc::new(Flaky {
+        inner,
+        fail: fail.into(),
+        moved: moved.into(),
+        calls: 0.into(),
+    });
+    let client = Client::with_broker(&cfg, flaky.clone())
+        .await
+        .expect("client");
+    let id = client
+        .enqueue_json(
+            "sleep",
+            b"2.5".to_vec(),
+            EnqueueOptions {
+                options: cluster::broker_core::TaskOptions {
+                    timeout: Some(Duration::from_secs(6)),
+                    ..Default::default()
+                },
+                delay: None,
+            },
+        )
+        .await
+        .expect("enqueue");
+    let c = Cluster::with_broker(cfg.clone(), Registry::with_builtins(), flaky.clone())
+        .await
+        .expect("cluster");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(async {
+        let _ = rx.await;
+    }));
+    let t = Instant::now();
+    loop {
+        if let Some(r) = client.result(id).await.expect("result")
+            && r.done
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no final result");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = tx.send(());
+    let totals = run.await.expect("join").expect("run");
+    let r = client.result(id).await.expect("result").expect("row");
+    assert!(
+        r.success,
+        "ran to success after the lost lease: {:?}",
+        r.result
+    );
+    assert_eq!(r.attempts, 1, "the lost run used no attempt");
+    assert!(totals.given_back >= 1, "{totals:?}");
+    assert_eq!(totals.processed, 1, "{totals:?}");
+    assert!(
+        flaky.calls.load(std::sync::atomic::Ordering::SeqCst) > fail + moved,
+        "extended after the loss"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_unanswered_until_the_last_margin_gives_the_task_back() {
+    // 2 s lease: extension starts 0.67 s before the end and is retried every 0.2 s until 0.2 s
+    // before it: at most three attempts, all refused.
+    lost_lease_is_given_back(3, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_moved_to_another_consumer_gives_the_task_back() {
+    lost_lease_is_given_back(0, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_extend_error_is_retried_within_the_lease() {
+    // One refusal, then the next attempt (0.2 s later, still before the last margin) holds.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = config("memory", dir.path());
+    let inner = cluster::broker_memory::MemoryBroker::open(
+        &cluster::broker_memory::MemoryHub::new(),
+        cfg.queue_settings(),
+    )
+    .expect("memory");
+    let flaky = Arc::new(Flaky {
+        inner,
+        fail: 1.into(),
+        moved: 0.into(),
+        calls: 0.into(),
+    });
+    let client = Client::with_broker(&cfg, flaky.clone())
+        .await
+        .expect("client");
+    let id = client
+        .enqueue_json(
+            "sleep",
+            b"2.5".to_vec(),
+            EnqueueOptions {
+                options: cluster::broker_core::TaskOptions {
+                    timeout: Some(Duration::from_secs(6)),
+                    ..Default::default()
+                },
+                delay: None,
+            },
+        )
+        .await
+        .expect("enqueue");
+    let c = Cluster::with_broker(cfg.clone(), Registry::with_builtins(), flaky.clone())
+        .await
+        .expect("cluster");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(async {
+        let _ = rx.await;
+    }));
+    let t = Instant::now();
+    while !client
+        .result(id)
+        .await
+        .expect("result")
+        .is_some_and(|r| r.done)
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "no final result");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = tx.send(());
+    let totals = run.await.expect("join").expect("run");
+    assert_eq!(totals.given_back, 0, "kept on the second try: {totals:?}");
+    assert!(totals.extended >= 1, "{totals:?}");
+}

@@ -1013,18 +1013,20 @@ impl Broker for NatsBroker {
     /// package or the package was delivered to someone else; a settle on another handle leaves
     /// it running until `by` is over, harmlessly (the server ignores progress on a settled
     /// package).
-    async fn extend(&self, ack: &AckId, by: Duration) -> Result<(), BrokerError> {
+    /// `+WPI`. `Ok(false)` only for a receipt the ledger shows was delivered again; NATS does
+    /// not say whether a `+WPI` found its message, so an acknowledged one answers `true`.
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<bool, BrokerError> {
         let asked = Instant::now();
         let r = self.receipt(ack)?;
         self.stop_keeper(r.stream_seq);
         if !self.is_current(&r).await? {
-            return Ok(());
+            return Ok(false);
         }
         self.send(&r, Settle::Progress).await?;
         if by > self.inner.settings.retry {
             self.keep_until(r, asked + by);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Copies the package into the dead-letter stream with the reason, then `+TERM`s it and
