@@ -16,7 +16,7 @@
 //! }
 //! let mut brokers = cluster::Brokers::builtin();
 //! brokers.register("nats", connect); // `broker = "nats"`, section `[nats]`
-//! //! ```
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -86,8 +86,11 @@ impl Section {
         }
         let figment = match origin {
             Some(f) => f.focus(name),
-            None => match config.section_value(name) {
-                Some(v) => Figment::from(figment::providers::Serialized::defaults(v.clone())),
+            None => match config.section_value(name).and_then(|v| v.as_dict()) {
+                Some(d) => Figment::from(crate::config::Named {
+                    name: crate::config::SOURCE_CODE,
+                    dict: d.clone(),
+                }),
                 None => Figment::new(),
             },
         };

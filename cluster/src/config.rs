@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 
 /// Name under which the default values are reported.
 pub const SOURCE_DEFAULT: &str = "default";
+/// Name under which values set with [`Config::set`] are reported.
+pub const SOURCE_CODE: &str = "set in code";
 /// Name under which `--set` and other flags are reported.
 pub const SOURCE_FLAG: &str = "command-line flag";
 
@@ -129,22 +131,39 @@ impl fmt::Debug for Origin {
 }
 
 /// Masks a value for display: URLs lose their password, secret-looking keys their value.
+/// Masks a value for display: a secret-looking key hides its whole value; any text that looks
+/// like a URL (under any key, in lists too) loses its password or token.
 pub(crate) fn mask(key: &str, value: serde_json::Value) -> serde_json::Value {
-    let leaf = key.rsplit('.').next().unwrap_or(key);
+    use serde_json::Value as J;
     match value {
-        serde_json::Value::Null => serde_json::Value::Null,
-        _ if leaf.contains("password")
-            || leaf.contains("secret")
-            || leaf.contains("token")
-            || leaf.ends_with("_key") && !leaf.ends_with("key_file") =>
+        J::Null => J::Null,
+        _ if secret_leaf(key) => J::String("********".into()),
+        J::String(s)
+            if s.contains("://") || key.rsplit('.').next().is_some_and(|l| l.ends_with("url")) =>
         {
-            serde_json::Value::String("********".into())
+            J::String(broker_core::mask_url(&s))
         }
-        serde_json::Value::String(s) if leaf.ends_with("url") => {
-            serde_json::Value::String(broker_core::mask_url(&s))
-        }
+        J::Array(items) => J::Array(items.into_iter().map(|v| mask(key, v)).collect()),
+        J::Object(m) => J::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let inner = mask(&format!("{key}.{k}"), v);
+                    (k, inner)
+                })
+                .collect(),
+        ),
         other => other,
     }
+}
+
+/// Keys whose values are secrets whatever they look like: `*password*`, `*secret*`, `*token*`,
+/// `*_key` (not `*key_file`), `credentials`.
+fn secret_leaf(key: &str) -> bool {
+    let leaf = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    ["password", "secret", "token", "credential"]
+        .iter()
+        .any(|w| leaf.contains(w))
+        || (leaf.ends_with("key") && !leaf.ends_with("key_file"))
 }
 
 impl Default for Config {
@@ -254,9 +273,9 @@ impl Serialize for Secret {
 use broker_core::secs;
 
 /// A provider with a name of our own (so that `qcluster config` can say where a value came from).
-struct Named {
-    name: &'static str,
-    dict: Dict,
+pub(crate) struct Named {
+    pub(crate) name: &'static str,
+    pub(crate) dict: Dict,
 }
 
 impl Provider for Named {
@@ -305,14 +324,12 @@ fn rank(source: &str) -> u8 {
 /// Keys whose values are never echoed in errors.
 /// Sections holding one count too: a whole section given as a string may be a URL.
 fn sensitive(key: &str) -> bool {
-    key == "secret"
-        || key == "config"
+    key == "config"
         || key == "store"
         || (!key.contains('.') && !is_cluster_key(key))
         || key.ends_with("url")
-        || ["password", "secret", "token"]
-            .iter()
-            .any(|w| key.rsplit('.').next().is_some_and(|l| l.contains(w)))
+        || key.ends_with("uri")
+        || secret_leaf(key)
 }
 
 /// The top-level keys of [`Config`] (every other top-level key is a broker section).
@@ -633,7 +650,9 @@ impl Config {
     }
 
     /// Sets a key in code, the way `--set` does: `set("orm.url", "postgres://…")`,
-    /// `set("workers", 4)`. A broker section key is kept for its factory to read.
+    /// `set("workers", 4)`, `set("secret", "…")`. A cluster key is checked at once (type and
+    /// [`Config::validate`]); a key of any other section is kept for that broker's factory,
+    /// which refuses unknown keys when it connects.
     pub fn set(&mut self, key: &str, value: impl Serialize) -> Result<&mut Self, ConfigError> {
         let value = Value::serialize(value).map_err(|e| ConfigError::new(key, e.to_string()))?;
         let head = key.split('.').next().unwrap_or(key);
@@ -646,7 +665,11 @@ impl Config {
             let mut updated: Config = Value::from(dict)
                 .deserialize()
                 .map_err(|e| known_error(e, None))?;
-            updated.secret = self.secret.clone();
+            if key != "secret" {
+                // Serialised masked: keep the real one.
+                updated.secret = self.secret.clone();
+            }
+            updated.validate()?;
             updated.sections = std::mem::take(&mut self.sections);
             updated.origin = std::mem::take(&mut self.origin);
             *self = updated;
@@ -662,7 +685,7 @@ impl Config {
             let mut d = Dict::new();
             insert_path(&mut d, key, value);
             let merged = (**f).clone().merge(Named {
-                name: SOURCE_FLAG,
+                name: SOURCE_CODE,
                 dict: d,
             });
             self.origin = Origin(Some(std::sync::Arc::new(merged)));

@@ -530,3 +530,30 @@ fn memory_broker_and_registered_names() {
         stderr(&out)
     );
 }
+
+/// A section of one of our adapters not compiled in is kept, never echoed: URLs under any key,
+/// in lists too, lose their passwords and tokens in `config` and in errors.
+#[test]
+fn sections_not_compiled_in_are_masked() {
+    let w = World::new("maskamqp", None);
+    w.write_config(
+        "[amqp]\nuri = \"amqp://u:pw-Amqp-3@h/v\"\nservers = [\"nats://tok-Arr-4@h:4222\"]\napi_key = \"k-Key-5\"\n",
+    );
+    let out = w.run(&["config", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for leak in ["pw-Amqp-3", "tok-Arr-4", "k-Key-5"] {
+        assert!(!text.contains(leak), "{leak} shown: {text}");
+    }
+    assert!(text.contains("amqp.uri"), "{text}");
+    let out = w.run(&["--set", "amqp=amqp://u:pw-Amqp-3@h", "config"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("pw-Amqp-3"));
+    assert!(!stderr(&out).contains("pw-Amqp-3"));
+    let out = w.run(&["--broker", "amqp", "ping"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--features cluster/amqp"),
+        "{}",
+        stderr(&out)
+    );
+}

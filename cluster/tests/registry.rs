@@ -141,3 +141,63 @@ async fn factory_errors_name_the_section_key() {
         "{e}"
     );
 }
+
+/// `Config::set` works like `--set`: cluster keys are checked at once, the secret is taken,
+/// section keys wait for their factory; values set in code say so in `config`.
+#[tokio::test]
+async fn set_in_code() {
+    let mut c = Config::default();
+    c.set("secret", "s3cret-in-code").expect("secret");
+    assert_eq!(c.load_secret().expect("secret").expose(), b"s3cret-in-code");
+    c.set("workers", 3).expect("workers");
+    assert_eq!(c.workers, 3);
+    assert_eq!(
+        c.load_secret().expect("kept").expose(),
+        b"s3cret-in-code",
+        "setting another key keeps the secret"
+    );
+    let e = c.set("workers", 0).unwrap_err();
+    assert_eq!(e.key, "workers");
+    let e = c.set("workers", "many").unwrap_err();
+    assert_eq!(e.key, "workers");
+    assert_eq!(c.workers, 3, "a refused value changes nothing");
+    c.broker = "beanstalk".into();
+    c.set("beanstalk.tube", "t").expect("section key");
+    c.set("beanstalk.tueb", "t").expect("kept for the factory");
+    let e = brokers().connect(&c).await.unwrap_err();
+    assert!(e.is_usage(), "{e}");
+    assert!(
+        e.to_string().contains(
+            "`beanstalk.tueb`: unknown key (from set in code); did you mean `beanstalk.tube`?"
+        ),
+        "{e}"
+    );
+}
+
+/// The environment layer of a user's section: `QCLUSTER_BEANSTALK__TUBE` beats the file and
+/// loses to a flag. (Its own process under nextest, so setting the variable is safe.)
+#[test]
+fn environment_layer_of_a_users_section() {
+    // SAFETY: nextest runs each test in its own process; nothing else reads the environment.
+    unsafe { std::env::set_var("QCLUSTER_BEANSTALK__TUBE", "from-env") };
+    let file = "broker = \"beanstalk\"\n[beanstalk]\ntube = \"from-file\"\n";
+    let loaded = load(file, &[]).expect("load");
+    let entries = loaded.entries_with(&brokers());
+    let tube = entries
+        .iter()
+        .find(|e| e.key == "beanstalk.tube")
+        .expect("tube");
+    assert_eq!(tube.value, "from-env");
+    assert_eq!(tube.source, "environment QCLUSTER_BEANSTALK__TUBE");
+    let loaded = load(file, &[("beanstalk.tube", "from-flag")]).expect("load");
+    let entries = loaded.entries_with(&brokers());
+    let tube = entries
+        .iter()
+        .find(|e| e.key == "beanstalk.tube")
+        .expect("tube");
+    assert_eq!(tube.value, "from-flag");
+    unsafe { std::env::set_var("QCLUSTER_BEANSTALK__TUEB", "x") };
+    let e = load(file, &[]).unwrap_err();
+    assert_eq!(e.key, "beanstalk.tueb");
+    assert!(e.message.contains("(from QCLUSTER_BEANSTALK__TUEB)"), "{e}");
+}
