@@ -93,25 +93,26 @@ impl QueueSettings {
     }
 }
 
+/// Schemes whose user part (without a password) is a login name, not a secret.
+const LOGIN_SCHEMES: &[&str] = &[
+    "postgres",
+    "postgresql",
+    "mysql",
+    "mariadb",
+    "redis",
+    "rediss",
+    "amqp",
+    "amqps",
+    "mongodb",
+    "mongodb+srv",
+];
+
 /// Returns `url` with its password (and any `password=` query value) replaced by `***`; a user
 /// part without a password is masked too unless the scheme makes it a login name (SQL, Redis,
 /// AMQP, MongoDB), since many servers take a token there (`nats://TOKEN@host`).
 ///
 /// Anything that does not parse as a URL is cut to its scheme, so an odd string can't leak.
 pub fn mask_url(raw: &str) -> String {
-    /// Schemes whose user part (without a password) is a login name, not a secret.
-    const LOGIN_SCHEMES: &[&str] = &[
-        "postgres",
-        "postgresql",
-        "mysql",
-        "mariadb",
-        "redis",
-        "rediss",
-        "amqp",
-        "amqps",
-        "mongodb",
-        "mongodb+srv",
-    ];
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
@@ -151,7 +152,8 @@ fn secret_param(key: &str) -> bool {
     k.contains("password") || matches!(k.as_str(), "pass" | "secret" | "token")
 }
 
-/// The password inside `url` (user-info or a secret query parameter), if it has one, so that
+/// The secret inside `url` (the password, a secret query parameter, or a lone user part that is
+/// a token, see [`mask_url`]), if it has one, so that
 /// messages can be scrubbed of it.
 pub fn url_password(raw: &str) -> Option<String> {
     let url = url::Url::parse(raw).ok()?;
@@ -162,9 +164,15 @@ pub fn url_password(raw: &str) -> Option<String> {
                 .into_owned(),
         );
     }
-    url.query_pairs()
-        .find(|(k, _)| secret_param(k))
-        .map(|(_, v)| v.into_owned())
+    if let Some((_, v)) = url.query_pairs().find(|(k, _)| secret_param(k)) {
+        return Some(v.into_owned());
+    }
+    // A lone user part that `mask_url` hides is a token: scrub it too.
+    (!url.username().is_empty() && !LOGIN_SCHEMES.contains(&url.scheme())).then(|| {
+        percent_encoding::percent_decode_str(url.username())
+            .decode_utf8_lossy()
+            .into_owned()
+    })
 }
 
 /// Removes every occurrence of `secret` from `message`.

@@ -174,6 +174,12 @@ impl Brokers {
     /// Registers (or replaces) the broker `name`: `connect` gets the section `[<name>]` read
     /// into `C` (the adapter's own config type: serde, `deny_unknown_fields` and `default`
     /// recommended) and the queue settings of the cluster.
+    ///
+    /// # Panics
+    ///
+    /// When `name` cannot name a section: it must be lower-case ASCII letters, digits and `_`
+    /// (environment variables are read lower-cased), and not a key of the cluster itself
+    /// (`store`, `workers`…). A programming error, caught the first time the program starts.
     pub fn register<C, F, Fut, B>(&mut self, name: &str, connect: F) -> &mut Self
     where
         C: DeserializeOwned + Serialize + Send + 'static,
@@ -181,6 +187,16 @@ impl Brokers {
         Fut: Future<Output = Result<B, BrokerError>> + Send + 'static,
         B: Broker + 'static,
     {
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+            && !crate::config::is_cluster_key(name);
+        assert!(
+            valid,
+            "broker name `{name}` cannot name a config section: use lower-case letters, digits \
+             and `_`, and no key of the cluster itself"
+        );
         let connect = Arc::new(connect);
         let factory = Factory {
             connect: Arc::new(move |section: Section, settings: QueueSettings| {

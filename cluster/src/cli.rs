@@ -300,6 +300,12 @@ async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
         Command::Quickstart { .. } => Ok(()),
         Command::Config { out } => show_config(&loaded, &brokers, out.json),
         Command::Run => {
+            if config.broker == IN_PROCESS {
+                tracing::warn!(
+                    "broker `memory`: this cluster sees only packages enqueued in this process; \
+                     `qcluster enqueue` from another process cannot reach it"
+                );
+            }
             let cluster = Cluster::connect_with(config, registry, &brokers).await?;
             let stop = async {
                 if let Err(e) = crate::shutdown_signal().await {
@@ -502,7 +508,17 @@ fn read_lines(path: &PathBuf) -> Res<Vec<NewTask>> {
     Ok(tasks)
 }
 
+/// The in-process broker: a package enqueued by a command that then exits is gone with it.
+const IN_PROCESS: &str = "memory";
+
 async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: EnqueueArgs) -> Res {
+    if config.broker == IN_PROCESS && !config.sync {
+        return Err(Fail::usage(
+            "broker `memory` keeps packages inside one process: `qcluster enqueue` would lose \
+             them when it exits. Use it with `quickstart`, with `sync = true`, or in a program \
+             that enqueues and runs the cluster itself",
+        ));
+    }
     let registry = Arc::new(registry);
     let tasks = match (&a.from, &a.func) {
         (Some(path), _) => read_lines(path)?,

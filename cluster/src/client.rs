@@ -99,6 +99,7 @@ impl Client {
     }
 
     /// A client on a ready broker, with the codec and the result store `config` describes.
+    /// The broker should serve `config.queue_settings()` (the queue named `name`).
     pub async fn with_broker(config: &Config, broker: Arc<dyn Broker>) -> Result<Self, Error> {
         let codec = codec_from(config)?;
         let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;

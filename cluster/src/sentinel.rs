@@ -331,6 +331,10 @@ impl Cluster {
     }
 
     /// A cluster on a ready broker: codec (from the secret) and result store as `config` says.
+    ///
+    /// The broker must serve `config.queue_settings()`: the queue named `name`, and above all
+    /// the same `retry`, since the cluster plans leases and their extensions with it (a broker
+    /// with a shorter lease would hand running tasks to others).
     pub async fn with_broker(
         config: Config,
         registry: Registry,

@@ -427,6 +427,29 @@ fn sync_mode_runs_inline() {
     assert_eq!(r["result"], serde_json::json!({"now": true}));
     let info = w.json(&["info", "--json"], 0);
     assert_eq!(info["queued"], 0, "nothing went through the broker");
+    // No broker server is contacted at all: a configured one that is down does not matter.
+    let store = w.url.clone();
+    w.set("QCLUSTER_ORM__URL", "postgres://nobody@127.0.0.1:1/none")
+        .set("QCLUSTER_ORM__CONNECT_TIMEOUT", 1)
+        .set("QCLUSTER_STORE__URL", store);
+    let r = w.json(
+        &["enqueue", "echo", "--args", "2", "--wait", "1", "--json"],
+        0,
+    );
+    assert_eq!(r["result"], 2, "{r}");
+}
+
+/// `qcluster enqueue` on the in-process broker would lose the package when it exits: refused.
+#[test]
+fn enqueue_on_the_memory_broker_is_refused() {
+    let w = World::new("memenq", None);
+    let out = w.run(&["--broker", "memory", "enqueue", "noop"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("keeps packages inside one process"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// A secret that looks like a number is used as written, from the environment or a flag.

@@ -201,3 +201,9 @@ fn environment_layer_of_a_users_section() {
     assert_eq!(e.key, "beanstalk.tueb");
     assert!(e.message.contains("(from QCLUSTER_BEANSTALK__TUEB)"), "{e}");
 }
+
+#[test]
+#[should_panic(expected = "cannot name a config section")]
+fn a_broker_named_like_a_cluster_key_is_refused() {
+    Brokers::new().register("store", connect);
+}
