@@ -90,14 +90,11 @@ impl NatsConfig {
         masked_endpoint(&self.url)
     }
 
-    /// The secrets `url` carries (a password, or a token in the user position), so that messages
-    /// from the client library can be scrubbed of them.
+    /// The secrets `url` carries (a password, or a token in the user position: see
+    /// [`broker_core::url_password`]), so that messages from the client library can be
+    /// scrubbed of them.
     pub(crate) fn secrets(&self) -> Vec<String> {
-        let mut out: Vec<String> = broker_core::url_password(&self.url).into_iter().collect();
-        if let Some(token) = token(&self.url) {
-            out.push(token);
-        }
-        out
+        broker_core::url_password(&self.url).into_iter().collect()
     }
 }
 
@@ -112,22 +109,9 @@ impl fmt::Debug for NatsConfig {
     }
 }
 
-/// A NATS URL may carry a token where a user name would be (`nats://s3cret@host`): that is as
-/// secret as a password, so it is masked too.
-fn token(url: &str) -> Option<String> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    (!userinfo.contains(':') && !userinfo.is_empty()).then(|| userinfo.to_owned())
-}
-
-/// [`mask_url`], plus a token in the user position masked.
+/// [`mask_url`]: the password, or a token in the user position (`nats://s3cret@host`), masked.
 pub(crate) fn masked_endpoint(url: &str) -> String {
-    let masked = mask_url(url);
-    match token(url) {
-        Some(t) => masked.replacen(&format!("{t}@"), "***@", 1),
-        None => masked,
-    }
+    mask_url(url)
 }
 
 #[cfg(test)]
