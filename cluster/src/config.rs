@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use broker_core::secs;
 use figment::providers::{Env, Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
@@ -99,18 +100,14 @@ pub struct Config {
 
 /// Raw broker sections by name. Debug masks URLs and secret-looking keys.
 #[derive(Clone, Default)]
-pub struct Sections(std::collections::BTreeMap<String, Value>);
+pub struct Sections(Dict);
 
 impl fmt::Debug for Sections {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut m = f.debug_map();
         for (name, v) in &self.0 {
             let json = serde_json::to_value(v).unwrap_or_default();
-            let mut entries = Vec::new();
-            flatten(name, &json, &mut entries);
-            for e in entries {
-                m.entry(&e.key, &mask(&e.key, e.value).to_string());
-            }
+            m.entry(name, &mask(name, json).to_string());
         }
         m.finish()
     }
@@ -130,7 +127,6 @@ impl fmt::Debug for Origin {
     }
 }
 
-/// Masks a value for display: URLs lose their password, secret-looking keys their value.
 /// Masks a value for display: a secret-looking key hides its whole value; any text that looks
 /// like a URL (under any key, in lists too) loses its password or token.
 pub(crate) fn mask(key: &str, value: serde_json::Value) -> serde_json::Value {
@@ -269,8 +265,6 @@ impl Serialize for Secret {
         s.serialize_str("********")
     }
 }
-
-use broker_core::secs;
 
 /// A provider with a name of our own (so that `qcluster config` can say where a value came from).
 pub(crate) struct Named {
@@ -674,12 +668,7 @@ impl Config {
             updated.origin = std::mem::take(&mut self.origin);
             *self = updated;
         } else {
-            let mut dict = Dict::new();
-            for (k, v) in std::mem::take(&mut self.sections.0) {
-                dict.insert(k, v);
-            }
-            insert_path(&mut dict, key, value.clone());
-            self.sections.0 = dict.into_iter().collect();
+            insert_path(&mut self.sections.0, key, value.clone());
         }
         if let Some(f) = &self.origin.0 {
             let mut d = Dict::new();

@@ -170,6 +170,8 @@ pub(crate) struct Shared {
     ledger: Mutex<HashMap<u64, AckId>>,
     next_seq: AtomicU64,
     pub running: AtomicUsize,
+    /// The broker can extend leases (`Capabilities::extend`), read once at start.
+    pub extend: bool,
 }
 
 impl Shared {
@@ -325,9 +327,10 @@ impl Cluster {
         registry: Registry,
         brokers: &crate::broker::Brokers,
     ) -> Result<Self, Error> {
-        crate::client::codec_from(&config)?;
+        // The secret first: no connection is opened for a configuration that cannot sign.
+        let codec = crate::client::codec_from(&config)?;
         let broker = brokers.connect(&config).await?;
-        Self::with_broker(config, registry, broker).await
+        Self::with_parts(config, registry, broker, codec).await
     }
 
     /// A cluster on a ready broker: codec (from the secret) and result store as `config` says.
@@ -341,6 +344,15 @@ impl Cluster {
         broker: Arc<dyn Broker>,
     ) -> Result<Self, Error> {
         let codec = crate::client::codec_from(&config)?;
+        Self::with_parts(config, registry, broker, codec).await
+    }
+
+    async fn with_parts(
+        config: Config,
+        registry: Registry,
+        broker: Arc<dyn Broker>,
+        codec: Codec,
+    ) -> Result<Self, Error> {
         let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
         Ok(Self::new(config, broker, store, codec, registry))
     }
@@ -390,6 +402,7 @@ impl Cluster {
             ledger: Mutex::default(),
             next_seq: AtomicU64::new(0),
             running: AtomicUsize::new(0),
+            extend: self.broker.capabilities().extend,
         });
         let started = Instant::now();
         let id = uuid::Uuid::now_v7().simple().to_string();

@@ -52,18 +52,31 @@ impl std::fmt::Display for Lost {
     }
 }
 
-/// Waits until only [`extend_when_left`] of the lease ending at `deadline` is left, then
-/// extends it by `retry` (retrying errors until the last margin) and moves `deadline`.
+/// When the lease ending at `deadline` is to be extended.
+fn extend_at(deadline: Instant, retry: Duration) -> Instant {
+    deadline
+        .checked_sub(extend_when_left(retry))
+        .unwrap_or(deadline)
+}
+
+/// Waits until [`extend_at`], then extends the lease by `retry`.
 async fn extend_once(
     shared: &Shared,
     ack: &AckId,
     retry: Duration,
     deadline: &mut Instant,
 ) -> Result<(), Lost> {
-    let at = deadline
-        .checked_sub(extend_when_left(retry))
-        .unwrap_or(*deadline);
-    tokio::time::sleep_until(at.into()).await;
+    tokio::time::sleep_until(extend_at(*deadline, retry).into()).await;
+    extend_now(shared, ack, retry, deadline).await
+}
+
+/// Extends the lease by `retry` (retrying errors until the last margin) and moves `deadline`.
+async fn extend_now(
+    shared: &Shared,
+    ack: &AckId,
+    retry: Duration,
+    deadline: &mut Instant,
+) -> Result<(), Lost> {
     let last_chance = deadline
         .checked_sub(lease_margin(retry))
         .unwrap_or(*deadline);
@@ -110,14 +123,11 @@ async fn keep_until_settled(
     mut deadline: Instant,
 ) {
     loop {
-        let at = deadline
-            .checked_sub(extend_when_left(retry))
-            .unwrap_or(deadline);
-        tokio::time::sleep_until(at.into()).await;
+        tokio::time::sleep_until(extend_at(deadline, retry).into()).await;
         if !shared.unsettled(seq) {
             return;
         }
-        if let Err(lost) = extend_once(&shared, &ack, retry, &mut deadline).await {
+        if let Err(lost) = extend_now(&shared, &ack, retry, &mut deadline).await {
             tracing::warn!("a finished task's lease was lost before it was settled: {lost}");
             return;
         }
@@ -253,7 +263,7 @@ pub(crate) async fn run(
         }
         let intended = effective_timeout(job.package.options.timeout, cfg.timeout);
         let margin = lease_margin(cfg.retry);
-        let extend = shared.broker.capabilities().extend;
+        let extend = shared.extend;
         let attempt = match shared.prior(&job).await {
             Prior::Settled => {
                 let _ = outcomes.send(Outcome::duplicate(job)).await;
