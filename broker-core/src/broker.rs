@@ -51,6 +51,12 @@ pub struct Message {
     pub priority: i16,
     /// Not delivered before this delay has passed, where [`Capabilities::delay`] holds.
     pub delay: Option<Duration>,
+    /// The task's id, in clear: brokers that deduplicate (SQS FIFO) use it as the
+    /// deduplication key. Never needed for delivery; `None` when the producer has none.
+    pub key: Option<String>,
+    /// The task's group, in clear: brokers that order per group (SQS FIFO message groups) use
+    /// it; `None` when the task has none.
+    pub group: Option<String>,
 }
 
 impl Message {
@@ -60,6 +66,8 @@ impl Message {
             payload,
             priority: 0,
             delay: None,
+            key: None,
+            group: None,
         }
     }
 
@@ -72,6 +80,18 @@ impl Message {
     /// Sets a delivery delay.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+
+    /// Sets the deduplication key (the task's id).
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the ordering group (the task's group).
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
         self
     }
 }

@@ -201,7 +201,12 @@ impl Client {
         }
         let mut p = TaskPackage::new(t.func, t.args);
         p.options = t.options.options;
-        let mut m = Message::new(self.codec.encode(&p)?).with_priority(p.options.priority);
+        let mut m = Message::new(self.codec.encode(&p)?)
+            .with_priority(p.options.priority)
+            .with_key(p.id.to_string());
+        if let Some(g) = &p.options.group {
+            m = m.with_group(g.clone());
+        }
         if let Some(d) = t.options.delay {
             m = m.with_delay(d);
         }

@@ -1,0 +1,1 @@
+//! MongoDB broker (in progress).

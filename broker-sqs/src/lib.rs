@@ -1,0 +1,1 @@
+//! Amazon SQS broker (in progress).
