@@ -19,6 +19,7 @@ use crate::broker::Brokers;
 use crate::config::{Config, Loaded, parse_flag};
 use crate::error::{ConfigError, Error};
 use crate::sentinel::{Cluster, STATUS_PREFIX, Status};
+use crate::status::StatusHome;
 use crate::store::{Store, TaskRecord};
 use crate::{Client, EnqueueOptions, NewTask, Registry};
 
@@ -586,14 +587,22 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
     let queued = broker.queue_size().await.map_err(Error::from)?;
     let in_flight = broker.lock_size().await.map_err(Error::from)?;
     let quarantined = broker.dead_letter_size().await.map_err(Error::from)?;
-    let mut clusters: Vec<Status> = broker
-        .get_stats(STATUS_PREFIX)
-        .await
-        .map_err(Error::from)?
-        .iter()
-        .filter_map(|s| serde_json::from_slice(&s.value).ok())
-        .filter(|s: &Status| s.name == config.name)
-        .collect();
+    // Status lives in the broker when it can hold it, else in the result store.
+    let store = if broker.capabilities().stats {
+        None
+    } else {
+        Some(Store::connect(&config.store_url(), config.store.connect_timeout).await?)
+    };
+    let home = StatusHome::pick(&broker, store.as_ref());
+    let mut clusters: Vec<Status> = match &home {
+        Some(h) => h.read(STATUS_PREFIX).await?,
+        None => Vec::new(),
+    }
+    .iter()
+    .filter_map(|v| serde_json::from_slice(v).ok())
+    .filter(|s: &Status| s.name == config.name)
+    .collect();
+    let status_at = home.as_ref().map(StatusHome::describe);
     clusters.sort_by(|a, b| a.host.cmp(&b.host).then(a.pid.cmp(&b.pid)));
     if json {
         print_json(&serde_json::json!({
@@ -602,6 +611,7 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
             "queued": queued,
             "in_flight": in_flight,
             "quarantined": quarantined,
+            "status_at": status_at,
             "clusters": clusters,
         }));
         return Ok(());
@@ -621,6 +631,9 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
     }
     for n in &info.notes {
         println!("note         {n}");
+    }
+    if let Some(at) = &status_at {
+        println!("status       {at}");
     }
     if clusters.is_empty() {
         println!("clusters     none running");

@@ -17,6 +17,7 @@ mod error;
 mod monitor;
 mod pusher;
 pub mod sentinel;
+pub mod status;
 pub mod store;
 pub mod task;
 mod worker;

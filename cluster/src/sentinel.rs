@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::status::StatusHome;
 use crate::store::Store;
 use crate::task::Registry;
 use crate::worker::Ran;
@@ -577,11 +578,14 @@ impl Cluster {
     }
 
     async fn publish(&self, key: &str, status: &Status, ttl: Duration) {
+        let Some(home) = StatusHome::pick(&self.broker, Some(&self.store)) else {
+            return;
+        };
         let Ok(value) = serde_json::to_vec(status) else {
             return;
         };
-        if let Err(e) = self.broker.set_stat(key, &value, ttl).await {
-            tracing::debug!("status not published: {e}");
+        if let Err(e) = home.publish(key, &value, ttl).await {
+            tracing::debug!("status not published {}: {e}", home.describe());
         }
     }
 }

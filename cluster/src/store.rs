@@ -1,12 +1,17 @@
-//! The result store: one table, `qcluster_task`, on SQLite, PostgreSQL or MySQL/MariaDB.
+//! The result store: `qcluster_task` on SQLite, PostgreSQL or MySQL/MariaDB, and
+//! `qcluster_status` for the status of clusters whose broker cannot hold it.
 //!
 //! Results are written in batches (one multi-row upsert per batch). A success is never
 //! overwritten by a later failure of a duplicate run. Times are microseconds since the epoch.
+//!
+//! `qcluster_status` holds one row per running cluster (`name` = its status key, `body` = its
+//! status as JSON, `expires`): rows past `expires` are never read, and are deleted by the next
+//! write, so a cluster killed without a word disappears from `info` once its row expires.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use broker_core::{TaskId, mask_url, redact, url_password};
+use broker_core::{TaskId, mask_url, now_us, redact, url_password};
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
@@ -318,8 +323,16 @@ impl Store {
                 "CREATE INDEX IF NOT EXISTS qcluster_task_kept ON qcluster_task (cluster, success, stopped)",
             ]
         };
+        let status = format!(
+            "CREATE TABLE IF NOT EXISTS qcluster_status (
+                name VARCHAR(191) NOT NULL PRIMARY KEY,
+                body {text} NOT NULL,
+                expires BIGINT NOT NULL
+            ){engine}"
+        );
         // Two clusters starting at once on PostgreSQL can collide on the catalog: try again.
-        let stmts: Vec<String> = std::iter::once(table)
+        let stmts: Vec<String> = [table, status]
+            .into_iter()
             .chain(indexes.iter().map(|s| (*s).to_owned()))
             .collect();
         let mut last = None;
@@ -341,7 +354,7 @@ impl Store {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(self.err(format!(
-            "create table qcluster_task: {}",
+            "create tables qcluster_task, qcluster_status: {}",
             last.map(|e| e.to_string()).unwrap_or_default()
         )))
     }
@@ -553,6 +566,59 @@ impl Store {
         .await
         .map_err(self.sql_err("clear results"))?;
         Ok(done.rows_affected())
+    }
+
+    /// Stores (or replaces) the status `body` under `name`, readable until `ttl` from now, and
+    /// deletes expired ones.
+    pub async fn set_status(&self, name: &str, body: &str, ttl: Duration) -> Result<(), Error> {
+        let now = now_us();
+        let expires = now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+        let upsert = match self.dialect {
+            Dialect::MySql => {
+                "INSERT INTO qcluster_status (name, body, expires) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE body = VALUES(body), expires = VALUES(expires)"
+            }
+            _ => {
+                "INSERT INTO qcluster_status (name, body, expires) VALUES (?, ?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET body = excluded.body, expires = excluded.expires"
+            }
+        };
+        sqlx::query(sqlx::AssertSqlSafe(self.render(upsert)))
+            .bind(name.to_owned())
+            .bind(body.to_owned())
+            .bind(expires)
+            .execute(&self.pool)
+            .await
+            .map_err(self.sql_err("save status"))?;
+        sqlx::query(sqlx::AssertSqlSafe(
+            self.render("DELETE FROM qcluster_status WHERE expires <= ?"),
+        ))
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql_err("prune status"))?;
+        Ok(())
+    }
+
+    /// The unexpired statuses whose name starts with `prefix`, as `(name, body)`, by name.
+    pub async fn statuses(&self, prefix: &str) -> Result<Vec<(String, String)>, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(self.render(
+            "SELECT name, body FROM qcluster_status WHERE expires > ? ORDER BY name",
+        )))
+        .bind(now_us())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.sql_err("read status"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.try_get::<String, _>(0).ok()?,
+                    r.try_get::<String, _>(1).ok()?,
+                ))
+            })
+            .filter(|(name, _)| name.starts_with(prefix))
+            .collect())
     }
 
     /// True when the store answers a trivial query.

@@ -126,6 +126,41 @@ async fn store_semantics(url: &str) {
     );
     store.ping().await.expect("ping");
     assert_eq!(store.clear(&cluster).await.expect("clear"), 3);
+
+    // Cluster status (for brokers that cannot hold it): replaced in place, read by prefix,
+    // gone once expired.
+    let key = |n: &str| format!("{cluster}:{n}");
+    store
+        .set_status(
+            &key("a"),
+            r#"{"state":"starting"}"#,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("status");
+    store2
+        .set_status(&key("a"), r#"{"state":"working"}"#, Duration::from_secs(60))
+        .await
+        .expect("status again");
+    store
+        .set_status(&key("b"), "{}", Duration::from_millis(300))
+        .await
+        .expect("status b");
+    store
+        .set_status("other:a", "{}", Duration::from_secs(60))
+        .await
+        .expect("other prefix");
+    let got = store.statuses(&cluster).await.expect("statuses");
+    assert_eq!(
+        got,
+        vec![
+            (key("a"), r#"{"state":"working"}"#.to_owned()),
+            (key("b"), "{}".to_owned())
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let got = store.statuses(&cluster).await.expect("statuses");
+    assert_eq!(got.len(), 1, "the expired status is not read: {got:?}");
 }
 
 #[tokio::test]
