@@ -93,6 +93,12 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Delete this cluster's queue with everything in it: waiting, in flight and dead letters.
+    DeleteQueue {
+        /// Confirm: without it nothing is deleted (exit 2).
+        #[arg(long)]
+        yes: bool,
+    },
     /// List quarantined packages (failed verification).
     Quarantine {
         /// Most entries shown.
@@ -339,6 +345,19 @@ async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
             } else {
                 println!("purged {n} packages from queue `{}`", config.name);
             }
+            Ok(())
+        }
+        Command::DeleteQueue { yes } => {
+            if !yes {
+                return Err(Fail::usage(format!(
+                    "delete-queue removes queue `{}` with every package in it, in flight and \
+                     dead letters included; add --yes to confirm",
+                    config.name
+                )));
+            }
+            let broker = brokers.connect(&config).await?;
+            broker.delete_queue().await.map_err(Error::from)?;
+            println!("deleted queue `{}`", config.name);
             Ok(())
         }
         Command::Quarantine { limit, out } => {

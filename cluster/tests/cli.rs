@@ -348,6 +348,20 @@ async fn every_json_output_parses() {
     assert!(purge["purged"].is_u64());
 }
 
+/// `delete-queue` asks for confirmation, then removes what waits.
+#[test]
+fn delete_queue_wants_confirmation() {
+    let w = World::new("delq", None);
+    w.enqueue_lines(&[r#"{"func": "noop"}"#.to_owned()]);
+    let out = w.run(&["delete-queue"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    assert_eq!(w.json(&["info", "--json"], 0)["queued"], 1);
+    let out = w.run(&["delete-queue", "--yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.json(&["info", "--json"], 0)["queued"], 0);
+}
+
 /// An unreachable broker: ping fails with exit 1 in bounded time, naming the host, password masked.
 #[cfg(feature = "orm-postgres")]
 #[test]
@@ -470,11 +484,11 @@ fn numeric_secret_is_taken_as_text() {
 #[test]
 fn broker_not_compiled_in_names_the_feature() {
     let w = World::new("nofeature", None);
-    let out = w.run(&["--broker", "sqs", "purge"]);
+    let out = w.run(&["--broker", "disque", "purge"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("`broker`: broker `sqs` is not compiled into this binary")
-            && stderr(&out).contains("--features cluster/sqs"),
+        stderr(&out).contains("`broker`: broker `disque` is not compiled into this binary")
+            && stderr(&out).contains("--features cluster/disque"),
         "{}",
         stderr(&out)
     );
