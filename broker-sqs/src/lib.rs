@@ -77,6 +77,9 @@ pub struct SqsConfig {
     pub queue: Option<String>,
     /// Create the queue when it is missing (true), or require it to exist (false).
     pub create: bool,
+    /// Use a FIFO queue: `.fifo` is added to the queue name when it lacks it. A `queue` ending
+    /// in `.fifo` is FIFO anyway.
+    pub fifo: bool,
     /// Explicit credentials (with `secret_access_key`); `None` uses the standard chain
     /// (environment, profile, web identity, ECS/EC2 metadata).
     pub access_key_id: Option<String>,
@@ -99,6 +102,7 @@ impl Default for SqsConfig {
             endpoint_url: None,
             queue: None,
             create: true,
+            fifo: false,
             access_key_id: None,
             secret_access_key: None,
             session_token: None,
@@ -116,6 +120,7 @@ impl fmt::Debug for SqsConfig {
             .field("endpoint_url", &self.endpoint_url.as_deref().map(mask_url))
             .field("queue", &self.queue)
             .field("create", &self.create)
+            .field("fifo", &self.fifo)
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &hide(&self.secret_access_key))
             .field("session_token", &hide(&self.session_token))
@@ -368,9 +373,16 @@ impl SqsBroker {
                 "connect_timeout and timeout must be greater than zero",
             ));
         }
-        let (queue_name, dead_name, fifo) = match &config.queue {
+        let with_fifo = |q: &str| {
+            if config.fifo && !q.ends_with(names::FIFO_SUFFIX) {
+                format!("{q}{}", names::FIFO_SUFFIX)
+            } else {
+                q.to_owned()
+            }
+        };
+        let (queue_name, dead_name, fifo) = match config.queue.as_deref().map(with_fifo) {
             Some(q) => {
-                if !names::valid(q) {
+                if !names::valid(&q) {
                     return Err(BrokerError::config(
                         "sqs.queue",
                         format!(
@@ -379,10 +391,10 @@ impl SqsBroker {
                         ),
                     ));
                 }
-                let (_, dead, fifo) = names::sqs_names(q);
-                (q.clone(), dead, fifo)
+                let (_, dead, fifo) = names::sqs_names(&q);
+                (q, dead, fifo)
             }
-            None => names::sqs_names(&settings.queue),
+            None => names::sqs_names(&with_fifo(&settings.queue)),
         };
 
         // Whole seconds of long polling; under a second, short polls every `poll`.
