@@ -141,7 +141,8 @@ impl Brokers {
         Self::default()
     }
 
-    /// The adapters compiled into this binary: `memory` always, `orm` and `redis` per feature.
+    /// The adapters compiled into this binary: `memory` always, `orm`, `redis`, `sqs` and
+    /// `mongo` per feature.
     pub fn builtin() -> Self {
         let mut b = Self::new();
         b.register(
@@ -166,6 +167,20 @@ impl Brokers {
             "redis",
             |c: broker_redis::RedisConfig, s: QueueSettings| async move {
                 broker_redis::RedisBroker::connect(&c, s).await
+            },
+        );
+        #[cfg(feature = "sqs")]
+        b.register(
+            "sqs",
+            |c: broker_sqs::SqsConfig, s: QueueSettings| async move {
+                broker_sqs::SqsBroker::connect(&c, s).await
+            },
+        );
+        #[cfg(feature = "mongo")]
+        b.register(
+            "mongo",
+            |c: broker_mongo::MongoConfig, s: QueueSettings| async move {
+                broker_mongo::MongoBroker::connect(&c, s).await
             },
         );
         b

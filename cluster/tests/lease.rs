@@ -36,6 +36,25 @@ fn config(broker: &str, dir: &std::path::Path) -> Config {
             c.set("redis.prefix", format!("test:{uniq}"))
                 .expect("prefix");
         }
+        "sqs" => {
+            let endpoint = std::env::var("QCLUSTER_SQS_ENDPOINT")
+                .unwrap_or_else(|_| "http://127.0.0.1:9324".into());
+            for (k, v) in [
+                ("sqs.endpoint_url", endpoint.as_str()),
+                ("sqs.region", "us-east-1"),
+                ("sqs.access_key_id", "test"),
+                ("sqs.secret_access_key", "test"),
+            ] {
+                c.set(k, v).expect(k);
+            }
+        }
+        "mongo" => {
+            let url = std::env::var("QCLUSTER_MONGO_URL")
+                .unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
+            c.set("mongo.url", url).expect("mongo.url");
+            c.set("mongo.database", format!("qtest_lease_{uniq}"))
+                .expect("mongo.database");
+        }
         _ => {}
     }
     c
@@ -139,6 +158,9 @@ async fn slow_task_keeps_its_lease(broker: &str) {
     // calls, and none for the 20 tasks that finished within their first lease.
     let ext = a.extended + b.extended;
     assert!((1..=3).contains(&ext), "{ext} extensions: {a:?} {b:?}");
+    if let Some(b) = connect(&cfg).await {
+        let _ = b.delete_queue().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,6 +171,18 @@ async fn slow_task_keeps_its_lease_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_task_keeps_its_lease_redis() {
     slow_task_keeps_its_lease("redis").await;
+}
+
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_task_keeps_its_lease_sqs() {
+    slow_task_keeps_its_lease("sqs").await;
+}
+
+#[cfg(feature = "mongo")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_task_keeps_its_lease_mongo() {
+    slow_task_keeps_its_lease("mongo").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

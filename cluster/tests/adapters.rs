@@ -1,0 +1,189 @@
+//! The SQS and MongoDB brokers through the real binary, against the stand-ins `scripts/test`
+//! starts (moto at `QCLUSTER_SQS_ENDPOINT`, SecantusDB at `QCLUSTER_MONGO_URL`): a run whose
+//! status `info` shows (from the result store on SQS, from MongoDB itself on Mongo), and a
+//! `kill -9` mid-run after which every task still succeeds, run twice only if it was in flight.
+#![cfg(any(feature = "sqs", feature = "mongo"))]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Guard, World, signal, wait_exit};
+
+#[cfg(feature = "sqs")]
+fn sqs_world(tag: &str) -> World {
+    let mut w = World::new(tag, None);
+    let store = w.url.clone();
+    let endpoint =
+        std::env::var("QCLUSTER_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into());
+    w.set("QCLUSTER_BROKER", "sqs")
+        .set("QCLUSTER_SQS__ENDPOINT_URL", endpoint)
+        .set("QCLUSTER_SQS__REGION", "us-east-1")
+        .set("QCLUSTER_SQS__ACCESS_KEY_ID", "test")
+        .set("QCLUSTER_SQS__SECRET_ACCESS_KEY", "test")
+        .set("QCLUSTER_STORE__URL", store)
+        .set("QCLUSTER_SAVE_LIMIT", 0);
+    w
+}
+
+#[cfg(feature = "mongo")]
+fn mongo_world(tag: &str) -> World {
+    let mut w = World::new(tag, None);
+    let store = w.url.clone();
+    let url =
+        std::env::var("QCLUSTER_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
+    let db = format!("qtest_{}", w.name);
+    w.set("QCLUSTER_BROKER", "mongo")
+        .set("QCLUSTER_MONGO__URL", url)
+        .set("QCLUSTER_MONGO__DATABASE", db)
+        .set("QCLUSTER_STORE__URL", store)
+        .set("QCLUSTER_SAVE_LIMIT", 0);
+    w
+}
+
+/// True if the broker answers `qcluster ping`; else a loud skip (or a failure under
+/// `QCLUSTER_REQUIRE_SERVICES=1`).
+fn up(w: &World) -> bool {
+    let out = w.run(&["ping"]);
+    if out.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&out.stdout).into_owned();
+    if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
+        panic!("server required but unreachable: {why}");
+    }
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// Removes the test's queue (and its dead letters) at the end.
+struct Cleanup<'a>(&'a World);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["delete-queue", "--yes"]);
+    }
+}
+
+/// The status entry of the cluster with process id `pid`, once `info` shows it.
+fn status_of(w: &World, pid: u32, what: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let info = w.json(&["info", "--json"], 0);
+        let found = info["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["pid"].as_u64() == Some(u64::from(pid)) && what(c))
+            .cloned();
+        if let Some(c) = found {
+            return serde_json::json!({ "info": info, "cluster": c });
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "cluster {pid} not in info: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// 60 tasks (noop, echo, one that fails and is retried) run to the end; while the cluster
+/// runs, `info` shows it and says where its status lives; TERM stops it cleanly.
+async fn runs_and_shows_status(w: World, status_in: &str) {
+    if !up(&w) {
+        return;
+    }
+    let _clean = Cleanup(&w);
+    let mut lines: Vec<String> = (0..50)
+        .map(|i| format!(r#"{{"func": "echo", "args": {i}}}"#))
+        .collect();
+    lines.extend((0..10).map(|_| r#"{"func": "noop"}"#.to_owned()));
+    let ids = w.enqueue_lines(&lines);
+    let mut run = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(120)).await;
+    let store = w.store().await;
+    assert_eq!(store.succeeded(&ids).await.expect("ok").len(), 60);
+    let echoed = store.get(ids[7]).await.expect("get").expect("row");
+    assert_eq!(echoed.result.as_deref(), Some("7"));
+    let seen = status_of(&w, run.0.id(), |c| {
+        c["totals"]["processed"].as_u64() >= Some(60)
+    });
+    let at = seen["info"]["status_at"].as_str().unwrap_or_default();
+    assert!(at.contains(status_in), "status lives {status_in}: {seen}");
+    signal(&run.0, "TERM");
+    assert_eq!(wait_exit(&mut run.0, Duration::from_secs(30)), Some(0));
+    let info = w.json(&["info", "--json"], 0);
+    assert_eq!(info["queued"].as_u64(), Some(0), "{info}");
+}
+
+/// 300 `sleep` tasks, `kill -9` mid-run, restart: every task has a successful result, and the
+/// tasks run twice are at most those in flight at the kill.
+async fn kill9_loses_nothing(mut w: World) {
+    if !up(&w) {
+        return;
+    }
+    const N: usize = 300;
+    w.set("QCLUSTER_WORKERS", 4)
+        .set("QCLUSTER_TIMEOUT", 2)
+        .set("QCLUSTER_RETRY", 3);
+    let _clean = Cleanup(&w);
+    let lines: Vec<String> = (0..N)
+        .map(|_| r#"{"func": "sleep", "args": 0.01}"#.to_owned())
+        .collect();
+    let ids = w.enqueue_lines(&lines);
+    let mut run = Guard(w.start());
+    let store = w.store().await;
+    let t = Instant::now();
+    while store.done_count(&ids).await.expect("count") < 60 {
+        assert!(t.elapsed() < Duration::from_secs(90), "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&run.0, "KILL");
+    wait_exit(&mut run.0, Duration::from_secs(5));
+    let info = w.json(&["info", "--json"], 0);
+    let in_flight = info["in_flight"].as_u64().expect("in flight");
+    let done_at_kill = store.done_count(&ids).await.expect("count");
+    assert!(done_at_kill < N as u64, "the kill came mid-run");
+    assert!(in_flight > 0, "kill -9 left leased packages: {info}");
+
+    let again = Guard(w.start());
+    w.wait_done(&ids, Duration::from_secs(180)).await;
+    let ok = store.succeeded(&ids).await.expect("succeeded");
+    assert_eq!(ok.len(), N, "every task succeeded");
+    let left = N as u64 - done_at_kill;
+    let seen = status_of(&w, again.0.id(), |c| {
+        c["totals"]["processed"].as_u64() >= Some(left)
+    });
+    let processed = seen["cluster"]["totals"]["processed"]
+        .as_u64()
+        .expect("processed");
+    let duplicates = processed - left;
+    assert!(
+        duplicates <= in_flight,
+        "{duplicates} tasks ran twice, but only {in_flight} were in flight"
+    );
+}
+
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_runs_and_keeps_status_in_the_store() {
+    runs_and_shows_status(sqs_world("sqsrun"), "result store").await;
+}
+
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_kill9_mid_run_loses_nothing() {
+    kill9_loses_nothing(sqs_world("sqskill")).await;
+}
+
+#[cfg(feature = "mongo")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_runs_and_keeps_status_in_the_broker() {
+    runs_and_shows_status(mongo_world("mgrun"), "broker (mongo)").await;
+}
+
+#[cfg(feature = "mongo")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_kill9_mid_run_loses_nothing() {
+    kill9_loses_nothing(mongo_world("mgkill")).await;
+}
