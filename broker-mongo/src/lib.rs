@@ -518,6 +518,12 @@ impl MongoBroker {
         }
     }
 
+    /// Documents nobody holds: never leased, given back, or whose lease ran out (`due` is the
+    /// lease deadline while leased, so a lapsed lease is claimable again and waits like the rest).
+    fn waiting(&self) -> Document {
+        doc! { "$or": [ { "lease": { "$exists": false } }, { "due": { "$lte": self.now() } } ] }
+    }
+
     async fn count(&self, filter: Document, op: &'static str) -> Result<u64, BrokerError> {
         let ctx = self.ctx();
         self.inner
@@ -705,18 +711,27 @@ impl Broker for MongoBroker {
         Ok(r.matched_count == 1)
     }
 
-    /// Copies the document to `<collection>.dead` (an upsert by `_id`, so doing it twice is
-    /// harmless), then deletes it if this receipt still holds the lease, else removes the copy.
-    /// Without transactions (standalone servers have none) a crash between the two steps
-    /// leaves the package in both places, never in neither.
+    /// First re-leases the document to a token of this call alone (for a full `retry`), so that
+    /// no other settle of the same receipt, and no consumer whose lease ran out, can interleave;
+    /// then copies it to `<collection>.dead` (an upsert by `_id`, tagged with that token) and
+    /// deletes it under that token. If the delete misses (the call outlived its lease and someone
+    /// else holds the package now), only the copy this call made is removed again.
+    /// Without transactions (standalone servers have none) a crash between the steps leaves the
+    /// package in both places, or leased until `retry`, never in neither.
     async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
         let (id, token) = parse_ack(ack)?;
         let i = &self.inner;
         let ctx = self.ctx();
         let err = ctx.err("dead_letter");
+        let burial = ObjectId::new();
+        let until = self.after(i.settings.retry);
         let held = i
             .queue
-            .find_one(doc! { "_id": id, "lease": token })
+            .find_one_and_update(
+                doc! { "_id": id, "lease": token },
+                doc! { "$set": { "lease": burial, "lease_until": until, "due": until } },
+            )
+            .return_document(ReturnDocument::After)
             .await
             .map_err(&err)?;
         let Some(mut d) = held else {
@@ -732,19 +747,30 @@ impl Broker for MongoBroker {
         }
         d.insert("reason", &reason[..cut]);
         d.insert("dead_at", self.now());
-        i.dead
-            .replace_one(doc! { "_id": id }, d)
-            .upsert(true)
-            .await
-            .map_err(&err)?;
+        d.insert("burial", burial);
+        if let Err(e) = i.dead.replace_one(doc! { "_id": id }, d).upsert(true).await {
+            // Give the lease back to the caller's receipt, so that a retry of this call works
+            // (if this fails too, the package comes back after `retry`).
+            let _ = i
+                .queue
+                .update_one(
+                    doc! { "_id": id, "lease": burial },
+                    doc! { "$set": { "lease": token } },
+                )
+                .await;
+            return Err(err(e));
+        }
         let gone = i
             .queue
-            .delete_one(doc! { "_id": id, "lease": token })
+            .delete_one(doc! { "_id": id, "lease": burial })
             .await
             .map_err(&err)?;
         if gone.deleted_count == 0 {
-            // The lease ran out meanwhile and someone else holds the package: not ours to bury.
-            i.dead.delete_one(doc! { "_id": id }).await.map_err(&err)?;
+            // This call outlived its lease and someone else holds the package: not ours to bury.
+            i.dead
+                .delete_one(doc! { "_id": id, "burial": burial })
+                .await
+                .map_err(&err)?;
             return Ok(());
         }
         tracing::warn!(queue = %i.settings.queue, message_id = %id, reason = &reason[..cut], "package moved to dead letters");
@@ -806,7 +832,7 @@ impl Broker for MongoBroker {
         let r = self
             .inner
             .queue
-            .delete_many(doc! { "lease": { "$exists": false } })
+            .delete_many(self.waiting())
             .await
             .map_err(ctx.err("purge_queue"))?;
         Ok(r.deleted_count)
@@ -823,14 +849,12 @@ impl Broker for MongoBroker {
     }
 
     async fn queue_size(&self) -> Result<u64, BrokerError> {
-        self.count(doc! { "lease": { "$exists": false } }, "queue_size")
-            .await
+        self.count(self.waiting(), "queue_size").await
     }
 
     async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
-        self.count(doc! { "lease": { "$exists": true } }, "lock_size")
-            .await
-            .map(Some)
+        let held = doc! { "lease": { "$exists": true }, "due": { "$gt": self.now() } };
+        self.count(held, "lock_size").await.map(Some)
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

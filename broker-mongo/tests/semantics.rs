@@ -397,3 +397,53 @@ async fn unreachable_is_transient_bounded_and_masked() {
     assert!(!text.contains("hunter2-secret"), "{text}");
     assert!(text.contains("127.0.0.1:9"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_dead_letters_of_one_receipt_keep_exactly_one_copy() {
+    let Some(db) = Db::new().await else { return };
+    let s = Db::settings("bury", 1, 30_000);
+    let b = db.open(s.clone()).await;
+    let c = db.join(s).await;
+    for round in 0..10u8 {
+        b.enqueue(Message::new(vec![round])).await.expect("enqueue");
+        let d = b.dequeue().await.expect("dequeue");
+        assert_eq!(d.len(), 1);
+        let ack = d[0].ack.clone();
+        // The same receipt settled twice at once (a retried call, two handles): one wins, and
+        // the loser must not take the winner's dead letter away with it.
+        let (x, y) = tokio::join!(b.dead_letter(&ack, "first"), c.dead_letter(&ack, "second"));
+        x.expect("dead_letter");
+        y.expect("dead_letter");
+        assert_eq!(b.queue_size().await.expect("size"), 0, "round {round}");
+        assert_eq!(b.lock_size().await.expect("lock"), Some(0), "round {round}");
+        assert_eq!(
+            b.dead_letter_size().await.expect("dead"),
+            Some(u64::from(round) + 1),
+            "round {round}: the package is in neither place"
+        );
+    }
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_counts_as_waiting() {
+    let Some(db) = Db::new().await else { return };
+    let b = db.open(Db::settings("lapsed", 2, 300)).await;
+    b.enqueue_many(vec![
+        Message::new(b"a".to_vec()),
+        Message::new(b"b".to_vec()),
+    ])
+    .await
+    .expect("enqueue");
+    let held = b.dequeue().await.expect("dequeue");
+    assert_eq!(held.len(), 2);
+    assert_eq!(b.lock_size().await.expect("lock"), Some(2));
+    assert_eq!(b.queue_size().await.expect("size"), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nobody holds them any more: they wait to be delivered again, and purge takes them.
+    assert_eq!(b.lock_size().await.expect("lock"), Some(0));
+    assert_eq!(b.queue_size().await.expect("size"), 2);
+    assert_eq!(b.purge_queue().await.expect("purge"), 2);
+    assert!(b.dequeue().await.expect("dequeue").is_empty());
+    db.drop().await;
+}
