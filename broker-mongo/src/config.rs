@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use broker_core::{BrokerError, mask_url};
+use broker_core::{BrokerError, mask_url, url_password};
 use serde::{Deserialize, Serialize};
 
 /// `[mongo]`: where the MongoDB broker keeps its queue. Debug output masks the password in the
@@ -115,6 +115,113 @@ pub(crate) fn default_collection(queue: &str) -> String {
     format!("qcluster_{cleaned}~{:016x}", fnv1a(queue.as_bytes()))
 }
 
+/// The user part, host list and options of `url` split the way the driver splits them: options
+/// after the first `?`, user part before the last `@` ahead of them. `None` for a string without
+/// `://`.
+fn driver_split(url: &str) -> Option<(&str, Option<&str>, &str, Option<&str>)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (pre, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let (user_info, hosts) = match pre.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, pre),
+    };
+    Some((scheme, user_info, hosts, query))
+}
+
+/// True when the password seems to hold an unescaped `?`: the driver then cuts the URL inside
+/// it and its parse errors quote pieces of it (as a host or an option).
+pub(crate) fn password_cut_by_query(url: &str) -> bool {
+    driver_split(url).is_some_and(|(_, user_info, _, query)| {
+        user_info.is_none() && query.is_some_and(|q| q.contains('@'))
+    })
+}
+
+/// Every form in which the URL's secret may show in a message, longest first: what
+/// [`url_password`] finds, and the password as the driver reads it (after the first `:` of the
+/// user part), raw and percent-decoded. `url_password` alone finds nothing in a replica-set URL
+/// (`h1:27017,h2:27017` is no URL authority), the usual MongoDB form.
+pub(crate) fn url_secrets(url: &str) -> Vec<String> {
+    let mut out: Vec<String> = url_password(url).into_iter().collect();
+    if let Some((_, Some(user_info), _, _)) = driver_split(url)
+        && let Some((_, pw)) = user_info.split_once(':')
+    {
+        out.push(pw.to_owned());
+        out.push(percent_decode(pw));
+    }
+    out.retain(|s| !s.is_empty());
+    out.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    out.dedup();
+    out
+}
+
+/// `url` as errors and `info` show it: [`mask_url`], or for what the `url` crate cannot parse
+/// (a replica-set host list) the driver's reading with the password and secret-looking options
+/// masked.
+pub(crate) fn endpoint(url: &str) -> String {
+    let masked = mask_url(url);
+    if !masked.contains("<unparsable URL hidden>") || password_cut_by_query(url) {
+        return masked;
+    }
+    let Some((scheme, user_info, hosts, query)) = driver_split(url) else {
+        return masked;
+    };
+    let mut out = format!("{scheme}://");
+    if let Some(u) = user_info {
+        match u.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@")),
+            None => out.push_str(&format!("{u}@")),
+        }
+    }
+    out.push_str(hosts);
+    if let Some(q) = query {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if secret_option(k) => format!("{k}=***"),
+                Some((k, v)) => format!("{k}={v}"),
+                None => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
+/// Options whose value is a secret (`authMechanismProperties` may carry an AWS session token).
+fn secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.contains("token")
+        || k == "pass"
+        || k == "authmechanismproperties"
+}
+
+/// Percent-decoding (invalid escapes kept as they are), lossy on invalid UTF-8.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut k = 0;
+    while k < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[k] == b'%'
+            && k + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[k + 1]), hex(b[k + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            k += 3;
+        } else {
+            out.push(b[k]);
+            k += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// FNV-1a, 64 bits: stable across processes, platforms and Rust versions (unlike `DefaultHasher`).
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -134,6 +241,33 @@ mod tests {
         let c = MongoConfig::new("mongodb://app:s3cr3t@db.example:27017/?authSource=admin");
         let d = format!("{c:?}");
         assert!(!d.contains("s3cr3t") && d.contains("db.example"), "{d}");
+    }
+
+    #[test]
+    fn replica_set_urls_keep_their_password_out() {
+        let rs = "mongodb://app:s%40cr3t@h1:27017,h2:27017/db?replicaSet=rs&authMechanismProperties=AWS_SESSION_TOKEN:tok9";
+        assert_eq!(
+            url_secrets(rs),
+            vec!["s%40cr3t".to_owned(), "s@cr3t".to_owned()]
+        );
+        let e = endpoint(rs);
+        assert_eq!(
+            e,
+            "mongodb://app:***@h1:27017,h2:27017/db?replicaSet=rs&authMechanismProperties=***"
+        );
+        // A `?` in the password: the driver cuts the URL there, so nothing of it is shown.
+        let cut = "mongodb://app:Qw8?Zx7@h:27017/";
+        assert!(password_cut_by_query(cut));
+        let e = endpoint(cut);
+        assert!(!e.contains("Qw8") && !e.contains("Zx7"), "{e}");
+        assert!(!password_cut_by_query(rs));
+        assert!(!password_cut_by_query("mongodb://h/?appName=x"));
+        assert_eq!(url_secrets("mongodb://h:1/"), Vec::<String>::new());
+        assert_eq!(
+            endpoint("mongodb://app:pw@h:27017/"),
+            "mongodb://app:***@h:27017/"
+        );
+        assert_eq!(percent_decode("a%2"), "a%2");
     }
 
     #[test]

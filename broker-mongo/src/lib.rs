@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use broker_core::{
     AckId, Broker, BrokerError, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId,
-    QueueSettings, Stat, async_trait, mask_url, redact, url_password,
+    QueueSettings, Stat, async_trait, redact,
 };
 use futures::TryStreamExt as _;
 use mongodb::bson::oid::ObjectId;
@@ -78,7 +78,7 @@ struct Inner {
     settings: QueueSettings,
     database: String,
     endpoint: String,
-    secret: Option<String>,
+    secrets: Arc<[String]>,
     timeout: Duration,
     max_message_size: usize,
     server: String,
@@ -103,13 +103,20 @@ impl fmt::Debug for MongoBroker {
 #[derive(Clone)]
 struct Ctx {
     endpoint: String,
-    secret: Option<String>,
+    secrets: Arc<[String]>,
+}
+
+/// `message` with every form of the URL's secret replaced by `***`.
+fn scrub(message: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .fold(message.to_owned(), |m, s| redact(&m, Some(s)))
 }
 
 impl Ctx {
     fn err(&self, op: &'static str) -> impl Fn(mongodb::error::Error) -> BrokerError + '_ {
         move |e| {
-            let message = redact(&format!("{op}: {e}"), self.secret.as_deref());
+            let message = scrub(&format!("{op}: {e}"), &self.secrets);
             match *e.kind {
                 ErrorKind::ServerSelection { .. }
                 | ErrorKind::Io(_)
@@ -205,11 +212,11 @@ impl MongoBroker {
     ) -> Result<MongoBroker, BrokerError> {
         settings.validate(MAX_BULK)?;
         config.validate()?;
-        let endpoint = mask_url(&config.url);
-        let secret = url_password(&config.url);
+        let endpoint = config::endpoint(&config.url);
+        let secrets: Arc<[String]> = config::url_secrets(&config.url).into();
         let ctx = Ctx {
             endpoint: endpoint.clone(),
-            secret: secret.clone(),
+            secrets: secrets.clone(),
         };
         if config.url.starts_with("mongodb+srv://") && cfg!(not(feature = "srv")) {
             return Err(BrokerError::config(
@@ -226,7 +233,16 @@ impl MongoBroker {
         let timeout = config.connect_timeout;
         let parse = async {
             let mut opts = ClientOptions::parse(&config.url).await.map_err(|e| {
-                BrokerError::config("mongo.url", redact(&e.to_string(), secret.as_deref()))
+                if config::password_cut_by_query(&config.url) {
+                    // The driver read part of the password as a host or an option and quotes it.
+                    BrokerError::config(
+                        "mongo.url",
+                        "does not parse as a MongoDB connection string; a `?` (or another of \
+                         `: / ? # [ ] @ %`) in the user name or password must be percent-encoded",
+                    )
+                } else {
+                    BrokerError::config("mongo.url", scrub(&e.to_string(), &secrets))
+                }
             })?;
             opts.connect_timeout = Some(timeout);
             opts.server_selection_timeout = Some(timeout);
@@ -258,7 +274,7 @@ impl MongoBroker {
                 b.get_str("version").unwrap_or("(unknown version)")
             ),
             Err(e) => {
-                tracing::debug!(error = %redact(&e.to_string(), secret.as_deref()), "buildInfo refused");
+                tracing::debug!(error = %scrub(&e.to_string(), &secrets), "buildInfo refused");
                 "MongoDB (buildInfo refused)".to_owned()
             }
         };
@@ -297,7 +313,7 @@ impl MongoBroker {
                 settings,
                 database: config.database.clone(),
                 endpoint,
-                secret,
+                secrets,
                 timeout,
                 max_message_size,
                 server,
@@ -327,7 +343,7 @@ impl MongoBroker {
     fn ctx(&self) -> Ctx {
         Ctx {
             endpoint: self.inner.endpoint.clone(),
-            secret: self.inner.secret.clone(),
+            secrets: self.inner.secrets.clone(),
         }
     }
 

@@ -447,3 +447,29 @@ async fn an_expired_lease_counts_as_waiting() {
     assert!(b.dequeue().await.expect("dequeue").is_empty());
     db.drop().await;
 }
+
+#[tokio::test]
+async fn replica_set_and_misencoded_urls_keep_the_password_out() {
+    // A replica-set host list is no URL authority to the `url` crate: the masking must still
+    // find the password (and show the hosts).
+    let cfg = MongoConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..MongoConfig::new(
+            "mongodb://app:Rs-s3cret@127.0.0.1:9,127.0.0.1:10/?directConnection=false",
+        )
+    };
+    let e = MongoBroker::connect(&cfg, QueueSettings::for_queue("q"))
+        .await
+        .unwrap_err();
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("Rs-s3cret"), "{text}");
+    assert!(text.contains("127.0.0.1:9,127.0.0.1:10"), "{text}");
+    // An unescaped `?` makes the driver read part of the password as a host: none of it shows.
+    let cfg = MongoConfig::new("mongodb://app:Pw4x?Tail9@127.0.0.1:9/");
+    let e = MongoBroker::connect(&cfg, QueueSettings::for_queue("q"))
+        .await
+        .unwrap_err();
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("Pw4x") && !text.contains("Tail9"), "{text}");
+    assert!(text.contains("mongo.url"), "{text}");
+}
