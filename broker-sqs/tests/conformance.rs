@@ -1,8 +1,9 @@
 //! The conformance kit against the SQS emulator (moto) at `QCLUSTER_SQS_ENDPOINT`
 //! (default `http://127.0.0.1:9324`): a standard queue, then a FIFO queue.
 //!
-//! Every run uses queues of its own (`kit<random>-<check>`) and the kit deletes them as it
-//! goes. The credentials are explicit; the secret key is [`SECRET`], which the kit checks never
+//! Every run uses queues of its own (`kit<random>-<check>`); the factory records each queue it
+//! opens, and every one of them (with its `-dead` queue) is deleted when the run ends, whether
+//! it passed or not. The credentials are explicit; the secret key is [`SECRET`], which the kit checks never
 //! shows in `info`, `Debug` or errors (the unreachable factory carries it too).
 //!
 //! Not run, loudly:
@@ -11,7 +12,8 @@
 //!   clamp and the rest of `bulk_limit` (full batches of 10, never more).
 //! - `connection_loss`: SQS is plain HTTPS requests; there is no session for a server to drop.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_core::testkit::{BrokerFuture, CHECKS, Kit};
@@ -65,8 +67,14 @@ async fn reachable() -> bool {
     }
 }
 
-fn kit(fifo: bool) -> Kit {
+/// The cluster queue names a kit run opened.
+type Opened = Arc<Mutex<BTreeSet<String>>>;
+
+fn kit(fifo: bool, opened: Opened) -> Kit {
     let make = move |s: QueueSettings| -> BrokerFuture {
+        if let Ok(mut o) = opened.lock() {
+            o.insert(s.queue.clone());
+        }
         Box::pin(async move {
             let b = SqsBroker::connect(&config_fifo(fifo), s).await?;
             Ok(Arc::new(b) as Arc<dyn Broker>)
@@ -89,6 +97,32 @@ fn kit(fifo: bool) -> Kit {
         })
 }
 
+/// Runs the kit on `checks`, then deletes every queue it opened (also when a check failed).
+async fn run(fifo: bool, checks: Vec<&'static str>) {
+    let opened = Opened::default();
+    let k = kit(fifo, opened.clone());
+    let outcome = tokio::spawn(async move { k.run_only(&checks).await }).await;
+    let names: Vec<String> = opened
+        .lock()
+        .map(|o| o.iter().cloned().collect())
+        .unwrap_or_default();
+    let keep = SqsConfig {
+        create: false,
+        ..config_fifo(fifo)
+    };
+    for q in names {
+        // Already gone (the kit deleted it last) is fine: create = false refuses to connect.
+        if let Ok(b) = SqsBroker::connect(&keep, QueueSettings::for_queue(q.clone())).await
+            && let Err(e) = b.delete_queue().await
+        {
+            eprintln!("could not delete kit queue {q:?}: {e}");
+        }
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 fn skip(check: &str, why: &str) {
     eprintln!("conformance {check}: skipped: {why}");
 }
@@ -108,7 +142,7 @@ async fn conformance_standard() {
         .copied()
         .filter(|c| *c != "bulk_limit")
         .collect();
-    kit(false).run_only(&checks).await;
+    run(false, checks).await;
 }
 
 /// Checks that hold several deliveries of one message group at once, or drain a queue while a
@@ -150,5 +184,5 @@ async fn conformance_fifo() {
         .copied()
         .filter(|c| *c != "bulk_limit" && !NOT_ON_FIFO.contains(c))
         .collect();
-    kit(true).run_only(&checks).await;
+    run(true, checks).await;
 }

@@ -481,3 +481,50 @@ async fn delays_beyond_sqs_limits_are_refused() {
     );
     b.delete_queue().await.unwrap();
 }
+
+#[tokio::test]
+async fn fifo_dead_letters_and_stale_batch_acknowledge() {
+    if !up().await {
+        return;
+    }
+    let cfg = SqsConfig {
+        fifo: true,
+        ..config()
+    };
+    let q = name("fifo-dead");
+    let b = SqsBroker::connect(
+        &cfg,
+        QueueSettings {
+            bulk: 10,
+            retry: Duration::from_secs(1),
+            ..settings(&q)
+        },
+    )
+    .await
+    .unwrap();
+    b.enqueue_many(vec![
+        Message::new(b"p1".to_vec()).with_key("k1"),
+        Message::new(b"p2".to_vec()).with_key("k2"),
+    ])
+    .await
+    .unwrap();
+    let got = drain(&b, 2).await;
+    b.dead_letter(&got[0].ack, "poison").await.unwrap();
+    assert!(exists(&format!("{q}-dead.fifo")).await, "{q}-dead.fifo");
+    let dead = b.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].payload.as_slice(), dead[0].reason.as_str()),
+        (&b"p1"[..], "poison")
+    );
+    // p2's lease (1 s) runs out; a batch acknowledge with its old receipt is ignored, and the
+    // package comes back.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    b.acknowledge_many(&[got[1].ack.clone()]).await.unwrap();
+    let again = drain(&b, 1).await;
+    assert_eq!(again[0].payload, b"p2");
+    assert_eq!(again[0].deliveries, Some(2));
+    b.acknowledge_many(&[again[0].ack.clone()]).await.unwrap();
+    b.delete_queue().await.unwrap();
+    assert!(!exists(&q).await && !exists(&format!("{q}-dead.fifo")).await);
+}
