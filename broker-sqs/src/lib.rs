@@ -13,6 +13,24 @@
 //! decides itself because SQS and its emulators do not always refuse an old receipt handle.
 //! Every call is bounded in time (`connect_timeout`, `timeout`); secrets never appear in
 //! `Debug`, `info` or errors.
+//!
+//! # Receipts and stale receipts
+//!
+//! A receipt is `deadline|deliveries|message id|receipt handle`. The deadline is the wall
+//! clock at which the lease is taken as run out: the receive's answer time + `retry` − a margin
+//! (a quarter of `retry`, at most 500 ms), pushed back by `extend` on the handle that extended
+//! it. After the deadline `acknowledge`, `fail`, `dead_letter` and `extend` do nothing
+//! (`extend` answers `false`), so a late settle cannot touch the next holder's lease: moto
+//! takes *any* receipt handle a message ever had (deleting or re-showing the message someone
+//! else now holds), and SQS itself may delete on an old handle. `delete` ignores the deadline
+//! (it removes the message whatever its lease). A receipt extended on one handle and settled
+//! on another after the original deadline is ignored there; the cluster settles on the handle
+//! that extends. Handles on other machines rely on clocks agreeing to within the margin.
+//!
+//! # Purge
+//!
+//! SQS's `PurgeQueue` deletes messages in flight too, which the trait forbids; so it is used
+//! only when nothing is in flight, and otherwise the visible messages are received and deleted.
 #![warn(missing_docs)]
 
 mod error;
