@@ -903,9 +903,9 @@ impl Broker for MongoBroker {
         details.insert("max_message_size".into(), i.max_message_size.to_string());
         details.insert("clock_offset_ms".into(), i.offset_ms.to_string());
         let round_trips = if i.settings.bulk == 1 {
-            "1 (findAndModify)"
+            "1 round trip (findAndModify)"
         } else {
-            "3 whatever bulk (find ids, updateMany with a fresh token, find by token)"
+            "3 round trips whatever bulk (find ids, updateMany with a fresh token, find by token)"
         };
         details.insert("round_trips_per_claim".into(), round_trips.into());
         details.insert(
@@ -924,7 +924,7 @@ impl Broker for MongoBroker {
                 "claims are atomic per document (conditional update on the due time): a package is leased to one consumer at a time".into(),
                 "receipts carry the lease token: a late settle after the lease ran out changes nothing".into(),
                 "acknowledge deletes the document; fail clears the lease and makes it due again".into(),
-                format!("a bulk claim costs {round_trips} round trip(s)"),
+                format!("a claim costs {round_trips}"),
             ],
             details,
         })
