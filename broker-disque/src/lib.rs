@@ -1,1 +1,1339 @@
-//! Disque broker: ADDJOB/GETJOB/ACKJOB over RESP, a node list with failover, WORKING leases (in progress).
+//! The Disque broker: a queue is a Disque queue of the same name, a package is one job whose body
+//! is the envelope byte for byte, and dead letters are jobs of the side queue `<queue>:dead`.
+//!
+//! Layout and promise: `enqueue` is `ADDJOB queue body timeout RETRY r TTL t [DELAY d]
+//! [REPLICATE n]`; `dequeue` is `GETJOB TIMEOUT wait COUNT bulk WITHCOUNTERS FROM queue` followed
+//! by one `WORKING` per job (Disque counts a job's retry from the moment it was *queued*; the
+//! `WORKING` restarts it at delivery so that the lease is `retry` from the dequeue); a receipt is
+//! `<job id>#<delivery number>`; `acknowledge` is `ACKJOB` (or `FASTACK` with `fastack`), `fail`
+//! is `NACK`, `extend` is `WORKING`, `dead_letter` stores a framed copy (reason, deliveries, time,
+//! original id, payload) in `<queue>:dead` and acknowledges the original. Delivery is
+//! at-least-once: a package is acknowledged or delivered again, never silently dropped, until
+//! Disque's own `ttl` runs out.
+//!
+//! What Disque imposes, and what this adapter does about it:
+//! - **Whole seconds.** `RETRY` is whole seconds and Disque adds up to ±0.25 s of jitter, so the
+//!   adapter sends `ceil(retry + 0.25 s)`: a lease lasts at least `retry`, at most about
+//!   `retry + 1.25 s`. Delays (`Message::delay`, `fail_after`) are rounded up to whole seconds.
+//! - **Stale receipts.** A job keeps its id when it is queued again, so a bare `ACKJOB` from a
+//!   first consumer whose lease ran out would settle the second consumer's delivery. The receipt
+//!   therefore carries the delivery number, and every settle first reads the job (`SHOW`): a
+//!   receipt whose number is behind the job's counters (`nacks + additional-deliveries + 1`) is
+//!   stale and ignored. Disque has no compare-and-settle, so one round trip separates the check
+//!   from the settle; a lease that runs out inside that window makes a duplicate delivery (the
+//!   second holder's settle then finds nothing), never a loss.
+//! - **`extend`.** `WORKING` pushes the next requeue to *the job's retry time* from now, not to an
+//!   arbitrary `by`. For `by` longer than that, the handle keeps the lease alive with further
+//!   `WORKING`s until `by` has passed (a background task per extended job that stops on any
+//!   settle, on a stale receipt, or when the handle is dropped), so a lease runs out between `by`
+//!   and `by + retry` from the call. Disque refuses `WORKING` once half of the job's TTL has gone
+//!   (an error naming `disque.ttl`).
+//! - **`fail_after`.** Disque has no delayed `NACK`: the adapter adds a copy of the job with
+//!   `DELAY`, then acknowledges the original. A crash between the two leaves both: the original
+//!   comes back after its lease and the copy after its delay (a duplicate, never a loss). The copy
+//!   is a new job: new message id, delivery count starting again at 1.
+//! - **Node-local views.** `QLEN`, `QPEEK` and `JSCAN` see one node. `queue_size` is the node in
+//!   use: its queued jobs plus its jobs still waiting out a `DELAY`. `lock_size` (jobs delivered
+//!   and not acknowledged) is counted only when the cluster has one node; with more, a node also
+//!   holds *replicas* of jobs queued elsewhere, which look exactly like delivered jobs, so it
+//!   answers `None`. `purge_queue` and `delete_queue` visit every known node.
+//! - **Nodes.** The handle connects to a random node of `nodes` (with `AUTH` when `auth` is set),
+//!   learns the others with `HELLO`, and when a command fails for a connection reason it goes to
+//!   the next node and tries again, at most once per known node. Receipts are settled on the node
+//!   in use, which must hold a copy of the job: true with Disque's default replication (every
+//!   node of a cluster of up to three).
+#![warn(missing_docs)]
+
+mod conn;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use broker_core::{
+    AckId, Broker, BrokerError, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId,
+    QueueSettings, async_trait,
+};
+use redis::aio::MultiplexedConnection;
+use redis::{Cmd, RedisError, Value};
+
+use conn::Nodes;
+
+/// The adapter's name in errors and `info`.
+pub const NAME: &str = "disque";
+/// Most packages one dequeue returns.
+pub const MAX_BULK: usize = 1000;
+/// Largest package: Disque refuses bulk strings over 512 MiB (`networking.c`); 64 KiB of that
+/// is kept for the dead-letter frame around a package.
+pub const MAX_MESSAGE_SIZE: usize = 512 * 1024 * 1024 - 64 * 1024;
+/// Longest dead-letter reason kept (longer ones are cut at a character boundary).
+const MAX_REASON: usize = 4096;
+/// Disque's jitter on requeue times is below this (±250 ms, `DISQUE_TIME_ERR / 2`).
+const JITTER: Duration = Duration::from_millis(250);
+/// Jobs read per `JSCAN` / `QPEEK` round.
+const SCAN_BATCH: usize = 1000;
+
+/// `[disque]` settings. Debug output masks `auth`; unknown keys are refused when read from a
+/// config file.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DisqueConfig {
+    /// Nodes as `host:port`; the handle starts at a random one and learns the rest with `HELLO`.
+    pub nodes: Vec<String>,
+    /// The nodes' `requirepass`, if any. Never shown in `info`, errors, logs or `Debug`.
+    pub auth: Option<String>,
+    /// Acknowledge with `FASTACK` (one best-effort delete) instead of `ACKJOB` (an acknowledgement
+    /// replicated to every node holding a copy before the job is collected). Faster; a node cut
+    /// off during the acknowledgement may deliver the job again when it comes back.
+    pub fastack: bool,
+    /// Longest wait to connect to one node, in seconds.
+    #[serde(with = "broker_core::secs")]
+    pub connect_timeout: Duration,
+    /// `REPLICATE`: copies of each job; `None` takes Disque's default (min(3, cluster size)).
+    pub replicate: Option<u32>,
+    /// `ASYNC`: `ADDJOB` returns before the copies are made (faster, a node crash right after
+    /// may lose the job).
+    pub async_replication: bool,
+    /// How long `ADDJOB` waits for its copies, in seconds (then it fails and Disque cleans up).
+    #[serde(with = "broker_core::secs")]
+    pub add_timeout: Duration,
+    /// `TTL` of a job, in seconds (added to any delay). Disque deletes a job at its TTL whether
+    /// or not it was delivered, and refuses `WORKING` after half of it: set it well above the
+    /// longest backlog and the longest task. Default 7 days.
+    pub ttl: u64,
+}
+
+impl Default for DisqueConfig {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["127.0.0.1:7711".to_owned()],
+            auth: None,
+            fastack: false,
+            connect_timeout: Duration::from_secs(5),
+            replicate: None,
+            async_replication: false,
+            add_timeout: Duration::from_secs(5),
+            ttl: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl DisqueConfig {
+    /// Defaults, with these nodes.
+    pub fn new<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+}
+
+impl fmt::Debug for DisqueConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DisqueConfig")
+            .field("nodes", &self.nodes)
+            .field("auth", &self.auth.as_ref().map(|_| "***"))
+            .field("fastack", &self.fastack)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("replicate", &self.replicate)
+            .field("async_replication", &self.async_replication)
+            .field("add_timeout", &self.add_timeout)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+struct Inner {
+    nodes: Nodes,
+    settings: QueueSettings,
+    config: DisqueConfig,
+    dead_queue: String,
+    /// `RETRY` sent with every job (whole seconds, see the module docs).
+    retry_secs: u64,
+    max_message_size: usize,
+    /// Jobs whose lease a keeper task holds, with the keeper's generation.
+    keepers: SyncMutex<HashMap<String, u64>>,
+    generation: AtomicU64,
+}
+
+/// A queue on Disque. Cheap to clone.
+#[derive(Clone)]
+pub struct DisqueBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for DisqueBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DisqueBroker")
+            .field("nodes", &self.inner.config.nodes)
+            .field("queue", &self.inner.settings.queue)
+            .field("fastack", &self.inner.config.fastack)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A parsed receipt: the job and the delivery it was handed out as.
+struct Receipt {
+    job: String,
+    delivery: u64,
+}
+
+/// What `SHOW` says about a job.
+struct JobState {
+    state: String,
+    /// `nacks + additional-deliveries + 1`: the number of the job's current (or next) delivery.
+    delivery: u64,
+    body: Vec<u8>,
+    /// Still waiting out its `DELAY` (never queued yet).
+    delayed: bool,
+}
+
+impl JobState {
+    fn from_fields(v: &Value) -> Option<Self> {
+        let Value::Array(items) = v else { return None };
+        let mut state = None;
+        let mut nacks = 0;
+        let mut deliv = 0;
+        let mut body = Vec::new();
+        let mut ctime: i64 = 0;
+        let mut delay: i64 = 0;
+        for pair in items.chunks(2) {
+            let [k, v] = pair else { continue };
+            match text(k).as_deref() {
+                Some("state") => state = text(v),
+                Some("nacks") => nacks = int(v).unwrap_or(0),
+                Some("additional-deliveries") => deliv = int(v).unwrap_or(0),
+                Some("ctime") => ctime = int(v).unwrap_or(0),
+                Some("delay") => delay = int(v).unwrap_or(0),
+                Some("body") => {
+                    if let Value::BulkString(b) = v {
+                        body = b.clone();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let state = state?;
+        // ctime is the creation time in milliseconds × 10^6 (plus a counter); compared with this
+        // machine's clock, which is the node's clock for a local server.
+        let visible_ms = ctime / 1_000_000 + delay * 1000;
+        let delayed = state == "active" && delay > 0 && nacks + deliv == 0 && visible_ms > now_ms();
+        Some(Self {
+            state,
+            delivery: u64::try_from(nacks + deliv).unwrap_or(0) + 1,
+            body,
+            delayed,
+        })
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A RESP value as text (bulk or simple string).
+pub(crate) fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Okay => Some("OK".to_owned()),
+        _ => None,
+    }
+}
+
+/// A RESP value as an integer (integer reply or numeric text).
+pub(crate) fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// Whole seconds, rounded up, at least `min`.
+fn ceil_secs(d: Duration, min: u64) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(min)
+}
+
+/// The dead-letter frame: `QCDL1 | reason len (u32 LE) | reason | deliveries (u32 LE) |
+/// dead_at_us (i64 LE) | id len (u16 LE) | original job id | payload`.
+const DEAD_MAGIC: &[u8] = b"QCDL1";
+
+fn dead_frame(reason: &str, deliveries: u32, id: &str, payload: &[u8]) -> Vec<u8> {
+    let mut cut = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let reason = &reason[..cut];
+    let id = &id.as_bytes()[..id.len().min(u16::MAX as usize)];
+    let mut out =
+        Vec::with_capacity(DEAD_MAGIC.len() + 18 + reason.len() + id.len() + payload.len());
+    out.extend_from_slice(DEAD_MAGIC);
+    out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(&deliveries.to_le_bytes());
+    out.extend_from_slice(&now_us().to_le_bytes());
+    out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(payload);
+    out
+}
+
+fn read_dead_frame(body: &[u8]) -> Option<DeadLetter> {
+    let rest = body.strip_prefix(DEAD_MAGIC)?;
+    let take = |r: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+        if r.len() < n {
+            return None;
+        }
+        let (a, b) = r.split_at(n);
+        *r = b;
+        Some(a.to_vec())
+    };
+    let mut r = rest;
+    let rlen = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?) as usize;
+    let reason = String::from_utf8(take(&mut r, rlen)?).ok()?;
+    let deliveries = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?);
+    let dead_at_us = i64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
+    let idlen = u16::from_le_bytes(take(&mut r, 2)?.try_into().ok()?) as usize;
+    let id = String::from_utf8(take(&mut r, idlen)?).ok()?;
+    Some(DeadLetter {
+        message_id: MessageId(id),
+        payload: r.to_vec(),
+        reason,
+        deliveries: Some(deliveries),
+        dead_at_us,
+    })
+}
+
+fn random_start(n: usize) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() % n.max(1) as u64) as usize
+}
+
+impl DisqueBroker {
+    /// Checks the settings, connects to a random node of `config.nodes` (the others in turn if it
+    /// does not answer) and learns the cluster's nodes with `HELLO`.
+    pub async fn connect(
+        config: &DisqueConfig,
+        settings: QueueSettings,
+    ) -> Result<DisqueBroker, BrokerError> {
+        settings.validate(MAX_BULK)?;
+        if config.nodes.is_empty() {
+            return Err(BrokerError::config(
+                "disque.nodes",
+                "must name at least one node",
+            ));
+        }
+        if let Some(bad) = config.nodes.iter().find(|n| conn::parse_addr(n).is_none()) {
+            return Err(BrokerError::config(
+                "disque.nodes",
+                format!("{bad:?} is not host:port"),
+            ));
+        }
+        if config.replicate == Some(0) {
+            return Err(BrokerError::config(
+                "disque.replicate",
+                "must be at least 1",
+            ));
+        }
+        if config.connect_timeout.is_zero() {
+            return Err(BrokerError::config(
+                "disque.connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+        let retry_secs = ceil_secs(settings.retry + JITTER, 1);
+        if config.ttl < retry_secs * 4 {
+            return Err(BrokerError::config(
+                "disque.ttl",
+                format!(
+                    "is {} s; it must be at least 4 × the retry sent to Disque ({retry_secs} s), \
+                     so that jobs outlive their retries and WORKING works",
+                    config.ttl
+                ),
+            ));
+        }
+        let max_message_size = settings
+            .max_message_size
+            .map_or(MAX_MESSAGE_SIZE, |m| m.min(MAX_MESSAGE_SIZE));
+        // Replies come within the ADDJOB replication timeout plus room.
+        let response = config.add_timeout + Duration::from_secs(5);
+        let nodes = Nodes::new(
+            config.nodes.clone(),
+            config.auth.clone().filter(|a| !a.is_empty()),
+            config.connect_timeout,
+            response,
+            random_start(config.nodes.len()),
+        );
+        let broker = Self {
+            inner: Arc::new(Inner {
+                nodes,
+                dead_queue: format!("{}:dead", settings.queue),
+                settings,
+                config: config.clone(),
+                retry_secs,
+                max_message_size,
+                keepers: SyncMutex::new(HashMap::new()),
+                generation: AtomicU64::new(0),
+            }),
+        };
+        let budget = config.connect_timeout * (config.nodes.len() as u32) + Duration::from_secs(1);
+        match tokio::time::timeout(budget, broker.inner.nodes.conn()).await {
+            Ok(Ok(_)) => Ok(broker),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BrokerError::Timeout {
+                broker: NAME,
+                operation: "connect",
+                endpoint: config.nodes.join(","),
+                after: budget,
+            }),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        self.inner.config.nodes.join(",")
+    }
+
+    fn map_err(&self, op: &'static str, e: &RedisError) -> BrokerError {
+        let message = format!("{op}: {}", self.inner.nodes.scrub(e));
+        if e.is_timeout() {
+            BrokerError::Timeout {
+                broker: NAME,
+                operation: op,
+                endpoint: self.endpoint(),
+                after: self.inner.config.add_timeout + Duration::from_secs(5),
+            }
+        } else if conn::is_connection_error(e) {
+            BrokerError::Unreachable {
+                broker: NAME,
+                endpoint: self.endpoint(),
+                message,
+            }
+        } else {
+            BrokerError::Backend {
+                broker: NAME,
+                message,
+            }
+        }
+    }
+
+    /// Runs `f` on the node in use; on a connection error moves to the next node and runs it
+    /// again, at most once per known node.
+    async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, BrokerError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let nodes = &self.inner.nodes;
+        let mut tries = 0;
+        loop {
+            let (addr, c) = nodes.conn().await?;
+            match f(c).await {
+                Ok(v) => return Ok(v),
+                Err(e) if conn::is_connection_error(&e) => {
+                    tracing::warn!(node = %addr, "disque: {op} failed: {}; trying the next node", nodes.scrub(&e));
+                    nodes.failed(&addr).await;
+                    tries += 1;
+                    if tries >= nodes.known().len() {
+                        return Err(self.map_err(op, &e));
+                    }
+                }
+                Err(e) => return Err(self.map_err(op, &e)),
+            }
+        }
+    }
+
+    /// One command on the node in use, with failover.
+    async fn cmd<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T, BrokerError> {
+        self.run(op, |mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    fn receipt(&self, ack: &AckId) -> Result<Receipt, BrokerError> {
+        let bad = || BrokerError::InvalidReceipt {
+            broker: NAME,
+            receipt: ack.as_str().to_owned(),
+        };
+        let (job, n) = ack.as_str().rsplit_once('#').ok_or_else(bad)?;
+        if !job.starts_with("D-") || job.len() != 40 || !job.is_ascii() {
+            return Err(bad());
+        }
+        let delivery = n.parse::<u64>().map_err(|_| bad())?;
+        Ok(Receipt {
+            job: job.to_owned(),
+            delivery,
+        })
+    }
+
+    async fn show(&self, job: &str) -> Result<Option<JobState>, BrokerError> {
+        let v: Value = self.cmd("show", redis::cmd("SHOW").arg(job)).await?;
+        Ok(match v {
+            Value::Nil => None,
+            other => JobState::from_fields(&other),
+        })
+    }
+
+    /// The job behind a receipt if this receipt still holds its lease (`None`: gone, unknown to
+    /// this node, or stale).
+    async fn held(&self, r: &Receipt) -> Result<Option<JobState>, BrokerError> {
+        Ok(self
+            .show(&r.job)
+            .await?
+            .filter(|s| s.state == "active" && s.delivery == r.delivery))
+    }
+
+    fn stop_keeper(&self, job: &str) {
+        if let Ok(mut k) = self.inner.keepers.lock() {
+            k.remove(job);
+        }
+    }
+
+    fn ack_cmd(&self) -> &'static str {
+        if self.inner.config.fastack {
+            "FASTACK"
+        } else {
+            "ACKJOB"
+        }
+    }
+
+    fn addjob(&self, queue: &str, body: &[u8], delay: Option<Duration>) -> Cmd {
+        let i = &self.inner;
+        let delay = delay.filter(|d| !d.is_zero()).map(|d| ceil_secs(d, 1));
+        let mut c = redis::cmd("ADDJOB");
+        c.arg(queue)
+            .arg(body)
+            .arg(i.config.add_timeout.as_millis().max(1) as u64)
+            .arg("RETRY")
+            .arg(i.retry_secs)
+            .arg("TTL")
+            .arg(i.config.ttl + delay.unwrap_or(0));
+        if let Some(d) = delay {
+            c.arg("DELAY").arg(d);
+        }
+        if let Some(n) = i.config.replicate {
+            c.arg("REPLICATE").arg(n);
+        }
+        if i.config.async_replication {
+            c.arg("ASYNC");
+        }
+        c
+    }
+
+    fn check_size(&self, m: &Message) -> Result<(), BrokerError> {
+        if m.payload.len() > self.inner.max_message_size {
+            return Err(BrokerError::TooLarge {
+                broker: NAME,
+                size: m.payload.len(),
+                limit: self.inner.max_message_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Parses a `GETJOB` reply into deliveries.
+    fn deliveries(v: Value) -> Vec<Delivery> {
+        let Value::Array(jobs) = v else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let Value::Array(mut f) = job else { continue };
+            if f.len() < 3 {
+                continue;
+            }
+            let mut counters = 0i64;
+            for pair in f[3..].chunks(2) {
+                if let [k, v] = pair
+                    && matches!(text(k).as_deref(), Some("nacks" | "additional-deliveries"))
+                {
+                    counters += int(v).unwrap_or(0);
+                }
+            }
+            let body = match std::mem::replace(&mut f[2], Value::Nil) {
+                Value::BulkString(b) => b,
+                _ => continue,
+            };
+            let Some(id) = text(&f[1]) else { continue };
+            let n = u64::try_from(counters).unwrap_or(0) + 1;
+            out.push(Delivery {
+                ack: AckId::new(format!("{id}#{n}")),
+                message_id: MessageId(id),
+                payload: body,
+                deliveries: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            });
+        }
+        out
+    }
+
+    /// Job ids of `queue` on the node behind `c` in the given states (all states when empty),
+    /// with their state when `all`.
+    async fn scan(
+        c: &mut MultiplexedConnection,
+        queue: &str,
+        states: &[&str],
+    ) -> Result<Vec<JobScan>, RedisError> {
+        let mut cursor = "0".to_owned();
+        let mut out = Vec::new();
+        loop {
+            let mut cmd = redis::cmd("JSCAN");
+            cmd.arg(&cursor)
+                .arg("COUNT")
+                .arg(SCAN_BATCH)
+                .arg("QUEUE")
+                .arg(queue);
+            for s in states {
+                cmd.arg("STATE").arg(*s);
+            }
+            cmd.arg("REPLY").arg("all");
+            let v: Value = cmd.query_async(c).await?;
+            let Value::Array(mut parts) = v else { break };
+            if parts.len() != 2 {
+                break;
+            }
+            let items = parts.pop();
+            let next = parts.pop().and_then(|c| text(&c)).unwrap_or_default();
+            if let Some(Value::Array(items)) = items {
+                for item in &items {
+                    let id = match item {
+                        Value::Array(f) => f
+                            .chunks(2)
+                            .find(|p| text(&p[0]).as_deref() == Some("id"))
+                            .and_then(|p| p.get(1).and_then(text)),
+                        _ => None,
+                    };
+                    if let (Some(id), Some(s)) = (id, JobState::from_fields(item)) {
+                        out.push(JobScan {
+                            id,
+                            state: s.state,
+                            delayed: s.delayed,
+                        });
+                    }
+                }
+            }
+            if next == "0" || next.is_empty() {
+                break;
+            }
+            cursor = next;
+        }
+        // JSCAN may repeat an element.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.dedup_by(|a, b| a.id == b.id);
+        Ok(out)
+    }
+
+    /// Runs `f` once on every known node that answers (the node in use through its connection).
+    async fn each_node<T, F, Fut>(&self, op: &'static str, f: F) -> Result<Vec<T>, BrokerError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let nodes = &self.inner.nodes;
+        let (current, c) = nodes.conn().await?;
+        let mut out = vec![f(c).await.map_err(|e| self.map_err(op, &e))?];
+        for addr in nodes.known() {
+            if addr == current {
+                continue;
+            }
+            let conn = conn::open(
+                &addr,
+                nodes.auth(),
+                nodes.connect_timeout(),
+                self.inner.config.add_timeout + Duration::from_secs(5),
+            )
+            .await;
+            match conn {
+                Ok(c) => match f(c).await {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        tracing::warn!(node = %addr, "disque: {op} skipped this node: {}", nodes.scrub(&e))
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(node = %addr, "disque: {op} skipped this node: {}", nodes.scrub(&e))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Is the cluster a single node (so that local counts are the whole truth)?
+    async fn single_node(&self) -> Result<bool, BrokerError> {
+        let v: Value = self.cmd("hello", &redis::cmd("HELLO")).await?;
+        Ok(matches!(v, Value::Array(items) if items.len() <= 3))
+    }
+
+    /// Keeps a lease alive with `WORKING` until `deadline` (see the module docs).
+    fn keep(&self, r: Receipt, deadline: Instant, last: Instant) {
+        let i = &self.inner;
+        let generation = i.generation.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut k) = i.keepers.lock() {
+            k.insert(r.job.clone(), generation);
+        }
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let lease = Duration::from_secs(i.retry_secs).saturating_sub(JITTER);
+        let step = (lease / 2).max(Duration::from_millis(500));
+        tokio::spawn(async move {
+            let mut last = last;
+            loop {
+                // The lease surely lasts until `last + lease`: done once that covers the deadline.
+                if last + lease >= deadline {
+                    break;
+                }
+                let at = (last + step).min(deadline - lease);
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                let Some(inner) = weak.upgrade() else { break };
+                let current = inner
+                    .keepers
+                    .lock()
+                    .map(|k| k.get(&r.job) == Some(&generation))
+                    .unwrap_or(false);
+                if !current {
+                    break;
+                }
+                let b = DisqueBroker { inner };
+                match b.held(&r).await {
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+                let sent = Instant::now();
+                let res: Result<i64, _> = b.cmd("extend", redis::cmd("WORKING").arg(&r.job)).await;
+                if let Err(e) = res {
+                    tracing::warn!(job = %r.job, "disque: keeping a lease alive failed: {e}");
+                    break;
+                }
+                last = sent;
+            }
+            if let Some(inner) = weak.upgrade()
+                && let Ok(mut k) = inner.keepers.lock()
+                && k.get(&r.job) == Some(&generation)
+            {
+                k.remove(&r.job);
+            }
+        });
+    }
+}
+
+/// One job found by `JSCAN`.
+struct JobScan {
+    id: String,
+    state: String,
+    delayed: bool,
+}
+
+#[async_trait]
+impl Broker for DisqueBroker {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn enqueue(&self, message: Message) -> Result<MessageId, BrokerError> {
+        self.check_size(&message)?;
+        let cmd = self.addjob(&self.inner.settings.queue, &message.payload, message.delay);
+        let id: String = self.cmd("enqueue", &cmd).await?;
+        Ok(MessageId(id))
+    }
+
+    /// One pipeline of `ADDJOB`s. A failed batch may be partial (the jobs before the failing one
+    /// are stored), and a batch retried on another node after a connection error may store
+    /// some packages twice: at-least-once.
+    async fn enqueue_many(&self, messages: Vec<Message>) -> Result<Vec<MessageId>, BrokerError> {
+        for m in &messages {
+            self.check_size(m)?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for m in &messages {
+            pipe.add_command(self.addjob(&self.inner.settings.queue, &m.payload, m.delay));
+        }
+        let ids: Vec<String> = self
+            .run("enqueue_many", |mut c| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
+        Ok(ids.into_iter().map(MessageId).collect())
+    }
+
+    async fn dequeue(&self) -> Result<Vec<Delivery>, BrokerError> {
+        let i = &self.inner;
+        let nodes = &i.nodes;
+        let mut cmd = redis::cmd("GETJOB");
+        let wait_ms = i.settings.wait.as_millis() as u64;
+        if wait_ms == 0 {
+            cmd.arg("NOHANG");
+        } else {
+            cmd.arg("TIMEOUT").arg(wait_ms);
+        }
+        cmd.arg("COUNT")
+            .arg(i.settings.bulk)
+            .arg("WITHCOUNTERS")
+            .arg("FROM")
+            .arg(&i.settings.queue);
+        let response = i.settings.wait + Duration::from_secs(5);
+        let mut tries = 0;
+        let (addr, mut c, got) = loop {
+            let (addr, _) = nodes.conn().await?;
+            let attempt = async {
+                let mut c = nodes.waiter(&addr, response).await?;
+                let v: Value = cmd.query_async(&mut c).await?;
+                Ok::<_, RedisError>((c, v))
+            };
+            match attempt.await {
+                Ok((c, v)) => break (addr, c, v),
+                Err(e) if conn::is_connection_error(&e) => {
+                    nodes.failed(&addr).await;
+                    tries += 1;
+                    if tries >= nodes.known().len() {
+                        return Err(self.map_err("dequeue", &e));
+                    }
+                }
+                Err(e) => return Err(self.map_err("dequeue", &e)),
+            }
+        };
+        let out = Self::deliveries(got);
+        if !out.is_empty() {
+            // Start each lease now (Disque counts it from when the job was queued).
+            let mut pipe = redis::pipe();
+            for d in &out {
+                pipe.cmd("WORKING").arg(&d.message_id.0);
+            }
+            let res: Result<Vec<Result<Value, RedisError>>, _> =
+                pipe.ignore_errors().query_async(&mut c).await;
+            match res {
+                Ok(answers) => {
+                    for (d, a) in out.iter().zip(answers) {
+                        if let Err(e) = a {
+                            tracing::warn!(job = %d.message_id, "disque: WORKING after GETJOB refused: {}", nodes.scrub(&e));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("disque: WORKING after GETJOB failed: {}", nodes.scrub(&e));
+                    return Ok(out);
+                }
+            }
+        }
+        nodes.give_back(addr, c);
+        Ok(out)
+    }
+
+    /// Ignored when the receipt is stale (see the module docs); a job that is waiting in the
+    /// queue again, not yet redelivered, is acknowledged (the work was done and nobody holds it).
+    async fn acknowledge(&self, ack: &AckId) -> Result<(), BrokerError> {
+        let r = self.receipt(ack)?;
+        self.stop_keeper(&r.job);
+        match self.show(&r.job).await? {
+            Some(s) if s.delivery != r.delivery && s.state != "queued" => {
+                tracing::debug!(job = %r.job, "disque: stale acknowledge ignored");
+                return Ok(());
+            }
+            Some(s) if s.state == "acked" => return Ok(()),
+            // Unknown to this node: the acknowledgement still reaches the cluster.
+            _ => {}
+        }
+        let _: Value = self
+            .cmd("acknowledge", redis::cmd(self.ack_cmd()).arg(&r.job))
+            .await?;
+        Ok(())
+    }
+
+    /// Checks every receipt (one pipeline of `SHOW`s), then acknowledges the fresh ones in one
+    /// command.
+    async fn acknowledge_many(&self, acks: &[AckId]) -> Result<(), BrokerError> {
+        let receipts = acks
+            .iter()
+            .map(|a| self.receipt(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        for r in &receipts {
+            self.stop_keeper(&r.job);
+        }
+        let mut pipe = redis::pipe();
+        for r in &receipts {
+            pipe.cmd("SHOW").arg(&r.job);
+        }
+        let shows: Vec<Value> = self
+            .run("acknowledge", |mut c| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
+        let mut cmd = redis::cmd(self.ack_cmd());
+        let mut n = 0;
+        for (r, v) in receipts.iter().zip(&shows) {
+            let fresh = match JobState::from_fields(v) {
+                None => true,
+                Some(s) => (s.delivery == r.delivery || s.state == "queued") && s.state != "acked",
+            };
+            if fresh {
+                cmd.arg(&r.job);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            let _: Value = self.cmd("acknowledge", &cmd).await?;
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, ack: &AckId) -> Result<(), BrokerError> {
+        let r = self.receipt(ack)?;
+        self.stop_keeper(&r.job);
+        if self.held(&r).await?.is_none() {
+            tracing::debug!(job = %r.job, "disque: fail with a stale or settled receipt ignored");
+            return Ok(());
+        }
+        let _: i64 = self.cmd("fail", redis::cmd("NACK").arg(&r.job)).await?;
+        Ok(())
+    }
+
+    /// A copy with `DELAY` (whole seconds, rounded up), then an acknowledgement of the original;
+    /// see the module docs for a crash in between.
+    async fn fail_after(&self, ack: &AckId, delay: Duration) -> Result<(), BrokerError> {
+        if delay.is_zero() {
+            return self.fail(ack).await;
+        }
+        let r = self.receipt(ack)?;
+        self.stop_keeper(&r.job);
+        let Some(job) = self.held(&r).await? else {
+            tracing::debug!(job = %r.job, "disque: fail_after with a stale or settled receipt ignored");
+            return Ok(());
+        };
+        let _: String = self
+            .cmd(
+                "fail_after",
+                &self.addjob(&self.inner.settings.queue, &job.body, Some(delay)),
+            )
+            .await?;
+        let _: Value = self
+            .cmd("fail_after", redis::cmd(self.ack_cmd()).arg(&r.job))
+            .await?;
+        Ok(())
+    }
+
+    /// Acknowledges the job whatever its lease (cluster-wide: `DELJOB` would leave the other
+    /// nodes' copies to be queued again).
+    async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
+        let r = self.receipt(ack)?;
+        self.stop_keeper(&r.job);
+        let _: Value = self
+            .cmd("delete", redis::cmd(self.ack_cmd()).arg(&r.job))
+            .await?;
+        Ok(())
+    }
+
+    /// `WORKING`, repeated by a background task until `by` has passed when `by` is longer than
+    /// the job's retry: the lease then runs out between `by` and `by + retry` from now. `false`
+    /// when the receipt is stale or the job is gone.
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<bool, BrokerError> {
+        let r = self.receipt(ack)?;
+        if self.held(&r).await?.is_none() {
+            return Ok(false);
+        }
+        let sent = Instant::now();
+        let res: Result<i64, BrokerError> =
+            self.cmd("extend", redis::cmd("WORKING").arg(&r.job)).await;
+        match res {
+            Ok(_) => {}
+            Err(BrokerError::Backend { message, .. }) if message.contains("TOOLATE") => {
+                return Err(BrokerError::Backend {
+                    broker: NAME,
+                    message: format!(
+                        "extend: Disque refuses WORKING after half of the job's TTL; raise \
+                         disque.ttl ({message})"
+                    ),
+                });
+            }
+            Err(BrokerError::Backend { message, .. })
+                if message.contains("NOJOB") || message.contains("ACKED") =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        self.keep(r, sent + by, sent);
+        Ok(true)
+    }
+
+    /// Adds the framed copy to `<queue>:dead`, then acknowledges the original (a crash in between
+    /// leaves the package in both places: listed as dead and delivered again).
+    async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
+        let r = self.receipt(ack)?;
+        self.stop_keeper(&r.job);
+        let Some(job) = self.held(&r).await? else {
+            tracing::debug!(job = %r.job, "disque: dead_letter with a stale or settled receipt ignored");
+            return Ok(());
+        };
+        let frame = dead_frame(
+            reason,
+            u32::try_from(r.delivery).unwrap_or(u32::MAX),
+            &r.job,
+            &job.body,
+        );
+        let _: String = self
+            .cmd(
+                "dead_letter",
+                &self.addjob(&self.inner.dead_queue, &frame, None),
+            )
+            .await?;
+        let _: Value = self
+            .cmd("dead_letter", redis::cmd(self.ack_cmd()).arg(&r.job))
+            .await?;
+        Ok(())
+    }
+
+    /// `QPEEK` of `<queue>:dead` on the node in use.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let v: Value = self
+            .cmd(
+                "dead_letters",
+                redis::cmd("QPEEK").arg(&self.inner.dead_queue).arg(limit),
+            )
+            .await?;
+        let Value::Array(jobs) = v else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for job in jobs {
+            if let Value::Array(f) = job
+                && let Some(Value::BulkString(body)) = f.get(2)
+            {
+                match read_dead_frame(body) {
+                    Some(d) => out.push(d),
+                    None => out.push(DeadLetter {
+                        message_id: MessageId(f.get(1).and_then(text).unwrap_or_default()),
+                        payload: body.clone(),
+                        reason: "not a qcluster dead-letter frame".into(),
+                        deliveries: None,
+                        dead_at_us: 0,
+                    }),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
+        let n: u64 = self
+            .cmd(
+                "dead_letter_size",
+                redis::cmd("QLEN").arg(&self.inner.dead_queue),
+            )
+            .await?;
+        Ok(Some(n))
+    }
+
+    /// On every node: queued jobs (`QPEEK`, then `DEQUEUE` one by one so that a job a consumer
+    /// took meanwhile is left alone) and jobs still waiting out a `DELAY`, acknowledged in
+    /// batches.
+    async fn purge_queue(&self) -> Result<u64, BrokerError> {
+        let queue = self.inner.settings.queue.clone();
+        let ack = self.ack_cmd();
+        let counts = self
+            .each_node("purge_queue", |mut c| {
+                let queue = queue.clone();
+                async move {
+                    let mut total = 0u64;
+                    loop {
+                        let v: Value = redis::cmd("QPEEK")
+                            .arg(&queue)
+                            .arg(SCAN_BATCH)
+                            .query_async(&mut c)
+                            .await?;
+                        let ids: Vec<String> = match v {
+                            Value::Array(jobs) => jobs
+                                .iter()
+                                .filter_map(|j| match j {
+                                    Value::Array(f) => f.get(1).and_then(text),
+                                    _ => None,
+                                })
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        if ids.is_empty() {
+                            break;
+                        }
+                        let mut pipe = redis::pipe();
+                        for id in &ids {
+                            pipe.cmd("DEQUEUE").arg(id);
+                        }
+                        let moved: Vec<i64> = pipe.query_async(&mut c).await?;
+                        let taken: Vec<&String> = ids
+                            .iter()
+                            .zip(&moved)
+                            .filter(|(_, n)| **n == 1)
+                            .map(|(id, _)| id)
+                            .collect();
+                        if taken.is_empty() {
+                            break;
+                        }
+                        let _: Value = redis::cmd(ack).arg(&taken).query_async(&mut c).await?;
+                        total += taken.len() as u64;
+                    }
+                    let delayed: Vec<String> = Self::scan(&mut c, &queue, &["active"])
+                        .await?
+                        .into_iter()
+                        .filter(|j| j.delayed)
+                        .map(|j| j.id)
+                        .collect();
+                    for chunk in delayed.chunks(SCAN_BATCH) {
+                        let _: Value = redis::cmd(ack).arg(chunk).query_async(&mut c).await?;
+                        total += chunk.len() as u64;
+                    }
+                    Ok(total)
+                }
+            })
+            .await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    /// On every node, every job of the queue and of `<queue>:dead` whatever its state
+    /// (`JSCAN`, then `FASTACK`: evicted here and, best effort, everywhere).
+    async fn delete_queue(&self) -> Result<(), BrokerError> {
+        if let Ok(mut k) = self.inner.keepers.lock() {
+            k.clear();
+        }
+        let queues = [
+            self.inner.settings.queue.clone(),
+            self.inner.dead_queue.clone(),
+        ];
+        self.each_node("delete_queue", |mut c| {
+            let queues = queues.clone();
+            async move {
+                for q in &queues {
+                    let ids: Vec<String> = Self::scan(&mut c, q, &[])
+                        .await?
+                        .into_iter()
+                        .map(|j| j.id)
+                        .collect();
+                    for chunk in ids.chunks(SCAN_BATCH) {
+                        let _: Value = redis::cmd("FASTACK").arg(chunk).query_async(&mut c).await?;
+                    }
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// `QLEN` plus the jobs still waiting out a `DELAY`, on the node in use.
+    async fn queue_size(&self) -> Result<u64, BrokerError> {
+        let queue = &self.inner.settings.queue;
+        self.run("queue_size", |mut c| async move {
+            let n: u64 = redis::cmd("QLEN").arg(queue).query_async(&mut c).await?;
+            let delayed = Self::scan(&mut c, queue, &["active"])
+                .await?
+                .iter()
+                .filter(|j| j.delayed)
+                .count() as u64;
+            Ok(n + delayed)
+        })
+        .await
+    }
+
+    /// Active jobs of the queue (delivered, not acknowledged), counted only on a one-node
+    /// cluster; `None` otherwise (see the module docs).
+    async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
+        if !self.single_node().await? {
+            return Ok(None);
+        }
+        let queue = &self.inner.settings.queue;
+        let n = self
+            .run("lock_size", |mut c| async move {
+                Ok(Self::scan(&mut c, queue, &["active"])
+                    .await?
+                    .iter()
+                    .filter(|j| !j.delayed && j.state == "active")
+                    .count() as u64)
+            })
+            .await?;
+        Ok(Some(n))
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let budget = self.inner.config.connect_timeout * 2;
+        match tokio::time::timeout(budget, self.cmd::<Value>("ping", &redis::cmd("PING"))).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(BrokerError::Timeout {
+                broker: NAME,
+                operation: "ping",
+                endpoint: self.endpoint(),
+                after: budget,
+            }),
+        }
+    }
+
+    async fn info(&self) -> Result<BrokerInfo, BrokerError> {
+        let i = &self.inner;
+        let raw: String = self.cmd("info", redis::cmd("INFO").arg("server")).await?;
+        let version = raw
+            .lines()
+            .find_map(|l| l.strip_prefix("disque_version:"))
+            .map(|v| format!("Disque {}", v.trim()));
+        let single = self.single_node().await.unwrap_or(false);
+        let mut details = BTreeMap::new();
+        details.insert("nodes_known".into(), i.nodes.known().join(","));
+        if let Some(a) = i.nodes.current_addr().await {
+            details.insert("node_in_use".into(), a);
+        }
+        details.insert("retry_sent_secs".into(), i.retry_secs.to_string());
+        details.insert("ttl_secs".into(), i.config.ttl.to_string());
+        details.insert(
+            "replicate".into(),
+            i.config
+                .replicate
+                .map_or("Disque's default".into(), |n| n.to_string()),
+        );
+        details.insert("ack".into(), self.ack_cmd().to_owned());
+        details.insert("dead_letter_queue".into(), i.dead_queue.clone());
+        let mut notes = vec![
+            "at-least-once: an unacknowledged package is queued again after its lease".to_owned(),
+            format!(
+                "Disque's RETRY is whole seconds with jitter: leases last {} s ± 0.25 s \
+                 (at least the configured retry)",
+                i.retry_secs
+            ),
+            "a receipt carries the delivery number: a stale acknowledge/fail/extend (the lease \
+             ran out and the job was delivered again) is ignored; one round trip separates the \
+             check from the settle, so a lease ending in it can cause a duplicate delivery, \
+             never a loss"
+                .to_owned(),
+            "extend repeats WORKING until `by` has passed; refused after half the job TTL"
+                .to_owned(),
+            "fail_after adds a delayed copy (new message id, counts restart) then acknowledges \
+             the original"
+                .to_owned(),
+            format!(
+                "a package not acknowledged within the TTL ({} s) is deleted by Disque",
+                i.config.ttl
+            ),
+            "queue_size is the node in use (QLEN + delayed jobs)".to_owned(),
+        ];
+        if !single {
+            notes.push(
+                "lock_size unknown: in a multi-node cluster a node's replicas look like \
+                 delivered jobs"
+                    .to_owned(),
+            );
+        }
+        if i.config.fastack {
+            notes.push(
+                "FASTACK: a node cut off while acknowledging may deliver the job again".to_owned(),
+            );
+        }
+        Ok(BrokerInfo {
+            broker: NAME.to_owned(),
+            server: version,
+            endpoint: self.endpoint(),
+            queue: i.settings.queue.clone(),
+            receipts: true,
+            retry_secs: Some(i.retry_secs as f64),
+            notes,
+            details,
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            receipts: true,
+            atomic: true,
+            max_bulk: MAX_BULK,
+            max_message_size: self.inner.max_message_size,
+            text_only: false,
+            dead_letter: true,
+            priority: false,
+            delay: true,
+            stats: false,
+            extend: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_frames_round_trip() {
+        let f = dead_frame("bad signature", 3, "D-abc", b"\x00\xffpayload");
+        let d = read_dead_frame(&f).expect("frame");
+        assert_eq!(d.reason, "bad signature");
+        assert_eq!(d.deliveries, Some(3));
+        assert_eq!(d.message_id.0, "D-abc");
+        assert_eq!(d.payload, b"\x00\xffpayload");
+        assert!(read_dead_frame(b"QCDL1\xff").is_none());
+        let long = "é".repeat(MAX_REASON);
+        let d = read_dead_frame(&dead_frame(&long, 1, "D-x", b"")).expect("frame");
+        assert!(d.reason.len() <= MAX_REASON);
+    }
+
+    #[test]
+    fn config_debug_masks_auth_and_refuses_unknown_keys() {
+        let c = DisqueConfig {
+            auth: Some("hunter2".into()),
+            ..DisqueConfig::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let bad: Result<DisqueConfig, _> =
+            serde::Deserialize::deserialize(serde::de::value::MapDeserializer::<
+                _,
+                serde::de::value::Error,
+            >::new([("nodez", "x")].into_iter()));
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn retry_is_rounded_up_past_the_jitter() {
+        assert_eq!(ceil_secs(Duration::from_millis(1750) + JITTER, 1), 2);
+        assert_eq!(ceil_secs(Duration::from_secs(2) + JITTER, 1), 3);
+        assert_eq!(ceil_secs(Duration::from_secs(60) + JITTER, 1), 61);
+    }
+
+    #[tokio::test]
+    async fn bad_settings_name_the_key() {
+        let e = DisqueBroker::connect(&DisqueConfig::new(["nohost"]), QueueSettings::default())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("disque.nodes"), "{e}");
+        let c = DisqueConfig {
+            ttl: 10,
+            ..DisqueConfig::default()
+        };
+        let e = DisqueBroker::connect(&c, QueueSettings::default())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("disque.ttl"), "{e}");
+    }
+}
