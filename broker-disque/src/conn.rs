@@ -76,6 +76,8 @@ pub(crate) struct Nodes {
     next: SyncMutex<usize>,
     /// Idle connections for `GETJOB`, with the node they go to.
     waiters: SyncMutex<Vec<(String, MultiplexedConnection)>>,
+    /// Connections to the other nodes, for the commands that visit every node.
+    others: SyncMutex<std::collections::HashMap<String, MultiplexedConnection>>,
 }
 
 impl Nodes {
@@ -95,6 +97,7 @@ impl Nodes {
             current: Mutex::new(None),
             next: SyncMutex::new(start % n),
             waiters: SyncMutex::new(Vec::new()),
+            others: SyncMutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -110,14 +113,6 @@ impl Nodes {
             .await
             .as_ref()
             .map(|(_, a, _)| a.clone())
-    }
-
-    pub(crate) fn auth(&self) -> Option<&str> {
-        self.auth.as_deref()
-    }
-
-    pub(crate) fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
     }
 
     /// The connection to the node in use; connects (trying each known node once, starting after
@@ -230,6 +225,31 @@ impl Nodes {
                 )
                 .await
             }
+        }
+    }
+
+    /// A connection to another node `addr` (kept for the next visit).
+    pub(crate) async fn other(&self, addr: &str) -> Result<MultiplexedConnection, RedisError> {
+        if let Some(c) = self.others.lock().ok().and_then(|o| o.get(addr).cloned()) {
+            return Ok(c);
+        }
+        let c = open(
+            addr,
+            self.auth.as_deref(),
+            self.connect_timeout,
+            self.response_timeout,
+        )
+        .await?;
+        if let Ok(mut o) = self.others.lock() {
+            o.insert(addr.to_owned(), c.clone());
+        }
+        Ok(c)
+    }
+
+    /// Forgets the kept connection to another node after an error.
+    pub(crate) fn other_failed(&self, addr: &str) {
+        if let Ok(mut o) = self.others.lock() {
+            o.remove(addr);
         }
     }
 

@@ -32,11 +32,13 @@
 //!   `DELAY`, then acknowledges the original. A crash between the two leaves both: the original
 //!   comes back after its lease and the copy after its delay (a duplicate, never a loss). The copy
 //!   is a new job: new message id, delivery count starting again at 1.
-//! - **Node-local views.** `QLEN`, `QPEEK` and `JSCAN` see one node. `queue_size` is the node in
-//!   use: its queued jobs plus its jobs still waiting out a `DELAY`. `lock_size` (jobs delivered
-//!   and not acknowledged) is counted only when the cluster has one node; with more, a node also
-//!   holds *replicas* of jobs queued elsewhere, which look exactly like delivered jobs, so it
-//!   answers `None`. `purge_queue` and `delete_queue` visit every known node.
+//! - **Node-local views.** `QLEN`, `QPEEK` and `JSCAN` see one node, and a node holds *replicas*
+//!   of jobs queued elsewhere, which look exactly like delivered jobs. On a one-node cluster
+//!   `queue_size` is `QLEN` plus the jobs still waiting out a `DELAY`, and `lock_size` the active
+//!   jobs. With several nodes both scan every known node (`JSCAN`): a job queued or delayed on
+//!   any node is waiting, an active job queued nowhere is in flight; a snapshot taken node by
+//!   node, not atomic. `purge_queue` and `delete_queue` visit every known node too;
+//!   `dead_letters` and `dead_letter_size` read the node in use.
 //! - **Nodes.** The handle connects to a random node of `nodes` (with `AUTH` when `auth` is set),
 //!   learns the others with `HELLO`, and when a command fails for a connection reason it goes to
 //!   the next node and tries again, at most once per known node. Receipts are settled on the node
@@ -658,21 +660,14 @@ impl DisqueBroker {
             if addr == current {
                 continue;
             }
-            let conn = conn::open(
-                &addr,
-                nodes.auth(),
-                nodes.connect_timeout(),
-                self.inner.config.add_timeout + Duration::from_secs(5),
-            )
-            .await;
-            match conn {
-                Ok(c) => match f(c).await {
-                    Ok(v) => out.push(v),
-                    Err(e) => {
-                        tracing::warn!(node = %addr, "disque: {op} skipped this node: {}", nodes.scrub(&e))
-                    }
-                },
+            let res = match nodes.other(&addr).await {
+                Ok(c) => f(c).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(v) => out.push(v),
                 Err(e) => {
+                    nodes.other_failed(&addr);
                     tracing::warn!(node = %addr, "disque: {op} skipped this node: {}", nodes.scrub(&e))
                 }
             }
@@ -684,6 +679,79 @@ impl DisqueBroker {
     async fn single_node(&self) -> Result<bool, BrokerError> {
         let v: Value = self.cmd("hello", &redis::cmd("HELLO")).await?;
         Ok(matches!(v, Value::Array(items) if items.len() <= 3))
+    }
+
+    /// Up to `limit` dead letters from each known node, merged (one per Disque job), oldest
+    /// first.
+    async fn dead_jobs(
+        &self,
+        op: &'static str,
+        limit: usize,
+    ) -> Result<Vec<(String, DeadLetter)>, BrokerError> {
+        let dead = self.inner.dead_queue.clone();
+        let per_node = self
+            .each_node(op, |mut c| {
+                let dead = dead.clone();
+                async move {
+                    let v: Value = redis::cmd("QPEEK")
+                        .arg(&dead)
+                        .arg(limit)
+                        .query_async(&mut c)
+                        .await?;
+                    Ok(v)
+                }
+            })
+            .await?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for v in per_node {
+            let Value::Array(jobs) = v else { continue };
+            for job in jobs {
+                let Value::Array(f) = job else { continue };
+                let (Some(id), Some(Value::BulkString(body))) = (f.get(1).and_then(text), f.get(2))
+                else {
+                    continue;
+                };
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                let d = read_dead_frame(body).unwrap_or_else(|| DeadLetter {
+                    message_id: MessageId(id.clone()),
+                    payload: body.clone(),
+                    reason: "not a qcluster dead-letter frame".into(),
+                    deliveries: None,
+                    dead_at_us: 0,
+                });
+                out.push((id, d));
+            }
+        }
+        out.sort_by_key(|(_, d)| d.dead_at_us);
+        Ok(out)
+    }
+
+    /// Cluster-wide (waiting incl. delayed, in flight) of the queue: `JSCAN` on every node; a
+    /// job queued (or delayed) on any node is waiting, an active one queued nowhere is in flight.
+    async fn cluster_counts(&self, op: &'static str) -> Result<(u64, u64), BrokerError> {
+        let queue = self.inner.settings.queue.clone();
+        let per_node = self
+            .each_node(op, |mut c| {
+                let queue = queue.clone();
+                async move { Self::scan(&mut c, &queue, &["active", "queued"]).await }
+            })
+            .await?;
+        let mut waiting = std::collections::HashSet::new();
+        let mut active = std::collections::HashSet::new();
+        for jobs in per_node {
+            for j in jobs {
+                if j.state == "queued" || j.delayed {
+                    waiting.insert(j.id);
+                } else {
+                    active.insert(j.id);
+                }
+            }
+        }
+        let in_flight = active.difference(&waiting).count() as u64;
+        Ok((waiting.len() as u64, in_flight))
     }
 
     /// Keeps a lease alive with `WORKING` until `deadline` (see the module docs).
@@ -1010,48 +1078,38 @@ impl Broker for DisqueBroker {
         Ok(())
     }
 
-    /// `QPEEK` of `<queue>:dead` on the node in use.
+    /// `QPEEK` of `<queue>:dead` on every known node (a copy queued on two nodes is listed
+    /// once), oldest first.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let v: Value = self
-            .cmd(
-                "dead_letters",
-                redis::cmd("QPEEK").arg(&self.inner.dead_queue).arg(limit),
-            )
-            .await?;
-        let Value::Array(jobs) = v else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::new();
-        for job in jobs {
-            if let Value::Array(f) = job
-                && let Some(Value::BulkString(body)) = f.get(2)
-            {
-                match read_dead_frame(body) {
-                    Some(d) => out.push(d),
-                    None => out.push(DeadLetter {
-                        message_id: MessageId(f.get(1).and_then(text).unwrap_or_default()),
-                        payload: body.clone(),
-                        reason: "not a qcluster dead-letter frame".into(),
-                        deliveries: None,
-                        dead_at_us: 0,
-                    }),
-                }
-            }
-        }
-        Ok(out)
+        let mut all = self.dead_jobs("dead_letters", limit).await?;
+        all.truncate(limit);
+        Ok(all.into_iter().map(|(_, d)| d).collect())
     }
 
+    /// The dead letters queued on any known node.
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
-        let n: u64 = self
-            .cmd(
-                "dead_letter_size",
-                redis::cmd("QLEN").arg(&self.inner.dead_queue),
-            )
+        if self.single_node().await? {
+            let n: u64 = self
+                .cmd(
+                    "dead_letter_size",
+                    redis::cmd("QLEN").arg(&self.inner.dead_queue),
+                )
+                .await?;
+            return Ok(Some(n));
+        }
+        let dead = self.inner.dead_queue.clone();
+        let per_node = self
+            .each_node("dead_letter_size", |mut c| {
+                let dead = dead.clone();
+                async move { Self::scan(&mut c, &dead, &["queued"]).await }
+            })
             .await?;
-        Ok(Some(n))
+        let ids: std::collections::HashSet<String> =
+            per_node.into_iter().flatten().map(|j| j.id).collect();
+        Ok(Some(ids.len() as u64))
     }
 
     /// On every node: queued jobs (`QPEEK`, then `DEQUEUE` one by one so that a job a consumer
@@ -1148,38 +1206,44 @@ impl Broker for DisqueBroker {
         Ok(())
     }
 
-    /// `QLEN` plus the jobs still waiting out a `DELAY`, on the node in use.
+    /// One node: `QLEN` plus the jobs still waiting out a `DELAY`. Several nodes: the jobs of
+    /// the queue queued or delayed on any node (`JSCAN` of every node, replicas counted once).
     async fn queue_size(&self) -> Result<u64, BrokerError> {
         let queue = &self.inner.settings.queue;
-        self.run("queue_size", |mut c| async move {
-            let n: u64 = redis::cmd("QLEN").arg(queue).query_async(&mut c).await?;
-            let delayed = Self::scan(&mut c, queue, &["active"])
-                .await?
-                .iter()
-                .filter(|j| j.delayed)
-                .count() as u64;
-            Ok(n + delayed)
-        })
-        .await
+        if self.single_node().await? {
+            return self
+                .run("queue_size", |mut c| async move {
+                    let n: u64 = redis::cmd("QLEN").arg(queue).query_async(&mut c).await?;
+                    let delayed = Self::scan(&mut c, queue, &["active"])
+                        .await?
+                        .iter()
+                        .filter(|j| j.delayed)
+                        .count() as u64;
+                    Ok(n + delayed)
+                })
+                .await;
+        }
+        Ok(self.cluster_counts("queue_size").await?.0)
     }
 
-    /// Active jobs of the queue (delivered, not acknowledged), counted only on a one-node
-    /// cluster; `None` otherwise (see the module docs).
+    /// Jobs of the queue delivered and not acknowledged: active, not waiting out a `DELAY`, and
+    /// (on a cluster of several nodes) queued on no node, since the other nodes' replicas of a
+    /// queued job are active too.
     async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
-        if !self.single_node().await? {
-            return Ok(None);
-        }
         let queue = &self.inner.settings.queue;
-        let n = self
-            .run("lock_size", |mut c| async move {
-                Ok(Self::scan(&mut c, queue, &["active"])
-                    .await?
-                    .iter()
-                    .filter(|j| !j.delayed && j.state == "active")
-                    .count() as u64)
-            })
-            .await?;
-        Ok(Some(n))
+        if self.single_node().await? {
+            let n = self
+                .run("lock_size", |mut c| async move {
+                    Ok(Self::scan(&mut c, queue, &["active"])
+                        .await?
+                        .iter()
+                        .filter(|j| !j.delayed)
+                        .count() as u64)
+                })
+                .await?;
+            return Ok(Some(n));
+        }
+        Ok(Some(self.cluster_counts("lock_size").await?.1))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -1239,15 +1303,14 @@ impl Broker for DisqueBroker {
                 "a package not acknowledged within the TTL ({} s) is deleted by Disque",
                 i.config.ttl
             ),
-            "queue_size is the node in use (QLEN + delayed jobs)".to_owned(),
         ];
-        if !single {
-            notes.push(
-                "lock_size unknown: in a multi-node cluster a node's replicas look like \
-                 delivered jobs"
-                    .to_owned(),
-            );
-        }
+        notes.push(if single {
+            "queue_size is QLEN + delayed jobs; lock_size the active jobs (JSCAN)".to_owned()
+        } else {
+            "queue_size and lock_size scan every known node (JSCAN; a replica counts once): a \
+             snapshot, not atomic, costing one scan of the queue's jobs per node"
+                .to_owned()
+        });
         if i.config.fastack {
             notes.push(
                 "FASTACK: a node cut off while acknowledging may deliver the job again".to_owned(),
