@@ -17,9 +17,13 @@
 //! # Receipts and stale receipts
 //!
 //! A receipt is `deadline|deliveries|message id|receipt handle`. The deadline is the wall
-//! clock at which the lease is taken as run out: the receive's answer time + `retry` − a margin
-//! (a quarter of `retry`, at most 500 ms), pushed back by `extend` on the handle that extended
-//! it. After the deadline `acknowledge`, `fail`, `dead_letter` and `extend` do nothing
+//! clock at which the lease is taken as run out: `retry` − a margin (a quarter of `retry`, at
+//! most 500 ms) after the receive (after its sending for a short poll, its answer for a long
+//! poll). The handle that dequeued or extended a receipt keeps its own record of the deadline
+//! on the monotonic clock, which it reads instead: `extend` moves it either way (the lease now
+//! ends `by` from the call, perhaps sooner than before), and a wall clock stepping back cannot
+//! stretch it. Those records expire shortly after the receipt's own deadline, settled or not.
+//! After the deadline `acknowledge`, `fail`, `dead_letter` and `extend` do nothing
 //! (`extend` answers `false`), so a late settle cannot touch the next holder's lease: moto
 //! takes *any* receipt handle a message ever had (deleting or re-showing the message someone
 //! else now holds), and SQS itself may delete on an old handle. `delete` ignores the deadline
@@ -193,12 +197,109 @@ impl Receipt {
     }
 }
 
-/// What this handle knows about a delivery it made or settled.
+/// How long a lease record outlives the moment its receipt alone reads as stale, so that a wall
+/// clock stepping back a little does not bring a settled receipt back to life.
+const KEEP_GRACE: Duration = Duration::from_secs(10);
+/// Least time between two sweeps of the lease table.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// What this handle knows about a delivery it made, extended or settled.
 struct Held {
-    deadline_ms: u64,
-    /// The message body as received, for `dead_letter` (SQS cannot read a message by receipt).
+    /// When the lease is taken as run out, on the monotonic clock: the dequeue's deadline, or
+    /// the latest `extend`'s (which may be earlier: `extend` counts from now).
+    deadline: Instant,
+    /// The record is needed until then: afterwards the receipt's own deadline reads as stale
+    /// too, so forgetting the record cannot make a settled or shortened lease look held.
+    keep_until: Instant,
+    /// The message body as received, for `dead_letter` (SQS cannot read a message by receipt);
+    /// dropped when the lease is settled or runs out.
     body: Option<String>,
     settled: bool,
+}
+
+/// A handle's lease records, keyed by SQS receipt handle. Every record expires (`keep_until` +
+/// [`KEEP_GRACE`]), whether or not its receipt is ever settled, and every call that adds one
+/// sweeps (at most once per [`SWEEP_EVERY`]), so the table holds the leases of the last `retry`
+/// or so, not the handle's history.
+#[derive(Default)]
+struct Leases {
+    map: HashMap<String, Held>,
+    swept: Option<Instant>,
+}
+
+impl Leases {
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .swept
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.map.retain(|_, h| {
+            if h.deadline <= now {
+                h.body = None;
+            }
+            h.keep_until + KEEP_GRACE > now
+        });
+    }
+
+    /// A delivery just received: held until `deadline`, body kept for `dead_letter`.
+    fn hold(&mut self, handle: &str, deadline: Instant, body: String, now: Instant) {
+        self.sweep(now);
+        self.map.insert(
+            handle.to_owned(),
+            Held {
+                deadline,
+                keep_until: deadline,
+                body: Some(body),
+                settled: false,
+            },
+        );
+    }
+
+    /// `Some(held)` when this table knows the receipt handle, `None` when it does not.
+    fn live(&self, handle: &str, now: Instant) -> Option<bool> {
+        self.map.get(handle).map(|h| !h.settled && now < h.deadline)
+    }
+
+    /// The lease now runs out at `deadline`; `receipt_until` is when the receipt's own
+    /// deadline passes.
+    fn extend(&mut self, handle: &str, deadline: Instant, receipt_until: Instant, now: Instant) {
+        self.sweep(now);
+        let h = self.map.entry(handle.to_owned()).or_insert(Held {
+            deadline,
+            keep_until: deadline,
+            body: None,
+            settled: false,
+        });
+        if !h.settled {
+            h.deadline = deadline;
+        }
+        h.keep_until = h.keep_until.max(deadline).max(receipt_until);
+    }
+
+    /// The delivery was settled: its receipt is dead from now on, the body is dropped.
+    fn settle(&mut self, handle: &str, receipt_until: Instant, now: Instant) {
+        self.sweep(now);
+        let h = self.map.entry(handle.to_owned()).or_insert(Held {
+            deadline: now,
+            keep_until: receipt_until,
+            body: None,
+            settled: true,
+        });
+        h.settled = true;
+        h.body = None;
+        h.keep_until = h.keep_until.max(receipt_until);
+    }
+
+    fn body(&self, handle: &str) -> Option<String> {
+        self.map.get(handle).and_then(|h| h.body.clone())
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+    }
 }
 
 /// A package ready to send: checked, encoded, with its FIFO fields.
@@ -231,7 +332,7 @@ struct Inner {
     margin_ms: u64,
     dead: DeadPlace,
     dead_url: tokio::sync::Mutex<Option<String>>,
-    held: std::sync::Mutex<HashMap<String, Held>>,
+    held: std::sync::Mutex<Leases>,
     secrets: Vec<String>,
     requests: AtomicU64,
     last_purge: std::sync::Mutex<Option<Instant>>,
@@ -260,6 +361,14 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// When the deadline a receipt carries passes, on the monotonic clock (at most a little over
+/// SQS's longest visibility timeout from now, whatever the receipt says).
+fn receipt_until(r: &Receipt, now: Instant) -> Instant {
+    let left = Duration::from_millis(r.deadline_ms.saturating_sub(now_ms()))
+        .min(MAX_VISIBILITY + Duration::from_secs(60));
+    now.checked_add(left).unwrap_or(now)
 }
 
 /// Whole seconds, rounded up, at most `max`.
@@ -545,7 +654,7 @@ impl SqsBroker {
                 wait_secs,
                 dead,
                 dead_url: tokio::sync::Mutex::new(None),
-                held: std::sync::Mutex::new(HashMap::new()),
+                held: std::sync::Mutex::new(Leases::default()),
                 secrets,
                 requests: AtomicU64::new(0),
                 last_purge: std::sync::Mutex::new(None),
@@ -708,30 +817,27 @@ impl SqsBroker {
         })
     }
 
-    /// Whether this receipt's lease is still held, as far as this handle can tell.
-    fn live(&self, r: &Receipt) -> bool {
-        let deadline = match self.inner.held.lock() {
-            Ok(h) => match h.get(&r.handle) {
-                Some(e) if e.settled => return false,
-                Some(e) => e.deadline_ms.max(r.deadline_ms),
-                None => r.deadline_ms,
-            },
-            Err(_) => r.deadline_ms,
-        };
-        now_ms() < deadline
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn settled(&self, handle: &str) {
-        if let Ok(mut h) = self.inner.held.lock() {
-            h.insert(
-                handle.to_owned(),
-                Held {
-                    deadline_ms: now_ms() + 60_000,
-                    body: None,
-                    settled: true,
-                },
-            );
+    /// Whether this receipt's lease is still held, as far as this handle can tell: by its own
+    /// record (monotonic clock; an `extend` may have moved the deadline either way) where it has
+    /// one, else by the deadline the receipt carries (wall clock).
+    fn live(&self, r: &Receipt) -> bool {
+        match self.leases().live(&r.handle, Instant::now()) {
+            Some(held) => held,
+            None => now_ms() < r.deadline_ms,
         }
+    }
+
+    fn settled(&self, r: &Receipt) {
+        let now = Instant::now();
+        let until = receipt_until(r, now);
+        self.leases().settle(&r.handle, until, now);
     }
 
     async fn receive(
@@ -1132,25 +1238,33 @@ impl Broker for SqsBroker {
     async fn dequeue(&self) -> Result<Vec<Delivery>, BrokerError> {
         let i = &self.inner;
         let started = Instant::now();
-        let msgs = loop {
+        let (msgs, base, base_ms) = loop {
+            let sent = (Instant::now(), now_ms());
             let got = self
                 .receive(i.settings.bulk, i.visibility_secs, i.wait_secs)
                 .await?;
             let elapsed = started.elapsed();
             if !got.is_empty() || i.wait_secs > 0 || elapsed >= i.settings.wait {
-                break got;
+                // SQS started these leases somewhere between sending and answering. A short
+                // poll counts from the sending (the earliest they can have started); a long
+                // poll, which may have waited seconds before a message came, from the answer,
+                // less the margin.
+                let base = if i.wait_secs > 0 {
+                    (Instant::now(), now_ms())
+                } else {
+                    sent
+                };
+                break (got, base.0, base.1);
             }
             tokio::time::sleep(i.settings.poll.min(i.settings.wait - elapsed)).await;
         };
-        let now = now_ms();
-        let deadline =
-            (now + u64::from(i.visibility_secs.unsigned_abs()) * 1000).saturating_sub(i.margin_ms);
+        let lease = Duration::from_secs(u64::from(i.visibility_secs.unsigned_abs()))
+            .saturating_sub(Duration::from_millis(i.margin_ms));
+        let deadline = base_ms.saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+        let until = base.checked_add(lease).unwrap_or(base);
         let mut out = Vec::with_capacity(msgs.len());
-        let mut held = i.held.lock().map_err(|_| BrokerError::Backend {
-            broker: NAME,
-            message: "receipt table poisoned".into(),
-        })?;
-        held.retain(|_, h| h.deadline_ms + 60_000 > now);
+        let now = Instant::now();
+        let mut held = self.leases();
         for m in msgs {
             let (Some(handle), Some(id)) = (m.receipt_handle(), m.message_id()) else {
                 continue;
@@ -1166,14 +1280,7 @@ impl Broker for SqsBroker {
                 message_id: id.to_owned(),
                 handle: handle.to_owned(),
             };
-            held.insert(
-                handle.to_owned(),
-                Held {
-                    deadline_ms: deadline,
-                    body: Some(body.to_owned()),
-                    settled: false,
-                },
-            );
+            held.hold(handle, until, body.to_owned(), now);
             out.push(Delivery {
                 ack: r.to_ack(),
                 message_id: MessageId(id.to_owned()),
@@ -1191,7 +1298,7 @@ impl Broker for SqsBroker {
             return Ok(());
         }
         self.delete_message(&r, "acknowledge").await?;
-        self.settled(&r.handle);
+        self.settled(&r);
         Ok(())
     }
 
@@ -1250,7 +1357,7 @@ impl Broker for SqsBroker {
                 Err(f) => return Err(self.err("acknowledge_many", f)),
             }
             for r in chunk {
-                self.settled(&r.handle);
+                self.settled(r);
             }
         }
         Ok(())
@@ -1276,14 +1383,14 @@ impl Broker for SqsBroker {
         }
         self.change_visibility(&r, secs_up(delay, MAX_VISIBILITY))
             .await?;
-        self.settled(&r.handle);
+        self.settled(&r);
         Ok(())
     }
 
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
         let r = Receipt::parse(ack)?;
         self.delete_message(&r, "delete").await?;
-        self.settled(&r.handle);
+        self.settled(&r);
         Ok(())
     }
 
@@ -1296,20 +1403,17 @@ impl Broker for SqsBroker {
             return Ok(false);
         }
         let secs = secs_up(by, MAX_VISIBILITY);
-        let before = now_ms();
+        // SQS's new lease starts after the call is sent: counting from before it is safe.
+        let before = Instant::now();
         if !self.change_visibility(&r, secs).await? {
             return Ok(false);
         }
-        let deadline =
-            (before + u64::from(secs.unsigned_abs()) * 1000).saturating_sub(self.inner.margin_ms);
-        if let Ok(mut h) = self.inner.held.lock() {
-            let e = h.entry(r.handle.clone()).or_insert(Held {
-                deadline_ms: deadline,
-                body: None,
-                settled: false,
-            });
-            e.deadline_ms = deadline;
-        }
+        let lease = Duration::from_secs(u64::from(secs.unsigned_abs()))
+            .saturating_sub(Duration::from_millis(self.inner.margin_ms));
+        let deadline = before.checked_add(lease).unwrap_or(before);
+        let now = Instant::now();
+        let until = receipt_until(&r, now);
+        self.leases().extend(&r.handle, deadline, until, now);
         Ok(true)
     }
 
@@ -1322,10 +1426,7 @@ impl Broker for SqsBroker {
             tracing::debug!(message_id = %r.message_id, "dead_letter: lease ran out; ignored");
             return Ok(());
         }
-        let body = match self.inner.held.lock() {
-            Ok(h) => h.get(&r.handle).and_then(|e| e.body.clone()),
-            Err(_) => None,
-        };
+        let body = self.leases().body(&r.handle);
         let Some(body) = body else {
             return Err(BrokerError::Unsupported {
                 broker: NAME,
@@ -1370,7 +1471,7 @@ impl Broker for SqsBroker {
             .await
             .map_err(|e| self.err("dead_letter", Fail::from_sdk(e)))?;
         self.delete_message(&r, "dead_letter").await?;
-        self.settled(&r.handle);
+        self.settled(&r);
         Ok(())
     }
 
@@ -1618,9 +1719,7 @@ impl Broker for SqsBroker {
             }
             self.forget_dead_url().await;
         }
-        if let Ok(mut h) = self.inner.held.lock() {
-            h.clear();
-        }
+        self.leases().clear();
         Ok(())
     }
 
@@ -1776,6 +1875,78 @@ mod tests {
             (12, 3, "m-1".into(), "a|b+c/=".into())
         );
         assert!(Receipt::parse(&AckId::new("x")).is_err());
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn lease_records_expire_whether_settled_or_not() {
+        let t0 = Instant::now();
+        let mut l = Leases::default();
+        // A worker that died: dequeued, never settled. Its body is dropped when the lease runs
+        // out, its record soon after.
+        l.hold("orphan", t0 + secs(30), "body".into(), t0);
+        assert_eq!(l.live("orphan", t0 + secs(29)), Some(true));
+        assert_eq!(l.body("orphan").as_deref(), Some("body"));
+        l.sweep(t0 + secs(31));
+        assert_eq!(l.live("orphan", t0 + secs(31)), Some(false));
+        assert_eq!(l.body("orphan"), None, "body kept past the lease");
+        // A handle that only settles receipts dequeued elsewhere.
+        for n in 0..1000 {
+            l.settle(&format!("other-{n}"), t0 + secs(5), t0 + secs(1));
+        }
+        l.sweep(t0 + secs(30) + KEEP_GRACE + secs(1));
+        assert!(l.map.is_empty(), "{} records left", l.map.len());
+    }
+
+    #[test]
+    fn a_settled_receipt_stays_dead_until_its_own_deadline() {
+        let t0 = Instant::now();
+        let mut l = Leases::default();
+        l.hold("h", t0 + secs(600), "b".into(), t0);
+        // Settled at once; the receipt says its lease runs 600 s.
+        l.settle("h", t0 + secs(600), t0 + secs(1));
+        assert_eq!(l.body("h"), None);
+        // Sweeps long after the settle, before the receipt's deadline: still known as settled
+        // (forgetting it would let the receipt's own deadline make it look held again).
+        l.sweep(t0 + secs(120));
+        l.sweep(t0 + secs(599));
+        assert_eq!(l.live("h", t0 + secs(599)), Some(false));
+        l.sweep(t0 + secs(601) + KEEP_GRACE);
+        assert_eq!(l.live("h", t0 + secs(602) + KEEP_GRACE), None);
+    }
+
+    #[test]
+    fn a_shortening_extend_is_honoured() {
+        let t0 = Instant::now();
+        let mut l = Leases::default();
+        l.hold("h", t0 + secs(300), "b".into(), t0);
+        // extend(by = 2 s) at t0 + 10 s: the lease now ends at t0 + 12 s, not t0 + 300 s.
+        l.extend("h", t0 + secs(12), t0 + secs(300), t0 + secs(10));
+        assert_eq!(l.live("h", t0 + secs(11)), Some(true));
+        assert_eq!(l.live("h", t0 + secs(13)), Some(false));
+        // The record outlives the receipt's deadline, so sweeping cannot revive it.
+        l.sweep(t0 + secs(100));
+        assert_eq!(l.live("h", t0 + secs(100)), Some(false));
+        // An extend on a handle that never dequeued: held until the new deadline.
+        l.extend("x", t0 + secs(50), t0 + secs(20), t0 + secs(10));
+        assert_eq!(l.live("x", t0 + secs(40)), Some(true));
+        // A settled receipt is not revived by a late extend record.
+        l.settle("x", t0 + secs(20), t0 + secs(41));
+        l.extend("x", t0 + secs(90), t0 + secs(20), t0 + secs(42));
+        assert_eq!(l.live("x", t0 + secs(43)), Some(false));
+    }
+
+    #[test]
+    fn receipt_deadlines_are_capped() {
+        let r = Receipt::parse(&AckId::new(format!("{}|1|m|h", u64::MAX))).unwrap();
+        let now = Instant::now();
+        let until = receipt_until(&r, now);
+        assert!(until <= now + MAX_VISIBILITY + secs(60));
+        let old = Receipt::parse(&AckId::new("5|1|m|h")).unwrap();
+        assert_eq!(receipt_until(&old, now), now);
     }
 
     #[test]

@@ -528,3 +528,48 @@ async fn fifo_dead_letters_and_stale_batch_acknowledge() {
     b.delete_queue().await.unwrap();
     assert!(!exists(&q).await && !exists(&format!("{q}-dead.fifo")).await);
 }
+
+/// `extend` counts from now, so a short extension ends the lease early: once SQS has handed
+/// the package to another consumer, the first receipt is stale (acknowledge ignored, extend
+/// `false`) even though the deadline it carries has not passed, and the new holder keeps it.
+#[tokio::test]
+async fn a_shortened_lease_is_not_settled_after_it_ran_out() {
+    if !up().await {
+        return;
+    }
+    let q = name("shorten");
+    let s = QueueSettings {
+        retry: Duration::from_secs(30),
+        wait: Duration::ZERO,
+        ..settings(&q)
+    };
+    let a = open(s.clone()).await;
+    let b = open(s).await;
+    a.enqueue(Message::new(b"short".to_vec())).await.unwrap();
+    let first = drain(&a, 1).await;
+    assert!(
+        a.extend(&first[0].ack, Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    // SQS shows it again after 1 s (not 30): b takes it.
+    let second = drain(&b, 1).await;
+    assert_eq!(second[0].message_id, first[0].message_id);
+    a.acknowledge(&first[0].ack).await.unwrap();
+    assert!(
+        !a.extend(&first[0].ack, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        "a stale receipt extended"
+    );
+    assert_eq!(
+        a.lock_size().await.unwrap(),
+        Some(1),
+        "the stale acknowledge removed b's package"
+    );
+    b.fail(&second[0].ack).await.unwrap();
+    let third = drain(&a, 1).await;
+    assert_eq!(third[0].payload, b"short");
+    a.acknowledge(&third[0].ack).await.unwrap();
+    a.delete_queue().await.unwrap();
+}
