@@ -1018,36 +1018,61 @@ impl SqsBroker {
                     return Ok(failed);
                 }
             };
-            for s in out.successful() {
-                if let Ok(i) = s.id().parse::<usize>()
-                    && i < ids.len()
-                {
-                    ids[i] = Some(MessageId(s.message_id().to_owned()));
-                }
-            }
-            let mut again = Vec::new();
-            for f in out.failed() {
-                let Ok(i) = f.id().parse::<usize>() else {
-                    continue;
-                };
+            let stored = out.successful().iter().map(|s| (s.id(), s.message_id()));
+            let refused = out.failed().iter().map(|f| {
                 let why = self.scrub(&format!("{}: {}", f.code(), f.message().unwrap_or("")));
-                if f.sender_fault() || attempt == 2 {
-                    failed.push((i, why));
-                } else {
-                    tracing::debug!(index = i, %why, "SendMessageBatch entry failed; retrying");
-                    again.push(i);
-                }
-            }
-            // Entries the answer names neither way are not known to be stored.
-            for &i in &todo {
-                if ids[i].is_none() && !again.contains(&i) && !failed.iter().any(|(j, _)| *j == i) {
-                    failed.push((i, "not in SQS's answer".into()));
-                }
-            }
+                (f.id(), f.sender_fault(), why)
+            });
+            let again = sort_answer(&todo, stored, refused, attempt == 2, ids, &mut failed);
             todo = again;
         }
         Ok(failed)
     }
+}
+
+/// Sorts a `SendMessageBatch` answer for the entries `todo` (ids are indexes into `ids`): ids
+/// of stored entries go into `ids`, entries refused for good (sender's fault, or `last` try)
+/// into `failed`; returns those to try again. Only the entries of `todo` are read from the
+/// answer, each once (a stored one stays stored), so `failed` names each package at most once
+/// and never one that was stored; entries the answer does not name are not known to be stored.
+fn sort_answer<'a>(
+    todo: &[usize],
+    stored: impl Iterator<Item = (&'a str, &'a str)>,
+    refused: impl Iterator<Item = (&'a str, bool, String)>,
+    last: bool,
+    ids: &mut [Option<MessageId>],
+    failed: &mut Vec<(usize, String)>,
+) -> Vec<usize> {
+    let ours = |id: &str| id.parse::<usize>().ok().filter(|i| todo.contains(i));
+    for (id, message_id) in stored {
+        if let Some(i) = ours(id) {
+            ids[i] = Some(MessageId(message_id.to_owned()));
+        }
+    }
+    let mut again: Vec<usize> = Vec::new();
+    let settled = |i: usize, again: &[usize], failed: &[(usize, String)]| {
+        ids[i].is_some() || again.contains(&i) || failed.iter().any(|(j, _)| *j == i)
+    };
+    for (id, sender_fault, why) in refused {
+        let Some(i) = ours(id) else {
+            continue;
+        };
+        if settled(i, &again, failed) {
+            continue;
+        }
+        if sender_fault || last {
+            failed.push((i, why));
+        } else {
+            tracing::debug!(index = i, %why, "SendMessageBatch entry failed; retrying");
+            again.push(i);
+        }
+    }
+    for &i in todo {
+        if !settled(i, &again, failed) {
+            failed.push((i, "not in SQS's answer".into()));
+        }
+    }
+    again
 }
 
 /// Reads the three message counters of a `GetQueueAttributes` answer (absent ones are 0).
@@ -1221,12 +1246,12 @@ impl Broker for SqsBroker {
         failed.sort_by_key(|(i, _)| *i);
         let positions: Vec<String> = failed.iter().take(20).map(|(i, _)| i.to_string()).collect();
         let more = if failed.len() > 20 { ", ..." } else { "" };
-        let stored = items.len() - failed.len();
+        let stored = items.len().saturating_sub(failed.len());
         Err(BrokerError::Backend {
             broker: NAME,
             message: format!(
-                "enqueue_many: {} of {} packages were not stored (positions {}{more}, counted \
-                 from 0): {}; the other {stored} were stored",
+                "enqueue_many: {} of {} packages were not stored, or not surely (positions \
+                 {}{more}, counted from 0): {}; the other {stored} were stored",
                 failed.len(),
                 items.len(),
                 positions.join(", "),
@@ -1947,6 +1972,49 @@ mod tests {
         assert!(until <= now + MAX_VISIBILITY + secs(60));
         let old = Receipt::parse(&AckId::new("5|1|m|h")).unwrap();
         assert_eq!(receipt_until(&old, now), now);
+    }
+
+    #[test]
+    fn batch_answers_name_each_package_once() {
+        let todo = [3usize, 4, 5, 6];
+        let mut ids: Vec<Option<MessageId>> = vec![None; 7];
+        let mut failed = Vec::new();
+        let again = sort_answer(
+            &todo,
+            // 3 stored; 1 is not in this batch (an answer naming it is ignored).
+            [("3", "m3"), ("1", "m1")].into_iter(),
+            [
+                // 3 was stored: a failure naming it too does not make it unstored.
+                ("3", false, "x".to_owned()),
+                ("4", false, "InternalError".to_owned()),
+                ("4", true, "twice".to_owned()),
+                ("5", true, "InvalidParameterValue".to_owned()),
+                ("99", true, "not ours".to_owned()),
+                ("junk", true, "not ours".to_owned()),
+            ]
+            .into_iter(),
+            false,
+            &mut ids,
+            &mut failed,
+        );
+        assert_eq!(again, vec![4]);
+        assert_eq!(ids[3], Some(MessageId("m3".into())));
+        assert_eq!(ids[1], None);
+        let positions: Vec<usize> = failed.iter().map(|(i, _)| *i).collect();
+        // 5 refused for good; 6 not in the answer: not known to be stored.
+        assert_eq!(positions, vec![5, 6]);
+        // The last try: a server-side failure is final.
+        let mut failed = Vec::new();
+        let again = sort_answer(
+            &[4],
+            std::iter::empty(),
+            [("4", false, "InternalError".to_owned())].into_iter(),
+            true,
+            &mut ids,
+            &mut failed,
+        );
+        assert!(again.is_empty());
+        assert_eq!(failed, vec![(4, "InternalError".to_owned())]);
     }
 
     #[test]
