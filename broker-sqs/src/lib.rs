@@ -494,11 +494,13 @@ impl SqsBroker {
                 ));
             }
         }
-        if config.connect_timeout.is_zero() || config.timeout.is_zero() {
-            return Err(BrokerError::config(
-                "sqs.timeout",
-                "connect_timeout and timeout must be greater than zero",
-            ));
+        for (key, value) in [
+            ("sqs.connect_timeout", config.connect_timeout),
+            ("sqs.timeout", config.timeout),
+        ] {
+            if value.is_zero() {
+                return Err(BrokerError::config(key, "must be greater than zero"));
+            }
         }
         let with_fifo = |q: &str| {
             if config.fifo && !q.ends_with(names::FIFO_SUFFIX) {
@@ -559,12 +561,22 @@ impl SqsBroker {
             Some(u) => mask_url(u),
             None => "aws".to_owned(),
         };
-        let secrets: Vec<String> = [&config.secret_access_key, &config.session_token]
-            .into_iter()
-            .flatten()
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .collect();
+        // Scrubbed from every message: the secret key, the session token, and a password in
+        // the endpoint URL (an SDK error may quote the URL it could not reach).
+        let url_password = config
+            .endpoint_url
+            .as_deref()
+            .and_then(|u| url::Url::parse(u).ok())
+            .and_then(|u| u.password().map(str::to_owned));
+        let secrets: Vec<String> = [
+            config.secret_access_key.clone(),
+            config.session_token.clone(),
+            url_password,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .collect();
         let budget = config.connect_timeout + config.timeout;
         let opened = tokio::time::timeout(budget, async {
             let sdk = loader.load().await;
@@ -2026,6 +2038,52 @@ mod tests {
         };
         let d = format!("{c:?}");
         assert!(!d.contains("s3cret-key") && !d.contains("tok-123"), "{d}");
+    }
+
+    #[tokio::test]
+    async fn zero_timeouts_name_their_key() {
+        for (key, c) in [
+            (
+                "sqs.connect_timeout",
+                SqsConfig {
+                    connect_timeout: Duration::ZERO,
+                    ..SqsConfig::default()
+                },
+            ),
+            (
+                "sqs.timeout",
+                SqsConfig {
+                    timeout: Duration::ZERO,
+                    ..SqsConfig::default()
+                },
+            ),
+        ] {
+            let e = SqsBroker::connect(&c, QueueSettings::for_queue("q"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, BrokerError::Config { key: k, .. } if k == key),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_password_never_shows() {
+        let c = SqsConfig {
+            endpoint_url: Some("http://user:pw-S3cret@127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("id".into()),
+            secret_access_key: Some("key-S3cret".into()),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            ..SqsConfig::default()
+        };
+        let e = SqsBroker::connect(&c, QueueSettings::for_queue("q"))
+            .await
+            .unwrap_err();
+        let shown = format!("{e} {e:?} {c:?}");
+        assert!(!shown.contains("S3cret"), "{shown}");
     }
 
     #[test]
