@@ -13,7 +13,9 @@
 //!
 //! The factory gets [`QueueSettings`] with a queue name no other check uses and must return a
 //! broker for exactly that queue (several calls with the same name must share the queue: the
-//! concurrency check opens four consumers). Checks that need an optional capability are skipped,
+//! concurrency check opens four consumers: 1,000 packages, none may be missing, and none may be
+//! delivered twice unless the broker does not declare [`Capabilities::atomic`], in which case up
+//! to 1% may be, said aloud). Checks that need an optional capability are skipped,
 //! loudly, when [`Broker::capabilities`] does not declare it.
 //!
 //! # Where receipts are settled
@@ -75,6 +77,7 @@
 //!
 //! [`Capabilities::max_message_size`]: crate::Capabilities::max_message_size
 //! [`Capabilities::extend`]: crate::Capabilities::extend
+//! [`Capabilities::atomic`]: crate::Capabilities::atomic
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -1611,7 +1614,21 @@ impl Kit {
         }
         let twice = count.values().filter(|&&n| n > 1).count();
         let missing = (0..N).filter(|i| !count.contains_key(&payload(*i))).count();
-        if twice > 0 || missing > 0 {
+        // A broker that does not promise atomic claims (SQS standard queues: at least once)
+        // may hand a package to two consumers now and then; a few in a thousand pass, said
+        // aloud. Missing packages never pass.
+        let tolerated = if producer.capabilities().atomic {
+            0
+        } else {
+            N / 100
+        };
+        if twice > 0 && twice <= tolerated && missing == 0 {
+            eprintln!(
+                "conformance concurrent_consumers: {twice} of {N} packages delivered twice \
+                 (tolerated: the broker does not declare atomic claims)"
+            );
+        }
+        if twice > tolerated || missing > 0 {
             return Err(format!(
                 "{N} packages, {CONSUMERS} consumers: {missing} never delivered, {twice} delivered twice (per consumer {per_consumer:?})"
             ));
