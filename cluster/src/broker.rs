@@ -141,8 +141,8 @@ impl Brokers {
         Self::default()
     }
 
-    /// The adapters compiled into this binary: `memory` always, `orm`, `redis`, `sqs` and
-    /// `mongo` per feature.
+    /// The adapters compiled into this binary: `memory` always, `orm`, `redis`, `sqs`, `mongo`,
+    /// `amqp`, `disque` and `ironmq` per feature.
     pub fn builtin() -> Self {
         let mut b = Self::new();
         b.register(
@@ -181,6 +181,27 @@ impl Brokers {
             "mongo",
             |c: broker_mongo::MongoConfig, s: QueueSettings| async move {
                 broker_mongo::MongoBroker::connect(&c, s).await
+            },
+        );
+        #[cfg(feature = "amqp")]
+        b.register(
+            "amqp",
+            |c: broker_amqp::AmqpConfig, s: QueueSettings| async move {
+                broker_amqp::AmqpBroker::connect(&c, s).await
+            },
+        );
+        #[cfg(feature = "disque")]
+        b.register(
+            "disque",
+            |c: broker_disque::DisqueConfig, s: QueueSettings| async move {
+                broker_disque::DisqueBroker::connect(&c, s).await
+            },
+        );
+        #[cfg(feature = "ironmq")]
+        b.register(
+            "ironmq",
+            |c: broker_ironmq::IronMqConfig, s: QueueSettings| async move {
+                broker_ironmq::IronMqBroker::connect(&c, s).await
             },
         );
         b

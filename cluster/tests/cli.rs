@@ -481,6 +481,8 @@ fn numeric_secret_is_taken_as_text() {
 }
 
 /// A broker the binary was built without: exit 2, naming the Cargo feature to build with.
+/// (With every feature on, `registry.rs` checks the message through an empty registry.)
+#[cfg(not(feature = "disque"))]
 #[test]
 fn broker_not_compiled_in_names_the_feature() {
     let w = World::new("nofeature", None);
@@ -562,14 +564,18 @@ fn memory_broker_and_registered_names() {
     let out = w.run(&["config"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("unknown broker `beanstalk`; registered here: memory, orm, redis"),
+        stderr(&out).contains("unknown broker `beanstalk`; registered here: ")
+            && stderr(&out).contains("memory")
+            && stderr(&out).contains("orm"),
         "{}",
         stderr(&out)
     );
 }
 
 /// A section of one of our adapters not compiled in is kept, never echoed: URLs under any key,
-/// in lists too, lose their passwords and tokens in `config` and in errors.
+/// in lists too, lose their passwords and tokens in `config` and in errors. (With every feature
+/// on, `registry.rs` checks the same through a registry without the adapter.)
+#[cfg(not(feature = "amqp"))]
 #[test]
 fn sections_not_compiled_in_are_masked() {
     let w = World::new("maskamqp", None);

@@ -207,3 +207,62 @@ fn environment_layer_of_a_users_section() {
 fn a_broker_named_like_a_cluster_key_is_refused() {
     Brokers::new().register("store", connect);
 }
+
+/// A registry without one of the adapters this project ships names the Cargo feature that
+/// compiles it in (what `qcluster` says, exit 2, when built without it).
+#[test]
+fn an_adapter_not_compiled_in_names_its_feature() {
+    let empty = Brokers::new();
+    for (name, feature) in [
+        ("sqs", "sqs"),
+        ("mongo", "mongo"),
+        ("amqp", "amqp"),
+        ("disque", "disque"),
+        ("ironmq", "ironmq"),
+        ("redis", "redis"),
+    ] {
+        let e = empty.check_name(name).expect_err(name).to_string();
+        assert!(
+            e.contains(&format!("broker `{name}` is not compiled into this binary"))
+                && e.contains(&format!("--features cluster/{feature}")),
+            "{e}"
+        );
+    }
+    let e = empty
+        .check_name("beanstalkd")
+        .expect_err("unknown")
+        .to_string();
+    assert!(e.contains("unknown broker `beanstalkd`"), "{e}");
+}
+
+/// The section of one of our adapters that this registry lacks is kept, unchecked, and never
+/// echoed: URLs under any key, in lists too, lose their passwords and tokens; secret-named
+/// keys are masked.
+#[test]
+fn sections_not_registered_are_masked() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("qcluster.toml");
+    std::fs::write(
+        &path,
+        "broker = \"memory\"\n[amqp]\nuri = \"amqp://u:pw-Amqp-3@h/v\"\nservers = [\"nats://tok-Arr-4@h:4222\"]\napi_key = \"k-Key-5\"\n",
+    )
+    .expect("write");
+    let mut empty = Brokers::new();
+    empty.register("memory", |c: MemoryConfig, s: QueueSettings| {
+        MemoryBroker::connect(c, s)
+    });
+    let loaded = Config::load_with(Some(&path), &[], &empty).expect("kept, unchecked");
+    let shown = format!(
+        "{:?} {:?}",
+        loaded
+            .entries_with(&empty)
+            .iter()
+            .map(|e| (e.key.clone(), e.value.to_string()))
+            .collect::<Vec<_>>(),
+        loaded.config
+    );
+    for leak in ["pw-Amqp-3", "tok-Arr-4", "k-Key-5"] {
+        assert!(!shown.contains(leak), "{leak} shown: {shown}");
+    }
+    assert!(shown.contains("amqp.uri"), "{shown}");
+}
