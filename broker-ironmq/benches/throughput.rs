@@ -102,7 +102,8 @@ impl Raw {
             .await
             .map_err(|e| e.to_string())?;
         let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if !status.is_success() && status != reqwest::StatusCode::NOT_FOUND {
             return Err(format!("HTTP {status}: {v}"));
         }
