@@ -1,1 +1,1407 @@
-//! RabbitMQ / AMQP 0-9-1 broker: durable queues, publisher confirms, manual acks, dead-letter exchange (in progress).
+//! RabbitMQ / AMQP 0-9-1 broker on `lapin`.
+//!
+//! Layout on the server, for a cluster queue `Q` (any name up to 191 bytes, not starting
+//! with `amq.`):
+//! - `Q`: a durable queue (`x-queue-type` = `quorum` by default, or `classic`), reached through
+//!   the default exchange; packages are persistent messages (delivery mode 2) whose
+//!   `message_id` is the id `enqueue` returned;
+//! - `Q.dead`: a durable queue of the same type holding dead letters, each a copy of the package
+//!   with the headers `x-qcluster-reason` and `x-qcluster-dead-at-us`.
+//!
+//! The promise: `enqueue` returns only once the server confirmed the message (publisher
+//! confirms, published `mandatory`): a nack, an unroutable message or a lost connection is an
+//! error, never silence. A delivered package is held by this handle for `retry` (an adapter
+//! lease, see below); it is removed only by `acknowledge`/`delete`, and otherwise goes back to
+//! the queue, so nothing is lost; a package may be delivered more than once (at least once).
+//!
+//! # What `retry` means here
+//!
+//! AMQP itself redelivers an unacknowledged message only when the channel that holds it closes
+//! (RabbitMQ's `consumer_timeout`, 30 min by default, closes a channel whose delivery stays
+//! unacknowledged longer). This adapter enforces the lease itself: each delivery gets a deadline
+//! `retry` after `dequeue` handed it out; when the deadline passes unsettled, the adapter gives
+//! the message back (`basic.nack` with requeue), so another consumer gets it. A settle with a
+//! receipt whose lease ran out, or whose channel is gone (a receipt carries the handle, the
+//! connection generation and the delivery tag), is ignored and never sent to the server (an ack
+//! of an unknown delivery tag would close the channel). `extend` moves the adapter's deadline;
+//! it cannot outlast the server's `consumer_timeout`, after which the server closes the channel
+//! and gives the message back itself.
+//!
+//! # Receipts are bound to the handle
+//!
+//! A RabbitMQ reservation belongs to the channel that received it, so receipts are settled only
+//! on the handle (an [`AmqpBroker`] and its clones) that dequeued them; a receipt from another
+//! handle is ignored. Settles never wait behind a waiting `dequeue` of the same handle. When the
+//! connection breaks, the server requeues what it held; the next operation reconnects (bounded
+//! by `connect_timeout`, [`BrokerError::Unreachable`] until it works) and old receipts are stale.
+//!
+//! # Consuming
+//!
+//! The first `dequeue` starts a consumer (`basic.consume`, manual acks) whose prefetch is
+//! `prefetch` (default `bulk`): room for one more batch beyond what the handle already holds.
+//! Deliveries are buffered in the handle until a `dequeue` takes them, so a dropped `dequeue`
+//! future loses nothing. When the handed-out leases fill the consumer's prefetch, the next
+//! `dequeue` cancels it and starts a fresh one (prefetch counts per consumer), so a handle may
+//! hold any number of leases. A handle that stops dequeuing (no `dequeue` for `max(wait,
+//! 500 ms)`) cancels its consumer and gives back what it had buffered but not handed out, so an
+//! idle handle hoards nothing; a handle that only enqueues never consumes.
+#![warn(missing_docs)]
+
+mod config;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use broker_core::{
+    AckId, Broker, BrokerError, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId,
+    QueueSettings, codec, mask_url, now_us, redact, url_password,
+};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    PublisherConfirm,
+};
+use tracing::{debug, info, warn};
+
+pub use config::{AmqpConfig, QueueType};
+
+const NAME: &str = "amqp";
+/// RabbitMQ's default `max_message_size` (3.10): 128 MiB.
+pub const SERVER_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
+/// Most packages one `dequeue` returns (the prefetch is a 16-bit count).
+pub const MAX_BULK: usize = 10_000;
+/// RabbitMQ's default `consumer_timeout` (3.10): an `extend` beyond it does not hold.
+pub const SERVER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a `dequeue` that has part of a batch waits for the rest to arrive.
+const LINGER: Duration = Duration::from_millis(5);
+const REASON_HEADER: &str = "x-qcluster-reason";
+const DEAD_AT_HEADER: &str = "x-qcluster-dead-at-us";
+const DELIVERIES_HEADER: &str = "x-qcluster-deliveries";
+
+/// A RabbitMQ broker handle for one queue. Cheap to clone; clones share the connection, the
+/// consumer and the leases (they are the same handle).
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: AmqpConfig,
+    settings: QueueSettings,
+    endpoint: String,
+    secret: Option<String>,
+    limit: usize,
+    prefetch: u16,
+    dead: String,
+    /// Random id of this handle: receipts of other handles are recognised and ignored.
+    handle: u64,
+    /// How long an idle handle keeps its consumer and its buffered deliveries.
+    hold: Duration,
+    current: RwLock<Option<Arc<Conn>>>,
+    reconnect: tokio::sync::Mutex<()>,
+    consumer_lock: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    notify: tokio::sync::Notify,
+    generation: AtomicU64,
+    consumer_seq: AtomicU64,
+    server: OnceLock<Option<String>>,
+}
+
+/// One connection generation: the connection and its three channels.
+struct Conn {
+    generation: u64,
+    connection: Connection,
+    /// Confirm mode; every publish.
+    publish: Channel,
+    /// The consumers, acks and nacks (delivery tags belong to this channel).
+    consume: Channel,
+    /// Declarations, sizes, purge, delete, dead-letter listing.
+    admin: Channel,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    fn healthy(&self) -> bool {
+        !self.broken.load(Ordering::SeqCst)
+            && self.connection.status().connected()
+            && self.publish.status().connected()
+            && self.consume.status().connected()
+            && self.admin.status().connected()
+    }
+}
+
+struct Buffered {
+    tag: u64,
+    consumer: u64,
+    message_id: String,
+    payload: Vec<u8>,
+    redelivered: bool,
+    arrived: Instant,
+}
+
+struct Lease {
+    deadline: Instant,
+    consumer: u64,
+    message_id: String,
+    payload: Vec<u8>,
+    deliveries: Option<u32>,
+}
+
+struct Active {
+    seq: u64,
+    tag: String,
+}
+
+struct State {
+    generation: u64,
+    buffer: VecDeque<Buffered>,
+    held: HashMap<u64, Lease>,
+    active: Option<Active>,
+    /// Deliveries per consumer not yet settled or given back (what its prefetch counts).
+    outstanding: HashMap<u64, usize>,
+    waiting: usize,
+    last_dequeue: Instant,
+    declared: bool,
+}
+
+impl State {
+    fn release(&mut self, consumer: u64) {
+        if let Some(n) = self.outstanding.get_mut(&consumer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 && self.active.as_ref().is_none_or(|a| a.seq != consumer) {
+                self.outstanding.remove(&consumer);
+            }
+        }
+    }
+
+    fn reset(&mut self, generation: u64) {
+        self.generation = generation;
+        self.buffer.clear();
+        self.held.clear();
+        self.active = None;
+        self.outstanding.clear();
+        self.declared = true;
+    }
+}
+
+/// A parsed receipt: `<handle>.<generation>.<delivery tag>`.
+struct Receipt {
+    handle: u64,
+    generation: u64,
+    tag: u64,
+}
+
+impl fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("endpoint", &self.inner.endpoint)
+            .field("queue", &self.inner.settings.queue)
+            .field("queue_type", &self.inner.cfg.queue_type)
+            .field("prefetch", &self.inner.prefetch)
+            .finish()
+    }
+}
+
+enum Settle {
+    Ack,
+    Requeue,
+}
+
+impl AmqpBroker {
+    /// Connects, declares `<queue>` and `<queue>.dead` (durable, of `queue_type`) and opens the
+    /// channels. Fails with [`BrokerError::Unreachable`] or [`BrokerError::Timeout`] (within
+    /// `connect_timeout`) when the server does not answer, [`BrokerError::Config`] for invalid
+    /// settings or a queue declared before with other arguments.
+    pub async fn connect(
+        config: &AmqpConfig,
+        settings: QueueSettings,
+    ) -> Result<AmqpBroker, BrokerError> {
+        config.validate()?;
+        settings.validate(MAX_BULK)?;
+        if settings.queue.starts_with("amq.") {
+            return Err(BrokerError::config(
+                "queue",
+                "names starting with `amq.` are reserved by RabbitMQ",
+            ));
+        }
+        let own = SERVER_MAX_MESSAGE_SIZE.min(codec::DEFAULT_MAX_SIZE);
+        let limit = settings.max_message_size.map_or(own, |m| m.min(own));
+        let prefetch = match config.prefetch {
+            Some(p) => p,
+            None => u16::try_from(settings.bulk).unwrap_or(u16::MAX),
+        };
+        let hold = settings.wait.max(Duration::from_millis(500));
+        let inner = Arc::new(Inner {
+            endpoint: mask_url(&config.url),
+            secret: url_password(&config.url),
+            dead: format!("{}.dead", settings.queue),
+            cfg: config.clone(),
+            limit,
+            prefetch,
+            handle: random_u64(),
+            hold,
+            current: RwLock::new(None),
+            reconnect: tokio::sync::Mutex::new(()),
+            consumer_lock: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State {
+                generation: 0,
+                buffer: VecDeque::new(),
+                held: HashMap::new(),
+                active: None,
+                outstanding: HashMap::new(),
+                waiting: 0,
+                last_dequeue: Instant::now(),
+                declared: true,
+            }),
+            notify: tokio::sync::Notify::new(),
+            generation: AtomicU64::new(0),
+            consumer_seq: AtomicU64::new(0),
+            server: OnceLock::new(),
+            settings,
+        });
+        inner.conn().await?;
+        tokio::spawn(reaper(Arc::downgrade(&inner)));
+        Ok(AmqpBroker { inner })
+    }
+}
+
+fn random_u64() -> u64 {
+    // The tail of a v7 UUID is random.
+    let u = uuid::Uuid::now_v7();
+    let b = u.as_bytes();
+    u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+}
+
+fn queue_args(cfg: &AmqpConfig, main: bool) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(cfg.queue_type.as_str().into()),
+    );
+    if main && let Some(p) = cfg.max_priority {
+        args.insert("x-max-priority".into(), AMQPValue::LongInt(i32::from(p)));
+    }
+    args
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough bookkeeping; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn current(&self) -> Option<Arc<Conn>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn err(&self, op: &str, e: &lapin::Error) -> BrokerError {
+        let message = redact(&format!("{op}: {e}"), self.secret.as_deref());
+        match e.kind() {
+            ErrorKind::ProtocolError(p) if p.get_id() == 406 => BrokerError::Config {
+                key: "amqp.queue_type".into(),
+                message: format!(
+                    "{message} (the queue exists with other arguments: another queue_type or \
+                     max_priority?)"
+                ),
+            },
+            ErrorKind::ProtocolError(_) | ErrorKind::ParsingError(_) => BrokerError::Backend {
+                broker: NAME,
+                message,
+            },
+            _ => BrokerError::Unreachable {
+                broker: NAME,
+                endpoint: self.endpoint.clone(),
+                message,
+            },
+        }
+    }
+
+    fn unreachable(&self, message: impl Into<String>) -> BrokerError {
+        BrokerError::Unreachable {
+            broker: NAME,
+            endpoint: self.endpoint.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// The current connection, reconnecting if it is gone. Reconnection runs in its own task so
+    /// that a dropped caller cannot leave it half done.
+    async fn conn(self: &Arc<Self>) -> Result<Arc<Conn>, BrokerError> {
+        if let Some(c) = self.current()
+            && c.healthy()
+        {
+            return Ok(c);
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _g = me.reconnect.lock().await;
+            if let Some(c) = me.current()
+                && c.healthy()
+            {
+                return Ok(c);
+            }
+            let timeout = me.cfg.connect_timeout;
+            let c = match tokio::time::timeout(timeout, me.open()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(BrokerError::Timeout {
+                        broker: NAME,
+                        operation: "connect",
+                        endpoint: me.endpoint.clone(),
+                        after: timeout,
+                    });
+                }
+            };
+            let c = Arc::new(c);
+            let old = me
+                .current
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(c.clone());
+            me.lock().reset(c.generation);
+            me.notify.notify_waiters();
+            if let Some(old) = old {
+                info!(queue = %me.settings.queue, generation = c.generation,
+                      "amqp: reconnected; receipts of the old connection are stale");
+                tokio::spawn(async move {
+                    let _ = old.connection.close(200, "replaced".into()).await;
+                });
+            }
+            Ok(c)
+        })
+        .await
+        .map_err(|e| self.unreachable(format!("reconnect task failed: {e}")))?
+    }
+
+    async fn open(&self) -> Result<Conn, BrokerError> {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let name = self
+            .cfg
+            .connection_name
+            .clone()
+            .unwrap_or_else(|| format!("qcluster {}", self.settings.queue));
+        let props = ConnectionProperties::default()
+            .with_connection_name(name.into())
+            .with_client_property("product".into(), "qcluster broker-amqp".into())
+            .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
+        let connection = Connection::connect(&self.cfg.url, props)
+            .await
+            .map_err(|e| self.err("connect", &e))?;
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(|e| self.err("open channel", &e))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| self.err("confirm.select", &e))?;
+        let consume = connection
+            .create_channel()
+            .await
+            .map_err(|e| self.err("open channel", &e))?;
+        consume
+            .basic_qos(self.prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| self.err("basic.qos", &e))?;
+        let admin = connection
+            .create_channel()
+            .await
+            .map_err(|e| self.err("open channel", &e))?;
+        let conn = Conn {
+            generation,
+            connection,
+            publish,
+            consume,
+            admin,
+            broken: AtomicBool::new(false),
+        };
+        self.declare(&conn).await?;
+        debug!(queue = %self.settings.queue, generation, endpoint = %self.endpoint, "amqp: connected");
+        Ok(conn)
+    }
+
+    async fn declare_one(&self, conn: &Conn, main: bool) -> Result<u64, BrokerError> {
+        self.declare_on(conn, &conn.admin, main).await
+    }
+
+    /// Declares (idempotently) and returns the ready count. Counting on the consuming channel
+    /// orders the count after this handle's own acks and nacks (the server handles one
+    /// channel's methods in order), so a just-failed package is counted.
+    async fn declare_on(&self, conn: &Conn, ch: &Channel, main: bool) -> Result<u64, BrokerError> {
+        let name = if main {
+            &self.settings.queue
+        } else {
+            &self.dead
+        };
+        let q = ch
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                queue_args(&self.cfg, main),
+            )
+            .await
+            .map_err(|e| {
+                conn.broken.store(true, Ordering::SeqCst);
+                self.err("queue.declare", &e)
+            })?;
+        Ok(u64::from(q.message_count()))
+    }
+
+    async fn declare(&self, conn: &Conn) -> Result<(), BrokerError> {
+        self.declare_one(conn, true).await?;
+        self.declare_one(conn, false).await?;
+        Ok(())
+    }
+
+    /// Publishes all messages (persistent, mandatory) then awaits every confirm. A message the
+    /// server returned as unroutable (its queue was deleted meanwhile) is published once more
+    /// after declaring the queues again.
+    async fn publish_all(
+        &self,
+        conn: &Conn,
+        routing: &str,
+        items: Vec<(Vec<u8>, BasicProperties)>,
+    ) -> Result<(), BrokerError> {
+        let mut pending = Vec::with_capacity(items.len());
+        for (payload, props) in &items {
+            pending.push(
+                self.publish_one(conn, routing, payload, props.clone())
+                    .await?,
+            );
+        }
+        let mut unroutable = Vec::new();
+        let mut first_err = None;
+        for (i, pc) in pending.into_iter().enumerate() {
+            match self.confirmed(conn, pc).await {
+                Ok(true) => {}
+                Ok(false) => unroutable.push(i),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if unroutable.is_empty() {
+            return Ok(());
+        }
+        warn!(queue = %routing, n = unroutable.len(), "amqp: messages came back unroutable (queue deleted?); declaring again and publishing once more");
+        self.declare(conn).await?;
+        let mut pending = Vec::with_capacity(unroutable.len());
+        for i in unroutable {
+            let (payload, props) = &items[i];
+            pending.push(
+                self.publish_one(conn, routing, payload, props.clone())
+                    .await?,
+            );
+        }
+        for pc in pending {
+            if !self.confirmed(conn, pc).await? {
+                return Err(BrokerError::Backend {
+                    broker: NAME,
+                    message: format!("message to {routing:?} is unroutable: the queue is gone"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_one(
+        &self,
+        conn: &Conn,
+        routing: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<PublisherConfirm, BrokerError> {
+        conn.publish
+            .basic_publish(
+                "".into(),
+                routing.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                payload,
+                props,
+            )
+            .await
+            .map_err(|e| self.err("basic.publish", &e))
+    }
+
+    /// `Ok(true)`: confirmed; `Ok(false)`: returned unroutable.
+    async fn confirmed(&self, _conn: &Conn, pc: PublisherConfirm) -> Result<bool, BrokerError> {
+        match pc.await {
+            Ok(Confirmation::Ack(None)) => Ok(true),
+            Ok(Confirmation::Ack(Some(_))) => Ok(false),
+            Ok(Confirmation::Nack(_)) => Err(BrokerError::Backend {
+                broker: NAME,
+                message: "the server refused the message (publisher confirm nack)".into(),
+            }),
+            Ok(Confirmation::NotRequested) => Err(BrokerError::Backend {
+                broker: NAME,
+                message: "publisher confirms are off on the publishing channel".into(),
+            }),
+            Err(e) => Err(self.err("publisher confirm", &e)),
+        }
+    }
+
+    fn props(&self, m: &Message, id: &str) -> BasicProperties {
+        let mut p = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(id.into())
+            .with_timestamp(u64::try_from(now_us() / 1_000_000).unwrap_or(0));
+        if let Some(max) = self.cfg.max_priority {
+            let prio = m.priority.clamp(0, i16::from(max));
+            p = p.with_priority(u8::try_from(prio).unwrap_or(0));
+        }
+        p
+    }
+
+    fn check_size(&self, m: &Message) -> Result<(), BrokerError> {
+        if m.payload.len() > self.limit {
+            return Err(BrokerError::TooLarge {
+                broker: NAME,
+                size: m.payload.len(),
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn parse(&self, ack: &AckId) -> Result<Receipt, BrokerError> {
+        let bad = || BrokerError::InvalidReceipt {
+            broker: NAME,
+            receipt: ack.as_str().to_owned(),
+        };
+        let mut it = ack.as_str().split('.');
+        let mut next = || {
+            it.next()
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or_else(bad)
+        };
+        let r = Receipt {
+            handle: next()?,
+            generation: next()?,
+            tag: next()?,
+        };
+        if it.next().is_some() {
+            return Err(bad());
+        }
+        Ok(r)
+    }
+
+    /// Takes the lease of a receipt away from the reaper: `None` when it is stale (settled,
+    /// given back, another handle's, or of a connection that is gone).
+    fn claim(&self, ack: &AckId) -> Result<Option<(Receipt, Lease)>, BrokerError> {
+        let r = self.parse(ack)?;
+        if r.handle != self.handle {
+            warn!(receipt = %ack, "amqp: receipt of another handle ignored (receipts settle on the handle that dequeued)");
+            return Ok(None);
+        }
+        let mut st = self.lock();
+        if st.generation != r.generation {
+            debug!(receipt = %ack, "amqp: receipt of an earlier connection ignored");
+            return Ok(None);
+        }
+        let Some(lease) = st.held.remove(&r.tag) else {
+            debug!(receipt = %ack, "amqp: stale receipt ignored");
+            return Ok(None);
+        };
+        st.release(lease.consumer);
+        Ok(Some((r, lease)))
+    }
+
+    /// Sends an ack or a requeueing nack for a claimed delivery, on its own connection only.
+    async fn send(&self, r: &Receipt, how: Settle) -> Result<(), BrokerError> {
+        let Some(conn) = self.current().filter(|c| c.generation == r.generation) else {
+            return Ok(()); // the connection is gone: the server requeued it already
+        };
+        let res = match how {
+            Settle::Ack => {
+                conn.consume
+                    .basic_ack(r.tag, BasicAckOptions { multiple: false })
+                    .await
+            }
+            Settle::Requeue => {
+                conn.consume
+                    .basic_nack(
+                        r.tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await
+            }
+        };
+        res.map_err(|e| {
+            conn.broken.store(true, Ordering::SeqCst);
+            self.err("settle", &e)
+        })
+    }
+
+    async fn settle(&self, ack: &AckId, how: Settle) -> Result<(), BrokerError> {
+        match self.claim(ack)? {
+            Some((r, _)) => self.send(&r, how).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes up to `bulk` buffered deliveries and leases them.
+    fn take(&self, generation: u64) -> Vec<Delivery> {
+        let mut st = self.lock();
+        if st.generation != generation {
+            return Vec::new();
+        }
+        let n = st.buffer.len().min(self.settings.bulk);
+        let deadline = Instant::now() + self.settings.retry;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(b) = st.buffer.pop_front() else {
+                break;
+            };
+            // The server says whether it delivered the message before; how often it can't
+            // (quorum queues count returns, including this adapter's give-backs).
+            let deliveries = (!b.redelivered).then_some(1);
+            st.held.insert(
+                b.tag,
+                Lease {
+                    deadline,
+                    consumer: b.consumer,
+                    message_id: b.message_id.clone(),
+                    payload: b.payload.clone(),
+                    deliveries,
+                },
+            );
+            out.push(Delivery {
+                ack: AckId::new(format!("{:x}.{:x}.{:x}", self.handle, generation, b.tag)),
+                message_id: MessageId(b.message_id),
+                payload: b.payload,
+                deliveries,
+            });
+        }
+        out
+    }
+
+    /// Makes sure a consumer with room for more deliveries runs on this connection.
+    async fn ensure_consumer(self: &Arc<Self>, conn: &Arc<Conn>) -> Result<(), BrokerError> {
+        if self.consumer_has_room(conn.generation) {
+            return Ok(());
+        }
+        let (me, conn) = (self.clone(), conn.clone());
+        tokio::spawn(async move {
+            let _g = me.consumer_lock.lock().await;
+            if me.consumer_has_room(conn.generation) || !conn.healthy() {
+                return Ok(());
+            }
+            let (old, declared) = {
+                let mut st = me.lock();
+                (st.active.take(), st.declared)
+            };
+            if let Some(old) = old {
+                // Full: its prefetch is spent on leases this handle holds. A fresh consumer
+                // gets its own prefetch; the old deliveries stay settleable on the channel.
+                conn.consume
+                    .basic_cancel(old.tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+                    .map_err(|e| {
+                        conn.broken.store(true, Ordering::SeqCst);
+                        me.err("basic.cancel", &e)
+                    })?;
+            }
+            if !declared {
+                me.declare(&conn).await?;
+            }
+            let seq = me.consumer_seq.fetch_add(1, Ordering::SeqCst) + 1;
+            let tag = format!("qcluster-{:x}-{}-{seq}", me.handle, conn.generation);
+            let consumer = conn
+                .consume
+                .basic_consume(
+                    me.settings.queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| {
+                    conn.broken.store(true, Ordering::SeqCst);
+                    me.err("basic.consume", &e)
+                })?;
+            {
+                let mut st = me.lock();
+                if st.generation != conn.generation {
+                    return Ok(());
+                }
+                st.declared = true;
+                st.active = Some(Active { seq, tag });
+                st.outstanding.entry(seq).or_insert(0);
+            }
+            tokio::spawn(pump(Arc::downgrade(&me), conn.clone(), seq, consumer));
+            Ok(())
+        })
+        .await
+        .map_err(|e| self.unreachable(format!("consumer task failed: {e}")))?
+    }
+
+    fn consumer_has_room(&self, generation: u64) -> bool {
+        let st = self.lock();
+        st.generation == generation
+            && st.active.as_ref().is_some_and(|a| {
+                st.outstanding.get(&a.seq).copied().unwrap_or(0) < usize::from(self.prefetch)
+            })
+    }
+
+    /// Stops consuming and gives back what is buffered (used when idle and by delete_queue).
+    async fn stop_consuming(&self, conn: &Conn) {
+        let (active, buffered) = {
+            let mut st = self.lock();
+            if st.generation != conn.generation {
+                return;
+            }
+            let active = st.active.take();
+            let buffered: Vec<Buffered> = st.buffer.drain(..).collect();
+            for b in &buffered {
+                st.release(b.consumer);
+            }
+            (active, buffered)
+        };
+        if let Some(a) = active {
+            debug!(queue = %self.settings.queue, tag = %a.tag, "amqp: idle; cancelling the consumer");
+            if let Err(e) = conn
+                .consume
+                .basic_cancel(a.tag.as_str().into(), BasicCancelOptions::default())
+                .await
+            {
+                conn.broken.store(true, Ordering::SeqCst);
+                warn!(error = %self.err("basic.cancel", &e), "amqp: cancel failed");
+            }
+        }
+        for b in buffered {
+            let r = Receipt {
+                handle: self.handle,
+                generation: conn.generation,
+                tag: b.tag,
+            };
+            if let Err(e) = self.send(&r, Settle::Requeue).await {
+                warn!(error = %e, "amqp: could not give back a buffered delivery (the server requeues it when the channel closes)");
+            }
+        }
+    }
+}
+
+/// Moves deliveries of one consumer into the handle's buffer.
+async fn pump(inner: Weak<Inner>, conn: Arc<Conn>, seq: u64, mut consumer: lapin::Consumer) {
+    while let Some(item) = consumer.next().await {
+        let Some(me) = inner.upgrade() else { return };
+        match item {
+            Ok(d) => {
+                let message_id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_else(|| format!("tag-{}", d.delivery_tag));
+                {
+                    let mut st = me.lock();
+                    if st.generation != conn.generation {
+                        return;
+                    }
+                    *st.outstanding.entry(seq).or_insert(0) += 1;
+                    st.buffer.push_back(Buffered {
+                        tag: d.delivery_tag,
+                        consumer: seq,
+                        message_id,
+                        payload: d.data,
+                        redelivered: d.redelivered,
+                        arrived: Instant::now(),
+                    });
+                }
+                me.notify.notify_waiters();
+            }
+            Err(e) => {
+                warn!(queue = %me.settings.queue, error = %me.err("consume", &e), "amqp: consumer failed");
+                conn.broken.store(true, Ordering::SeqCst);
+                me.notify.notify_waiters();
+                break;
+            }
+        }
+    }
+    if let Some(me) = inner.upgrade() {
+        let mut st = me.lock();
+        if st.generation == conn.generation && st.active.as_ref().is_some_and(|a| a.seq == seq) {
+            // The server cancelled it (queue deleted) or the channel closed.
+            debug!(queue = %me.settings.queue, "amqp: consumer ended by the server");
+            st.active = None;
+            st.declared = false;
+        }
+        drop(st);
+        me.notify.notify_waiters();
+    }
+}
+
+/// Gives back deliveries whose lease ran out and, on an idle handle, cancels the consumer and
+/// gives back what it buffered. Ends when the broker is dropped.
+async fn reaper(inner: Weak<Inner>) {
+    let tick = {
+        let Some(me) = inner.upgrade() else { return };
+        (me.settings.retry.min(me.hold) / 8)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250))
+    };
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(me) = inner.upgrade() else { return };
+        let Some(conn) = me.current() else { continue };
+        let now = Instant::now();
+        let (expired, idle) = {
+            let mut st = me.lock();
+            if st.generation != conn.generation {
+                continue;
+            }
+            let tags: Vec<u64> = st
+                .held
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for t in &tags {
+                if let Some(l) = st.held.remove(t) {
+                    st.release(l.consumer);
+                }
+            }
+            let idle = st.waiting == 0
+                && now.saturating_duration_since(st.last_dequeue) >= me.hold
+                && (st.active.is_some()
+                    || st
+                        .buffer
+                        .front()
+                        .is_some_and(|b| now.saturating_duration_since(b.arrived) >= me.hold));
+            (tags, idle)
+        };
+        for tag in expired {
+            debug!(queue = %me.settings.queue, tag, "amqp: lease ran out; giving the message back");
+            let r = Receipt {
+                handle: me.handle,
+                generation: conn.generation,
+                tag,
+            };
+            if let Err(e) = me.send(&r, Settle::Requeue).await {
+                warn!(error = %e, "amqp: could not give back an expired delivery (the server requeues it when the channel closes)");
+            }
+        }
+        if idle && conn.healthy() {
+            me.stop_consuming(&conn).await;
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let conn = self
+            .current
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(conn), Ok(rt)) = (conn, tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = conn.connection.close(200, "broker dropped".into()).await;
+            });
+        }
+    }
+}
+
+/// Decrements the waiting count when a `dequeue` ends or is dropped.
+struct Waiting<'a>(&'a Inner);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.waiting = st.waiting.saturating_sub(1);
+        st.last_dequeue = Instant::now();
+    }
+}
+
+fn header_str(h: Option<&FieldTable>, key: &str) -> Option<String> {
+    match h?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_int(h: Option<&FieldTable>, key: &str) -> Option<i64> {
+    match h?.inner().get(key)? {
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::LongInt(i) => Some(i64::from(*i)),
+        AMQPValue::LongUInt(i) => Some(i64::from(*i)),
+        AMQPValue::ShortInt(i) => Some(i64::from(*i)),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn enqueue(&self, message: Message) -> Result<MessageId, BrokerError> {
+        let i = &self.inner;
+        i.check_size(&message)?;
+        let conn = i.conn().await?;
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let props = i.props(&message, &id);
+        i.publish_all(&conn, &i.settings.queue, vec![(message.payload, props)])
+            .await?;
+        Ok(MessageId(id))
+    }
+
+    /// Publishes every message, then awaits every confirm. On an error some of the batch may be
+    /// stored (those the server confirmed before it); nothing is stored when a package is too
+    /// large (checked before publishing).
+    async fn enqueue_many(&self, messages: Vec<Message>) -> Result<Vec<MessageId>, BrokerError> {
+        let i = &self.inner;
+        for m in &messages {
+            i.check_size(m)?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = i.conn().await?;
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut items = Vec::with_capacity(messages.len());
+        for m in messages {
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            let props = i.props(&m, &id);
+            items.push((m.payload, props));
+            ids.push(MessageId(id));
+        }
+        i.publish_all(&conn, &i.settings.queue, items).await?;
+        Ok(ids)
+    }
+
+    async fn dequeue(&self) -> Result<Vec<Delivery>, BrokerError> {
+        let i = &self.inner;
+        let deadline = Instant::now() + i.settings.wait;
+        i.lock().waiting += 1;
+        let _waiting = Waiting(i);
+        let mut linger: Option<Instant> = None;
+        loop {
+            let conn = i.conn().await?;
+            let notified = i.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // A batch is arriving: give it a moment to fill up to `bulk`.
+            let buffered = i.lock().buffer.len();
+            if buffered > 0 && buffered < i.settings.bulk && i.consumer_has_room(conn.generation) {
+                let until = linger.get_or_insert_with(|| (Instant::now() + LINGER).min(deadline));
+                let now = Instant::now();
+                if now < *until {
+                    let _ = tokio::time::timeout(*until - now, notified).await;
+                    continue;
+                }
+            }
+            let got = i.take(conn.generation);
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            i.ensure_consumer(&conn).await?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            // Wakes on a delivery, and at least every 250 ms to notice a lost connection.
+            let _ =
+                tokio::time::timeout((deadline - now).min(Duration::from_millis(250)), notified)
+                    .await;
+            if !conn.healthy() {
+                // The connection broke while waiting: end now (empty; what this handle had
+                // buffered goes back to the queue with the channel); the next call reconnects.
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn acknowledge(&self, ack: &AckId) -> Result<(), BrokerError> {
+        self.inner.settle(ack, Settle::Ack).await
+    }
+
+    async fn fail(&self, ack: &AckId) -> Result<(), BrokerError> {
+        self.inner.settle(ack, Settle::Requeue).await
+    }
+
+    async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
+        self.inner.settle(ack, Settle::Ack).await
+    }
+
+    async fn extend(&self, ack: &AckId, by: Duration) -> Result<bool, BrokerError> {
+        let i = &self.inner;
+        let r = i.parse(ack)?;
+        if r.handle != i.handle {
+            return Ok(false);
+        }
+        let mut st = i.lock();
+        if st.generation != r.generation {
+            return Ok(false);
+        }
+        match st.held.get_mut(&r.tag) {
+            Some(l) => {
+                l.deadline = Instant::now() + by.min(broker_core::MAX_RETRY);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Publishes a copy to `<queue>.dead` (confirmed) with the reason, then acknowledges the
+    /// delivery. If the copy fails, the delivery is given back to the queue and the error
+    /// returned: the package is never lost (it may, at worst, exist twice).
+    async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
+        let i = &self.inner;
+        let Some((r, lease)) = i.claim(ack)? else {
+            return Ok(());
+        };
+        let Some(conn) = i.current().filter(|c| c.generation == r.generation) else {
+            return Ok(()); // its connection is gone: the server requeued it
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(DEAD_AT_HEADER.into(), AMQPValue::LongLongInt(now_us()));
+        if let Some(n) = lease.deliveries {
+            headers.insert(
+                DELIVERIES_HEADER.into(),
+                AMQPValue::LongLongInt(i64::from(n)),
+            );
+        }
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(lease.message_id.as_str().into())
+            .with_headers(headers);
+        if let Err(e) = i
+            .publish_all(&conn, &i.dead, vec![(lease.payload, props)])
+            .await
+        {
+            warn!(error = %e, "amqp: dead-letter copy failed; giving the message back");
+            let _ = i.send(&r, Settle::Requeue).await;
+            return Err(e);
+        }
+        i.send(&r, Settle::Ack).await
+    }
+
+    /// Reads up to `limit` dead letters with `basic.get` on a channel of its own, then closes
+    /// that channel, which puts them all back: listing never consumes them. Dead letters that
+    /// another listing holds at that moment are not seen; on quorum queues the order after a
+    /// listing may change.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        let i = &self.inner;
+        let conn = i.conn().await?;
+        let ch = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| i.err("open channel", &e))?;
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        while out.len() < limit {
+            match ch
+                .basic_get(i.dead.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+            {
+                Ok(Some(m)) => {
+                    let d = m.delivery;
+                    let h = d.properties.headers().as_ref();
+                    out.push(DeadLetter {
+                        message_id: MessageId(
+                            d.properties
+                                .message_id()
+                                .as_ref()
+                                .map(|s| s.as_str().to_owned())
+                                .unwrap_or_default(),
+                        ),
+                        reason: header_str(h, REASON_HEADER).unwrap_or_default(),
+                        deliveries: header_int(h, DELIVERIES_HEADER)
+                            .and_then(|n| u32::try_from(n).ok()),
+                        dead_at_us: header_int(h, DEAD_AT_HEADER).unwrap_or(0),
+                        payload: d.data,
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(i.err("basic.get", &e));
+                    break;
+                }
+            }
+        }
+        // Closing the channel requeues every message it got.
+        let _ = ch.close(200, "listed".into()).await;
+        result.map(|()| out)
+    }
+
+    async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
+        let i = &self.inner;
+        let conn = i.conn().await?;
+        i.declare_one(&conn, false).await.map(Some)
+    }
+
+    /// `queue.purge` of the waiting messages, plus the ones this handle had buffered but not
+    /// handed out (acknowledged). Leased ones stay with their holders.
+    async fn purge_queue(&self) -> Result<u64, BrokerError> {
+        let i = &self.inner;
+        let conn = i.conn().await?;
+        let n = conn
+            .consume
+            .queue_purge(
+                i.settings.queue.as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await
+            .map_err(|e| {
+                conn.broken.store(true, Ordering::SeqCst);
+                i.err("queue.purge", &e)
+            })?;
+        let buffered: Vec<Buffered> = {
+            let mut st = i.lock();
+            if st.generation != conn.generation {
+                Vec::new()
+            } else {
+                let b: Vec<Buffered> = st.buffer.drain(..).collect();
+                for x in &b {
+                    st.release(x.consumer);
+                }
+                b
+            }
+        };
+        let extra = buffered.len() as u64;
+        for b in buffered {
+            let r = Receipt {
+                handle: i.handle,
+                generation: conn.generation,
+                tag: b.tag,
+            };
+            i.send(&r, Settle::Ack).await?;
+        }
+        Ok(u64::from(n) + extra)
+    }
+
+    /// Deletes `<queue>` and `<queue>.dead` with everything in them, then declares both again
+    /// (empty) so this handle stays usable. Other handles' consumers are cancelled by the server
+    /// and start again on their next `dequeue`.
+    async fn delete_queue(&self) -> Result<(), BrokerError> {
+        let i = &self.inner;
+        let conn = i.conn().await?;
+        {
+            let _g = i.consumer_lock.lock().await;
+            i.stop_consuming(&conn).await;
+            let mut st = i.lock();
+            if st.generation == conn.generation {
+                st.held.clear();
+                st.outstanding.clear();
+            }
+        }
+        for q in [&i.settings.queue, &i.dead] {
+            conn.admin
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| {
+                    conn.broken.store(true, Ordering::SeqCst);
+                    i.err("queue.delete", &e)
+                })?;
+        }
+        i.declare(&conn).await
+    }
+
+    /// Ready messages on the server (`message_count` of a declare), plus the deliveries this
+    /// handle received but no `dequeue` took yet (waiting, from the cluster's point of view).
+    async fn queue_size(&self) -> Result<u64, BrokerError> {
+        let i = &self.inner;
+        let conn = i.conn().await?;
+        let ready = i.declare_on(&conn, &conn.consume, true).await?;
+        // A delivery the server pushed before answering is on the wire ahead of the answer; let
+        // the consumer task move it into the buffer before counting.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let st = i.lock();
+        let buffered = if st.generation == conn.generation {
+            st.buffer.len() as u64
+        } else {
+            0
+        };
+        Ok(ready + buffered)
+    }
+
+    /// What this handle holds: its leases (deliveries handed out and not settled). Other
+    /// handles' (and other processes') in-flight messages are not visible without the
+    /// management API.
+    async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
+        Ok(Some(self.inner.lock().held.len() as u64))
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let i = &self.inner;
+        let after = i.cfg.connect_timeout;
+        match tokio::time::timeout(after, async {
+            let conn = i.conn().await?;
+            i.declare_one(&conn, true).await
+        })
+        .await
+        {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(BrokerError::Timeout {
+                broker: NAME,
+                operation: "ping",
+                endpoint: i.endpoint.clone(),
+                after,
+            }),
+        }
+    }
+
+    async fn info(&self) -> Result<BrokerInfo, BrokerError> {
+        let i = &self.inner;
+        let server = match i.server.get() {
+            Some(s) => s.clone(),
+            None => {
+                let s = server_version(&i.cfg.url, i.cfg.connect_timeout).await;
+                let _ = i.server.set(s.clone());
+                s
+            }
+        };
+        let mut details = BTreeMap::new();
+        details.insert("queue_type".into(), i.cfg.queue_type.as_str().into());
+        details.insert("dead_letter_queue".into(), i.dead.clone());
+        details.insert("prefetch".into(), i.prefetch.to_string());
+        details.insert("max_message_size".into(), i.limit.to_string());
+        if let Some(p) = i.cfg.max_priority {
+            details.insert("max_priority".into(), p.to_string());
+        }
+        if let Some(c) = i.current() {
+            details.insert("connected".into(), c.healthy().to_string());
+        }
+        Ok(BrokerInfo {
+            broker: NAME.into(),
+            server,
+            endpoint: i.endpoint.clone(),
+            queue: i.settings.queue.clone(),
+            receipts: true,
+            retry_secs: Some(i.settings.retry.as_secs_f64()),
+            notes: vec![
+                format!(
+                    "retry is a lease this adapter enforces: a delivery not settled within {:?} \
+                     of being handed out is given back (basic.nack, requeue) for another \
+                     consumer; a late settle with its receipt is ignored, never sent to the \
+                     server",
+                    i.settings.retry
+                ),
+                "receipts settle only on the handle that dequeued them (AMQP binds a delivery \
+                 to its channel); if the connection breaks the server requeues what it held and \
+                 old receipts are ignored"
+                    .into(),
+                format!(
+                    "extend is bounded by the server's consumer_timeout (default {} min), after \
+                     which RabbitMQ closes the channel and requeues the message",
+                    SERVER_CONSUMER_TIMEOUT.as_secs() / 60
+                ),
+                "enqueue returns after the publisher confirm; messages are persistent in a \
+                 durable queue"
+                    .into(),
+                "lock_size counts this handle's leases only: other consumers' in-flight \
+                 messages are not visible without the management API; queue_size counts ready \
+                 messages plus what this handle prefetched and did not hand out yet"
+                    .into(),
+                "delays are not honoured: fail_after gives the message back at once".into(),
+            ],
+            details,
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let i = &self.inner;
+        Capabilities {
+            receipts: true,
+            atomic: true,
+            max_bulk: MAX_BULK,
+            max_message_size: i.limit,
+            text_only: false,
+            dead_letter: true,
+            priority: i.cfg.max_priority.is_some(),
+            delay: false,
+            stats: false,
+            extend: true,
+        }
+    }
+}
+
+/// Reads the server's product and version from its `connection.start` (lapin does not expose
+/// the server properties): a short TCP exchange of its own, plain `amqp://` only.
+async fn server_version(url: &str, timeout: Duration) -> Option<String> {
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
+        return None;
+    }
+    let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
+    let probe = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"AMQP\x00\x00\x09\x01").await.ok()?;
+        let mut buf = vec![0u8; 7];
+        s.read_exact(&mut buf).await.ok()?;
+        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+        if size > 64 * 1024 {
+            return None;
+        }
+        let mut frame = vec![0u8; size];
+        s.read_exact(&mut frame).await.ok()?;
+        let find = |key: &[u8]| -> Option<String> {
+            let pos = frame.windows(key.len()).position(|w| w == key)? + key.len();
+            let len = u32::from_be_bytes(frame.get(pos..pos + 4)?.try_into().ok()?) as usize;
+            let v = frame.get(pos + 4..pos + 4 + len)?;
+            Some(String::from_utf8_lossy(v).into_owned())
+        };
+        let product = find(b"\x07productS").unwrap_or_else(|| "AMQP server".into());
+        let version = find(b"\x07versionS")?;
+        Some(format!("{product} {version}"))
+    };
+    tokio::time::timeout(timeout, probe).await.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_masking() {
+        let c: AmqpConfig = serde_json::from_str(
+            r#"{"url":"amqp://bob:s3cret-pw@h:5672/%2f","queue_type":"classic","max_priority":5}"#,
+        )
+        .unwrap();
+        assert_eq!(c.queue_type, QueueType::Classic);
+        assert!(!format!("{c:?}").contains("s3cret-pw"));
+        assert!(c.validate().is_ok());
+        let bad: Result<AmqpConfig, _> = serde_json::from_str(r#"{"urll":"x"}"#);
+        assert!(bad.unwrap_err().to_string().contains("url"));
+        let d = AmqpConfig::default();
+        assert_eq!(d.queue_type, QueueType::Quorum);
+        assert_eq!(d.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        let q = AmqpConfig {
+            max_priority: Some(3),
+            ..AmqpConfig::default()
+        };
+        assert!(
+            q.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_priority")
+        );
+    }
+}
