@@ -1115,12 +1115,14 @@ impl Broker for AmqpBroker {
             .map_err(|e| i.err("open channel", &e))?;
         let mut out = Vec::new();
         let mut result = Ok(());
+        let mut total = None;
         while out.len() < limit {
             match ch
                 .basic_get(i.dead.as_str().into(), BasicGetOptions { no_ack: false })
                 .await
             {
                 Ok(Some(m)) => {
+                    total.get_or_insert(u64::from(m.message_count) + 1);
                     let d = m.delivery;
                     let h = d.properties.headers().as_ref();
                     out.push(DeadLetter {
@@ -1145,8 +1147,17 @@ impl Broker for AmqpBroker {
                 }
             }
         }
-        // Closing the channel requeues every message it got.
+        // Closing the channel requeues every message it got; wait (briefly) until the server
+        // counts them again, so a dead_letter_size right after a listing is not short.
         let _ = ch.close(200, "listed".into()).await;
+        if let Some(total) = total {
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until
+                && i.declare_one(&conn, false).await.unwrap_or(total) < total
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         result.map(|()| out)
     }
 
@@ -1225,20 +1236,34 @@ impl Broker for AmqpBroker {
 
     /// Ready messages on the server (`message_count` of a declare), plus the deliveries this
     /// handle received but no `dequeue` took yet (waiting, from the cluster's point of view).
+    ///
+    /// The server's count trails its own bookkeeping by a moment (a requeue or a delivery in
+    /// flight; quorum queues apply them through Raft), so the sum is read until two reads a few
+    /// milliseconds apart agree (at most five reads).
     async fn queue_size(&self) -> Result<u64, BrokerError> {
         let i = &self.inner;
         let conn = i.conn().await?;
-        let ready = i.declare_on(&conn, &conn.consume, true).await?;
-        // A delivery the server pushed before answering is on the wire ahead of the answer; let
-        // the consumer task move it into the buffer before counting.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let st = i.lock();
-        let buffered = if st.generation == conn.generation {
-            st.buffer.len() as u64
-        } else {
-            0
-        };
-        Ok(ready + buffered)
+        let mut last = None;
+        for _ in 0..5 {
+            let ready = i.declare_on(&conn, &conn.consume, true).await?;
+            // A delivery pushed before the answer is on the wire ahead of it; let the consumer
+            // task move it into the buffer before counting.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let buffered = {
+                let st = i.lock();
+                if st.generation == conn.generation {
+                    st.buffer.len() as u64
+                } else {
+                    0
+                }
+            };
+            let total = ready + buffered;
+            if last == Some(total) {
+                break;
+            }
+            last = Some(total);
+        }
+        Ok(last.unwrap_or(0))
     }
 
     /// What this handle holds: its leases (deliveries handed out and not settled). Other

@@ -1,0 +1,369 @@
+//! What the AMQP adapter promises beyond the kit, against RabbitMQ at 127.0.0.1:5672: publisher
+//! confirms, the adapter lease and stale receipts on a live channel, extend, dead letters with
+//! their reason, and a connection closed mid-run. Skips loudly when RabbitMQ is down (panics
+//! under `QCLUSTER_REQUIRE_SERVICES=1`).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use broker_amqp::{AmqpBroker, AmqpConfig, QueueType};
+use broker_core::{Broker, BrokerError, Message, QueueSettings};
+
+fn url() -> String {
+    std::env::var("QCLUSTER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn queue(name: &str) -> String {
+    format!(
+        "qkit-{name}-{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    )
+}
+
+fn settings(q: &str, retry: Duration) -> QueueSettings {
+    QueueSettings {
+        retry,
+        wait: Duration::from_millis(300),
+        ..QueueSettings::for_queue(q)
+    }
+}
+
+async fn open(cfg: &AmqpConfig, s: QueueSettings) -> Option<AmqpBroker> {
+    match AmqpBroker::connect(cfg, s).await {
+        Ok(b) => Some(b),
+        Err(e) => {
+            if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("RabbitMQ required but unreachable: {e}");
+            }
+            eprintln!("skipped: RabbitMQ unreachable: {e}");
+            None
+        }
+    }
+}
+
+fn cfg_named(name: &str) -> AmqpConfig {
+    AmqpConfig {
+        connection_name: Some(name.to_owned()),
+        ..AmqpConfig::new(url())
+    }
+}
+
+async fn cleanup(b: &AmqpBroker, q: &str) {
+    b.delete_queue().await.ok();
+    for n in [q.to_owned(), format!("{q}.dead")] {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_queue", &n])
+            .output();
+    }
+}
+
+async fn drain(b: &AmqpBroker, n: usize, within: Duration) -> Vec<broker_core::Delivery> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        got.extend(b.dequeue().await.expect("dequeue"));
+    }
+    assert_eq!(got.len(), n, "deliveries within {within:?}");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enqueue_returns_after_the_confirm() {
+    let q = queue("confirm");
+    let cfg = AmqpConfig::new(url());
+    let Some(a) = open(&cfg, settings(&q, Duration::from_secs(30))).await else {
+        return;
+    };
+    let ids = a
+        .enqueue_many((0..50).map(|i| Message::new(vec![i])).collect())
+        .await
+        .unwrap();
+    let id = a.enqueue(Message::new(b"one".to_vec())).await.unwrap();
+    // A fresh handle (its own connection) sees every confirmed message at once.
+    let fresh = open(&cfg, settings(&q, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(fresh.queue_size().await.unwrap(), 51);
+    let mut b = settings(&q, Duration::from_secs(30));
+    b.bulk = 60;
+    let reader = open(&cfg, b).await.unwrap();
+    let got = drain(&reader, 51, Duration::from_secs(10)).await;
+    let mut want: Vec<_> = ids.clone();
+    want.push(id);
+    let seen: Vec<_> = got.iter().map(|d| d.message_id.clone()).collect();
+    assert_eq!(seen, want, "message ids and order");
+    reader
+        .acknowledge_many(&got.iter().map(|d| d.ack.clone()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    cleanup(&a, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_gives_back_and_stale_receipts_keep_the_channel() {
+    for queue_type in [QueueType::Quorum, QueueType::Classic] {
+        let q = queue("lease");
+        let cfg = AmqpConfig {
+            queue_type,
+            ..AmqpConfig::new(url())
+        };
+        let retry = Duration::from_millis(800);
+        let Some(b) = open(&cfg, settings(&q, retry)).await else {
+            return;
+        };
+        b.enqueue(Message::new(b"x".to_vec())).await.unwrap();
+        let t0 = Instant::now();
+        let first = drain(&b, 1, Duration::from_secs(5)).await;
+        assert_eq!(first[0].deliveries, Some(1));
+        assert_eq!(b.lock_size().await.unwrap(), Some(1));
+        // Not settled: the adapter gives it back after `retry`, to this handle again.
+        let second = drain(&b, 1, Duration::from_secs(5)).await;
+        assert!(t0.elapsed() >= retry, "came back after {:?}", t0.elapsed());
+        assert_eq!(second[0].payload, b"x");
+        assert_eq!(second[0].message_id, first[0].message_id);
+        assert_ne!(second[0].ack, first[0].ack);
+        // Stale receipt: ignored, never sent (an unknown tag would close the channel).
+        b.acknowledge(&first[0].ack).await.unwrap();
+        b.fail(&first[0].ack).await.unwrap();
+        assert!(!b.extend(&first[0].ack, retry * 10).await.unwrap());
+        // A receipt of another handle, or nonsense, is refused or ignored.
+        assert!(matches!(
+            b.acknowledge(&broker_core::AckId::new("nonsense")).await,
+            Err(BrokerError::InvalidReceipt { .. })
+        ));
+        // The channel still works: the current holder's ack takes effect.
+        b.enqueue(Message::new(b"y".to_vec())).await.unwrap();
+        b.acknowledge(&second[0].ack).await.unwrap();
+        let third = drain(&b, 1, Duration::from_secs(5)).await;
+        assert_eq!(third[0].payload, b"y");
+        b.acknowledge(&third[0].ack).await.unwrap();
+        tokio::time::sleep(retry * 2).await;
+        assert!(
+            b.dequeue().await.unwrap().is_empty(),
+            "{queue_type:?}: acked came back"
+        );
+        assert_eq!(b.queue_size().await.unwrap(), 0);
+        assert_eq!(b.lock_size().await.unwrap(), Some(0));
+        cleanup(&b, &q).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extend_keeps_the_delivery() {
+    let q = queue("extend");
+    let cfg = AmqpConfig::new(url());
+    let retry = Duration::from_millis(800);
+    let Some(a) = open(&cfg, settings(&q, retry)).await else {
+        return;
+    };
+    let other = open(&cfg, settings(&q, retry)).await.unwrap();
+    a.enqueue(Message::new(b"long".to_vec())).await.unwrap();
+    let held = drain(&a, 1, Duration::from_secs(5)).await;
+    let until = Instant::now() + retry * 3;
+    while Instant::now() < until {
+        assert!(a.extend(&held[0].ack, retry).await.unwrap());
+        assert!(
+            other.dequeue().await.unwrap().is_empty(),
+            "extended lease lost"
+        );
+    }
+    a.acknowledge(&held[0].ack).await.unwrap();
+    assert!(!a.extend(&held[0].ack, retry).await.unwrap());
+    tokio::time::sleep(retry * 2).await;
+    assert!(other.dequeue().await.unwrap().is_empty());
+    cleanup(&a, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_with_reason_and_left_in_place() {
+    let q = queue("dead");
+    let cfg = AmqpConfig::new(url());
+    let Some(b) = open(&cfg, settings(&q, Duration::from_secs(30))).await else {
+        return;
+    };
+    for i in 0..3u8 {
+        b.enqueue(Message::new(vec![i])).await.unwrap();
+    }
+    let got = drain(&b, 3, Duration::from_secs(5)).await;
+    b.dead_letter(&got[0].ack, "bad signature").await.unwrap();
+    b.dead_letter(&got[1].ack, "gave up after 3 attempts")
+        .await
+        .unwrap();
+    b.acknowledge(&got[2].ack).await.unwrap();
+    for _ in 0..2 {
+        let dead = b.dead_letters(10).await.unwrap();
+        let reasons: BTreeSet<_> = dead.iter().map(|d| d.reason.clone()).collect();
+        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert!(reasons.contains("bad signature") && reasons.contains("gave up after 3 attempts"));
+        assert!(dead.iter().all(|d| d.dead_at_us > 0));
+        let ids: BTreeSet<_> = dead.iter().map(|d| d.message_id.clone()).collect();
+        assert!(ids.contains(&got[0].message_id) && ids.contains(&got[1].message_id));
+        // Listing leaves them in place.
+        assert_eq!(b.dead_letter_size().await.unwrap(), Some(2));
+    }
+    assert_eq!(b.dead_letters(1).await.unwrap().len(), 1);
+    assert_eq!(b.queue_size().await.unwrap(), 0);
+    b.delete_queue().await.unwrap();
+    assert_eq!(b.dead_letter_size().await.unwrap(), Some(0));
+    cleanup(&b, &q).await;
+}
+
+fn close_connections_named(name: &str) -> usize {
+    let Ok(out) = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+    else {
+        return 0;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut n = 0;
+    for line in text.lines() {
+        if line.contains(name)
+            && let Some(pid) = line.split('\t').next()
+            && Command::new("rabbitmqctl")
+                .args(["close_connection", pid.trim(), "semantics test"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// A connection closed mid-run: enqueue errors (transient) or reconnects, never drops silently;
+/// acknowledged packages are not delivered again, unacknowledged ones are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closed_connection_loses_nothing_and_redelivers_the_unacknowledged() {
+    let q = queue("loss");
+    let name = format!("qkit-semantics-{}", &q[q.len() - 12..]);
+    let cfg = cfg_named(&name);
+    let mut s = settings(&q, Duration::from_secs(60));
+    s.bulk = 10;
+    let Some(b) = open(&cfg, s).await else {
+        return;
+    };
+    if Command::new("rabbitmqctl")
+        .arg("-q")
+        .arg("status")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no rabbitmqctl to close the connection with");
+        cleanup(&b, &q).await;
+        return;
+    }
+    b.enqueue_many((0..20u8).map(|i| Message::new(vec![i])).collect())
+        .await
+        .unwrap();
+    let got = drain(&b, 10, Duration::from_secs(5)).await;
+    let (acked, unacked) = got.split_at(5);
+    for d in acked {
+        b.acknowledge(&d.ack).await.unwrap();
+    }
+    assert!(close_connections_named(&name) > 0, "no connection closed");
+    // Enqueue right after the loss: an error (transient) or a reconnect; never silent.
+    let mut stored = Vec::new();
+    for i in 100..110u8 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match b.enqueue(Message::new(vec![i])).await {
+                Ok(_) => {
+                    stored.push(vec![i]);
+                    break;
+                }
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("enqueue after the loss: {e}"),
+            }
+        }
+    }
+    // Old receipts are stale: ignored, not errors, not sent.
+    for d in unacked {
+        b.acknowledge(&d.ack).await.ok();
+    }
+    // Everything not acknowledged comes back: 5 unacked + 10 never delivered + 10 new.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.len() < 25 && Instant::now() < deadline {
+        match b.dequeue().await {
+            Ok(batch) => {
+                for d in batch {
+                    b.acknowledge(&d.ack).await.unwrap();
+                    seen.push(d.payload);
+                }
+            }
+            Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("dequeue after the loss: {e}"),
+        }
+    }
+    let seen: BTreeSet<Vec<u8>> = seen.into_iter().collect();
+    let mut want: BTreeSet<Vec<u8>> = (5..20u8).map(|i| vec![i]).collect();
+    want.extend(stored);
+    for d in acked {
+        assert!(
+            !seen.contains(&d.payload),
+            "acknowledged {:?} came back",
+            d.payload
+        );
+    }
+    assert_eq!(seen, want, "after the loss");
+    cleanup(&b, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_priorities_and_config_errors() {
+    let q = queue("prio");
+    let cfg = AmqpConfig {
+        queue_type: QueueType::Classic,
+        max_priority: Some(5),
+        ..AmqpConfig::new(url())
+    };
+    let mut s = settings(&q, Duration::from_secs(30));
+    s.bulk = 3;
+    let Some(b) = open(&cfg, s.clone()).await else {
+        return;
+    };
+    assert!(b.capabilities().priority);
+    for (p, prio) in [
+        (b"low".to_vec(), 0),
+        (b"high".to_vec(), 9),
+        (b"mid".to_vec(), 2),
+    ] {
+        b.enqueue(Message::new(p).with_priority(prio))
+            .await
+            .unwrap();
+    }
+    let got = drain(&b, 3, Duration::from_secs(5)).await;
+    let order: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
+    assert_eq!(
+        order,
+        vec![b"high".to_vec(), b"mid".to_vec(), b"low".to_vec()]
+    );
+    for d in &got {
+        b.acknowledge(&d.ack).await.unwrap();
+    }
+    // The same queue as quorum: refused, naming the key.
+    let quorum = AmqpConfig::new(url());
+    match AmqpBroker::connect(&quorum, s).await {
+        Err(BrokerError::Config { key, .. }) => assert_eq!(key, "amqp.queue_type"),
+        other => panic!("declaring a classic queue as quorum gave {other:?}"),
+    }
+    let info = b.info().await.unwrap();
+    assert!(
+        info.server.as_deref().unwrap_or("").contains("3."),
+        "{:?}",
+        info.server
+    );
+    assert!(!format!("{info:?}").contains("guest:guest"));
+    cleanup(&b, &q).await;
+}
