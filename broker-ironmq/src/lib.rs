@@ -213,9 +213,52 @@ struct Inner {
     wait_secs: u64,
     /// Largest raw package accepted.
     raw_limit: usize,
-    /// The receipt's reservation id → the newest one after touches (with when to forget it).
-    touched: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+    /// The receipt's reservation id → the newest one after touches.
+    touched: Touched,
     requests: AtomicU64,
+}
+
+/// How long a touched receipt is remembered past its newest reservation's end: by then the
+/// reservation is stale either way, so forgetting the mapping changes no answer.
+const TOUCH_GRACE: Duration = Duration::from_secs(60);
+
+/// A receipt's reservation id → the newest one after touches, with when to forget it.
+/// Entries go on every settle of the receipt and, for receipts never settled (lease lost,
+/// worker gone), once their reservation has run out: every `record` drops expired ones, so
+/// the map holds at most the receipts extended within the last reservation timeout + grace.
+#[derive(Default)]
+struct Touched(std::sync::Mutex<HashMap<String, (String, Instant)>>);
+
+impl Touched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn current(&self, reservation: &str) -> Option<String> {
+        self.lock().get(reservation).map(|(c, _)| c.clone())
+    }
+
+    fn forget(&self, reservation: &str) {
+        self.lock().remove(reservation);
+    }
+
+    /// `original` now stands for `newest`, a reservation that ends `lasts` after `now`.
+    fn record(&self, original: &str, newest: String, lasts: Duration, now: Instant) {
+        let mut t = self.lock();
+        t.retain(|_, (_, until)| *until > now);
+        t.insert(original.to_owned(), (newest, now + lasts + TOUCH_GRACE));
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
 }
 
 /// A queue on IronMQ v3 (or a server speaking its API). Cheap to clone.
@@ -305,10 +348,16 @@ impl IronMqBroker {
                 ),
             ));
         }
-        if config.connect_timeout.is_zero() || config.timeout.is_zero() {
+        if config.connect_timeout.is_zero() {
+            return Err(BrokerError::config(
+                "ironmq.connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if config.timeout.is_zero() {
             return Err(BrokerError::config(
                 "ironmq.timeout",
-                "connect_timeout and timeout must be greater than zero",
+                "must be greater than zero",
             ));
         }
         if config.max_message_size <= DEAD_HEADROOM + 4 {
@@ -409,7 +458,7 @@ impl IronMqBroker {
                 endpoint,
                 auth,
                 config: config.clone(),
-                touched: std::sync::Mutex::new(HashMap::new()),
+                touched: Touched::default(),
                 requests: AtomicU64::new(0),
             }),
         };
@@ -526,6 +575,18 @@ impl IronMqBroker {
         Ok(answer)
     }
 
+    /// A 2xx answer without what IronMQ's API promises in it.
+    fn malformed(&self, op: &str, what: &str, a: &Answer) -> BrokerError {
+        BrokerError::Backend {
+            broker: NAME,
+            message: self.scrub(&format!(
+                "{op}: IronMQ answered HTTP {} without {what}: {}",
+                a.status.as_u16(),
+                a.msg()
+            )),
+        }
+    }
+
     fn unexpected(&self, op: &str, a: &Answer) -> BrokerError {
         BrokerError::Backend {
             broker: NAME,
@@ -584,22 +645,27 @@ impl IronMqBroker {
         if !a.ok() {
             return Err(self.unexpected("queue info", &a));
         }
-        Ok(a.body.get("queue").cloned())
+        match a.body.get("queue") {
+            Some(q @ Value::Object(_)) => Ok(Some(q.clone())),
+            _ => Err(self.malformed("queue info", "a queue object", &a)),
+        }
     }
 
     /// The reservation id that currently stands for a receipt's (after touches).
     fn current(&self, r: &Receipt) -> String {
-        match self.inner.touched.lock() {
-            Ok(t) => t.get(&r.reservation).map(|(c, _)| c.clone()),
-            Err(_) => None,
-        }
-        .unwrap_or_else(|| r.reservation.clone())
+        self.inner
+            .touched
+            .current(&r.reservation)
+            .unwrap_or_else(|| r.reservation.clone())
     }
 
     fn forget(&self, r: &Receipt) {
-        if let Ok(mut t) = self.inner.touched.lock() {
-            t.remove(&r.reservation);
-        }
+        self.inner.touched.forget(&r.reservation);
+    }
+
+    /// Receipts this handle (and its clones) maps to a newer reservation after an extend.
+    pub fn touched_receipts(&self) -> usize {
+        self.inner.touched.len()
     }
 
     /// Posts bodies in batches of [`MAX_BULK`]; returns their ids in order.
@@ -631,23 +697,29 @@ impl IronMqBroker {
                     Duration::ZERO,
                 )
                 .await;
-            let partial = |e: BrokerError, stored: usize| {
-                if stored == 0 {
-                    e
-                } else {
-                    BrokerError::Backend {
-                        broker: NAME,
-                        message: format!(
-                            "{op}: the first {stored} of {} packages were stored, the rest \
-                             not: {e}",
-                            items.len()
-                        ),
-                    }
+            // What became of this batch: refused (an HTTP error answer: IronMQ stores all of a
+            // post or none), unknown (no answer: it may be stored) or stored (2xx).
+            let partial = |e: BrokerError, stored: usize, this: &str| {
+                if stored == 0 && !this.starts_with("stored") {
+                    // Nothing known stored: the error as it is (a retry is as safe as one of
+                    // a single post).
+                    return e;
+                }
+                let rest = items.len() - stored - chunk.len();
+                BrokerError::Backend {
+                    broker: NAME,
+                    message: format!(
+                        "{op}: of {} packages the first {stored} were stored, the next {} \
+                         {this}, the last {rest} not sent: {e}",
+                        items.len(),
+                        chunk.len(),
+                    ),
                 }
             };
-            let a = res.map_err(|e| partial(e, ids.len()))?;
+            let a =
+                res.map_err(|e| partial(e, ids.len(), "may or may not be stored (no answer)"))?;
             if !a.ok() {
-                return Err(partial(self.unexpected(op, &a), ids.len()));
+                return Err(partial(self.unexpected(op, &a), ids.len(), "refused"));
             }
             let got: Vec<MessageId> = a
                 .body
@@ -659,13 +731,16 @@ impl IronMqBroker {
                 return Err(partial(
                     BrokerError::Backend {
                         broker: NAME,
-                        message: format!(
-                            "{op}: IronMQ answered {} ids for {} messages",
+                        message: self.scrub(&format!(
+                            "IronMQ answered HTTP {} with {} readable ids for {} messages: {}",
+                            a.status.as_u16(),
                             got.len(),
-                            chunk.len()
-                        ),
+                            chunk.len(),
+                            a.msg()
+                        )),
                     },
                     ids.len(),
+                    "stored (their ids unreadable)",
                 ));
             }
             ids.extend(got);
@@ -717,11 +792,11 @@ impl IronMqBroker {
         if !a.ok() {
             return Err(self.unexpected("dequeue", &a));
         }
-        Ok(a.body
-            .get("messages")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default())
+        // A reservation we cannot read comes back when its timeout runs out: nothing is lost.
+        match a.body.get("messages") {
+            Some(Value::Array(m)) => Ok(m.clone()),
+            _ => Err(self.malformed("dequeue", "a messages list", &a)),
+        }
     }
 
     /// Deletes one message with (or without) a reservation id; the raw answer.
@@ -791,7 +866,10 @@ impl Broker for IronMqBroker {
     }
 
     /// Checks every package first (nothing is sent if one is too large), then posts batches of
-    /// 100. If a later batch fails the error says how many were stored before it.
+    /// 100. A failed batch may be partial: once a post was stored, the error (not transient:
+    /// retrying the whole batch would store those twice) says how many were stored, whether
+    /// the failing post of up to 100 was refused or is unknown (no answer), and how many were
+    /// not sent.
     async fn enqueue_many(&self, messages: Vec<Message>) -> Result<Vec<MessageId>, BrokerError> {
         let items = messages
             .iter()
@@ -813,14 +891,17 @@ impl Broker for IronMqBroker {
             if !got.is_empty() {
                 let mut out = Vec::with_capacity(got.len());
                 for m in got {
-                    let (Some(id), Some(rid)) = (
+                    // Skipped ones come back when their reservation runs out.
+                    let (Some(id), Some(rid), Some(body)) = (
                         m.get("id").and_then(id_text),
                         m.get("reservation_id").and_then(id_text),
+                        m.get("body").and_then(Value::as_str),
                     ) else {
-                        tracing::warn!("IronMQ reservation without id or reservation_id skipped");
+                        tracing::warn!(
+                            "IronMQ reservation without id, reservation_id or body skipped"
+                        );
                         continue;
                     };
-                    let body = m.get("body").and_then(Value::as_str).unwrap_or_default();
                     out.push(Delivery {
                         ack: AckId::new(format!("{id}:{rid}")),
                         message_id: MessageId(id),
@@ -981,18 +1062,12 @@ impl Broker for IronMqBroker {
                 message: "extend: IronMQ's touch answered no reservation_id".into(),
             });
         };
-        if let Ok(mut t) = i.touched.lock() {
-            let now = Instant::now();
-            // Forget receipts whose newest reservation ran out long ago.
-            t.retain(|_, (_, until)| *until > now);
-            t.insert(
-                r.reservation.clone(),
-                (
-                    new,
-                    now + Duration::from_secs(secs) + Duration::from_secs(60),
-                ),
-            );
-        }
+        i.touched.record(
+            &r.reservation,
+            new,
+            Duration::from_secs(secs),
+            Instant::now(),
+        );
         Ok(true)
     }
 
@@ -1019,8 +1094,11 @@ impl Broker for IronMqBroker {
         if !a.ok() {
             return Err(self.unexpected("dead_letter", &a));
         }
+        // Without the body there is nothing to set aside: the original stays where it is.
         let m = a.body.get("message").cloned().unwrap_or(Value::Null);
-        let body = m.get("body").and_then(Value::as_str).unwrap_or_default();
+        let Some(body) = m.get("body").and_then(Value::as_str) else {
+            return Err(self.malformed("dead_letter", "the message body", &a));
+        };
         let envelope = json!({
             DEAD_MARK: 1,
             "reason": cut(reason, MAX_REASON),
@@ -1077,12 +1155,10 @@ impl Broker for IronMqBroker {
         if !a.ok() {
             return Err(self.unexpected("dead_letters", &a));
         }
-        let mut out: Vec<DeadLetter> = a
-            .body
-            .get("messages")
-            .and_then(Value::as_array)
-            .map(|v| v.as_slice())
-            .unwrap_or_default()
+        let Some(listed) = a.body.get("messages").and_then(Value::as_array) else {
+            return Err(self.malformed("dead_letters", "a messages list", &a));
+        };
+        let mut out: Vec<DeadLetter> = listed
             .iter()
             .map(|m| {
                 let text = m.get("body").and_then(Value::as_str).unwrap_or_default();
@@ -1165,16 +1241,22 @@ impl Broker for IronMqBroker {
                 return Err(self.unexpected("delete_queue", &a));
             }
         }
-        if let Ok(mut t) = self.inner.touched.lock() {
-            t.clear();
-        }
+        self.inner.touched.clear();
         Ok(())
     }
 
     /// IronMQ's `size`: messages waiting, delayed ones included.
     async fn queue_size(&self) -> Result<u64, BrokerError> {
-        let info = self.queue_info(&self.inner.queue).await?;
-        Ok(info.map_or(0, |q| q.get("size").and_then(Value::as_u64).unwrap_or(0)))
+        match self.queue_info(&self.inner.queue).await? {
+            None => Ok(0),
+            Some(q) => q
+                .get("size")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| BrokerError::Backend {
+                    broker: NAME,
+                    message: "queue_size: IronMQ's queue info has no size".into(),
+                }),
+        }
     }
 
     /// `None` against IronMQ itself (its queue info says nothing about reservations); the
@@ -1304,6 +1386,37 @@ mod tests {
         let c: IronMqConfig = serde_json::from_str(r#"{"timeout": 2.5, "port": 8787}"#).unwrap();
         assert_eq!(c.timeout, Duration::from_millis(2500));
         assert_eq!((c.port, c.protocol.as_str()), (8787, "https"));
+    }
+
+    #[test]
+    fn touched_receipts_expire_without_a_settle() {
+        let t = Touched::default();
+        let t0 = Instant::now();
+        let lease = Duration::from_secs(30);
+        t.record("a", "a2".into(), lease, t0);
+        t.record("b", "b2".into(), lease, t0);
+        assert_eq!(t.current("a").as_deref(), Some("a2"));
+        // Extended again: the newest id and a new deadline.
+        t.record("a", "a3".into(), lease, t0 + Duration::from_secs(20));
+        assert_eq!((t.current("a").as_deref(), t.len()), (Some("a3"), 2));
+        // "b" never settled (worker died): gone after its lease and the grace, at the next
+        // record; "a" (extended later) still there.
+        let later = t0 + lease + TOUCH_GRACE + Duration::from_secs(1);
+        t.record("c", "c2".into(), lease, later);
+        assert_eq!(t.current("b"), None);
+        assert_eq!(t.current("a").as_deref(), Some("a3"));
+        // A long-running handle: a thousand abandoned extends leave only the live ones.
+        for n in 0..1000u64 {
+            t.record(
+                &format!("x{n}"),
+                "y".into(),
+                lease,
+                later + Duration::from_secs(n),
+            );
+        }
+        assert!(t.len() <= 92, "{} entries kept", t.len());
+        t.forget("x999");
+        assert_eq!(t.current("x999"), None);
     }
 
     #[test]

@@ -154,7 +154,9 @@ async fn extend_then_acknowledge_with_the_original_receipt() {
     );
     // Extended again with the original receipt (the handle maps it to the newest id).
     assert!(a.extend(&ack, Duration::from_secs(5)).await.unwrap());
+    assert_eq!(a.touched_receipts(), 1);
     a.acknowledge(&ack).await.unwrap();
+    assert_eq!(a.touched_receipts(), 0, "the settle forgot the mapping");
     assert_eq!(
         a.lock_size().await.unwrap(),
         Some(0),
@@ -263,10 +265,13 @@ async fn short_retry_needs_allow_short_timeout() {
         "{e}"
     );
     // At IronMQ's minimum it opens (when the server is up) and extends by at least 30 s.
-    let Ok(b) = IronMqBroker::connect(&cfg, settings("short", 1, Duration::from_secs(30))).await
-    else {
+    let Some(probe) = open("short-probe", 1, Duration::from_secs(30)).await else {
         return;
     };
+    probe.delete_queue().await.unwrap();
+    let b = IronMqBroker::connect(&cfg, settings("short", 1, Duration::from_secs(30)))
+        .await
+        .unwrap();
     assert_eq!(b.info().await.unwrap().retry_secs, Some(30.0));
     b.delete_queue().await.unwrap();
 }
