@@ -204,7 +204,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def read_body(self):
-        n = int(self.headers.get("Content-Length") or 0)
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise HttpError(400, "Bad Content-Length")
         if n > 128 * 1024 * 1024:
             raise HttpError(413, "Request too large")
         raw = self.rfile.read(n) if n else b""
@@ -239,6 +242,12 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(e.status, {"msg": e.msg})
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as e:  # a bug here, or input we did not foresee: answer, never hang
+            sys.stderr.write(f"ironmq test server: {method} {self.path}: {e!r}\n")
+            try:
+                self.reply(500, {"msg": f"Internal error: {type(e).__name__}"})
+            except OSError:
+                pass
 
     def do_GET(self):
         self.handle_any("GET")
@@ -269,7 +278,10 @@ class Handler(BaseHTTPRequestHandler):
             prev = query.get("previous", [None])[0]
             if prev is not None:
                 names = [n for n in names if n > prev]
-            per_page = min(int(query.get("per_page", ["30"])[0]), 100)
+            try:
+                per_page = min(int(query.get("per_page", ["30"])[0]), 100)
+            except ValueError:
+                raise HttpError(400, "per_page must be an integer")
             return 200, {"queues": [{"name": n} for n in names[:per_page]]}
         name = rest[0]
         tail = rest[1:]
