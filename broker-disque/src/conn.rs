@@ -27,7 +27,8 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
 pub(crate) fn parse_addr(addr: &str) -> Option<(String, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
+    // Not a URL (`disque://:pw@host:7711`): a password would end up in errors and logs.
+    if host.is_empty() || host.contains(['@', '/']) || host.contains(char::is_whitespace) {
         return None;
     }
     Some((host.to_owned(), port.parse().ok()?))

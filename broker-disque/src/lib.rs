@@ -11,6 +11,12 @@
 //! at-least-once: a package is acknowledged or delivered again, never silently dropped, until
 //! Disque's own `ttl` runs out.
 //!
+//! **`ttl` deletes silently.** Disque removes a job when its TTL (`disque.ttl`, default 7 days)
+//! runs out, delivered or not: a package still waiting in a backlog, one failed over and over,
+//! and a dead letter in `<queue>:dead` all vanish then, with no trace. The adapter refuses a
+//! `ttl` below 4 × the retry it sends (or above 10 years, where Disque's 32-bit expiry wraps);
+//! sizing it for the longest backlog and dead-letter retention is the operator's job.
+//!
 //! What Disque imposes, and what this adapter does about it:
 //! - **Whole seconds.** `RETRY` is whole seconds and Disque adds up to ±0.25 s of jitter, so the
 //!   adapter sends `ceil(retry + 0.25 s)`: a lease lasts at least `retry`, at most about
@@ -29,7 +35,9 @@
 //!   and `by + retry` from the call. Disque refuses `WORKING` once half of the job's TTL has gone
 //!   (an error naming `disque.ttl`).
 //! - **`fail_after`.** Disque has no delayed `NACK`: the adapter adds a copy of the job with
-//!   `DELAY`, then acknowledges the original. A crash between the two leaves both: the original
+//!   `DELAY`, then acknowledges the original only once `ADDJOB` has answered with the copy's id,
+//!   that is once the copy is replicated (the copy, like a dead letter, is never added `ASYNC`,
+//!   whatever `async_replication` says). A crash between the two leaves both: the original
 //!   comes back after its lease and the copy after its delay (a duplicate, never a loss). The copy
 //!   is a new job: new message id, delivery count starting again at 1.
 //! - **Node-local views.** `QLEN`, `QPEEK` and `JSCAN` see one node, and a node holds *replicas*
@@ -41,9 +49,11 @@
 //!   `dead_letters` and `dead_letter_size` read the node in use.
 //! - **Nodes.** The handle connects to a random node of `nodes` (with `AUTH` when `auth` is set),
 //!   learns the others with `HELLO`, and when a command fails for a connection reason it goes to
-//!   the next node and tries again, at most once per known node. Receipts are settled on the node
-//!   in use, which must hold a copy of the job: true with Disque's default replication (every
-//!   node of a cluster of up to three).
+//!   the next node and tries again, at most once per known node. A command retried so may have
+//!   run on the first node already: an `ADDJOB` whose reply was lost (a response timeout) stores
+//!   the package twice (a duplicate, never a loss); settles are safe to repeat. Receipts are
+//!   settled on the node in use, which must hold a copy of the job: true with Disque's default
+//!   replication (every node of a cluster of up to three).
 #![warn(missing_docs)]
 
 mod conn;
@@ -77,6 +87,14 @@ const MAX_REASON: usize = 4096;
 const JITTER: Duration = Duration::from_millis(250);
 /// Jobs read per `JSCAN` / `QPEEK` round.
 const SCAN_BATCH: usize = 1000;
+/// Longest `disque.ttl`: Disque keeps a job's expiry as 32-bit Unix seconds, so a TTL that
+/// reaches past 2106 wraps and the job expires at once. Ten years, plus at most
+/// [`MAX_DELAY_SECS`], stays far from that.
+pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Longest delay (`Message::delay`, `fail_after`), for the same reason.
+pub const MAX_DELAY_SECS: u64 = 365 * 24 * 3600;
+/// Longest `disque.connect_timeout` and `disque.add_timeout`.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// `[disque]` settings. Debug output masks `auth`; unknown keys are refused when read from a
 /// config file.
@@ -102,9 +120,12 @@ pub struct DisqueConfig {
     /// How long `ADDJOB` waits for its copies, in seconds (then it fails and Disque cleans up).
     #[serde(with = "broker_core::secs")]
     pub add_timeout: Duration,
-    /// `TTL` of a job, in seconds (added to any delay). Disque deletes a job at its TTL whether
-    /// or not it was delivered, and refuses `WORKING` after half of it: set it well above the
-    /// longest backlog and the longest task. Default 7 days.
+    /// `TTL` of a job, in seconds (added to any delay). **Disque deletes a job at its TTL whether
+    /// or not it was delivered, silently**: a package still waiting (or failing over and over)
+    /// when it runs out is gone, and so is a dead letter (`<queue>:dead` jobs get the same TTL).
+    /// Disque also refuses `WORKING` after half of it. Set it well above the longest backlog,
+    /// the longest task and how long dead letters must stay listable. At least 4 × the retry
+    /// sent to Disque, at most 10 years ([`MAX_TTL_SECS`]). Default 7 days.
     pub ttl: u64,
 }
 
@@ -156,8 +177,8 @@ struct Inner {
     /// `RETRY` sent with every job (whole seconds, see the module docs).
     retry_secs: u64,
     max_message_size: usize,
-    /// Jobs whose lease a keeper task holds, with the keeper's generation.
-    keepers: SyncMutex<HashMap<String, u64>>,
+    /// Jobs whose lease a keeper task holds: the delivery it keeps and the keeper's generation.
+    keepers: SyncMutex<HashMap<String, (u64, u64)>>,
     generation: AtomicU64,
 }
 
@@ -232,6 +253,14 @@ impl JobState {
     }
 }
 
+/// A reply of a shape this adapter does not know.
+fn unexpected(command: &str, what: &str) -> BrokerError {
+    BrokerError::Backend {
+        broker: NAME,
+        message: format!("{command}: unexpected reply from Disque ({what})"),
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -266,7 +295,7 @@ pub(crate) fn int(v: &Value) -> Option<i64> {
 
 /// Whole seconds, rounded up, at least `min`.
 fn ceil_secs(d: Duration, min: u64) -> u64 {
-    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let s = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     s.max(min)
 }
 
@@ -347,9 +376,15 @@ impl DisqueBroker {
             ));
         }
         if let Some(bad) = config.nodes.iter().find(|n| conn::parse_addr(n).is_none()) {
+            // A URL with a password in it is not echoed.
+            let shown = if bad.contains('@') {
+                "an entry with '@'".to_owned()
+            } else {
+                format!("{bad:?}")
+            };
             return Err(BrokerError::config(
                 "disque.nodes",
-                format!("{bad:?} is not host:port"),
+                format!("{shown} is not host:port"),
             ));
         }
         if config.replicate == Some(0) {
@@ -358,10 +393,26 @@ impl DisqueBroker {
                 "must be at least 1",
             ));
         }
-        if config.connect_timeout.is_zero() {
+        if config.connect_timeout.is_zero() || config.connect_timeout > MAX_TIMEOUT {
             return Err(BrokerError::config(
                 "disque.connect_timeout",
-                "must be greater than zero",
+                "must be greater than zero and at most 3600 s",
+            ));
+        }
+        if config.add_timeout > MAX_TIMEOUT {
+            return Err(BrokerError::config(
+                "disque.add_timeout",
+                "must be at most 3600 s",
+            ));
+        }
+        if config.ttl > MAX_TTL_SECS {
+            return Err(BrokerError::config(
+                "disque.ttl",
+                format!(
+                    "is {} s; the limit is {MAX_TTL_SECS} s (10 years): Disque stores expiry \
+                     times as 32-bit seconds, and a longer TTL would wrap and expire jobs at once",
+                    config.ttl
+                ),
             ));
         }
         let retry_secs = ceil_secs(settings.retry + JITTER, 1);
@@ -379,7 +430,7 @@ impl DisqueBroker {
             .max_message_size
             .map_or(MAX_MESSAGE_SIZE, |m| m.min(MAX_MESSAGE_SIZE));
         // Replies come within the ADDJOB replication timeout plus room.
-        let response = config.add_timeout + Duration::from_secs(5);
+        let response = config.add_timeout.saturating_add(Duration::from_secs(5));
         let nodes = Nodes::new(
             config.nodes.clone(),
             config.auth.clone().filter(|a| !a.is_empty()),
@@ -399,7 +450,10 @@ impl DisqueBroker {
                 generation: AtomicU64::new(0),
             }),
         };
-        let budget = config.connect_timeout * (config.nodes.len() as u32) + Duration::from_secs(1);
+        let budget = config
+            .connect_timeout
+            .saturating_mul(u32::try_from(config.nodes.len()).unwrap_or(u32::MAX))
+            .saturating_add(Duration::from_secs(1));
         match tokio::time::timeout(budget, broker.inner.nodes.conn()).await {
             Ok(Ok(_)) => Ok(broker),
             Ok(Err(e)) => Err(e),
@@ -423,7 +477,11 @@ impl DisqueBroker {
                 broker: NAME,
                 operation: op,
                 endpoint: self.endpoint(),
-                after: self.inner.config.add_timeout + Duration::from_secs(5),
+                after: self
+                    .inner
+                    .config
+                    .add_timeout
+                    .saturating_add(Duration::from_secs(5)),
             }
         } else if conn::is_connection_error(e) {
             BrokerError::Unreachable {
@@ -493,10 +551,12 @@ impl DisqueBroker {
 
     async fn show(&self, job: &str) -> Result<Option<JobState>, BrokerError> {
         let v: Value = self.cmd("show", redis::cmd("SHOW").arg(job)).await?;
-        Ok(match v {
-            Value::Nil => None,
-            other => JobState::from_fields(&other),
-        })
+        match v {
+            Value::Nil => Ok(None),
+            other => JobState::from_fields(&other)
+                .map(Some)
+                .ok_or_else(|| unexpected("SHOW", "a job without a state field")),
+        }
     }
 
     /// The job behind a receipt if this receipt still holds its lease (`None`: gone, unknown to
@@ -508,9 +568,13 @@ impl DisqueBroker {
             .filter(|s| s.state == "active" && s.delivery == r.delivery))
     }
 
-    fn stop_keeper(&self, job: &str) {
-        if let Ok(mut k) = self.inner.keepers.lock() {
-            k.remove(job);
+    /// Stops the keeper of `r`'s job if it keeps this very delivery (a stale receipt leaves the
+    /// new holder's keeper alone); `any` stops it whatever delivery it keeps.
+    fn stop_keeper(&self, r: &Receipt, any: bool) {
+        if let Ok(mut k) = self.inner.keepers.lock()
+            && k.get(&r.job).is_some_and(|(d, _)| any || *d == r.delivery)
+        {
+            k.remove(&r.job);
         }
     }
 
@@ -522,9 +586,29 @@ impl DisqueBroker {
         }
     }
 
-    fn addjob(&self, queue: &str, body: &[u8], delay: Option<Duration>) -> Cmd {
+    /// `ADDJOB` for `body`. A `copy` (the delayed copy of `fail_after`, a dead letter) is always
+    /// replicated synchronously, even with `async_replication`: the original is acknowledged
+    /// right after, so the copy must be as safe as the original was before `ADDJOB` returns.
+    fn addjob(
+        &self,
+        queue: &str,
+        body: &[u8],
+        delay: Option<Duration>,
+        copy: bool,
+    ) -> Result<Cmd, BrokerError> {
         let i = &self.inner;
         let delay = delay.filter(|d| !d.is_zero()).map(|d| ceil_secs(d, 1));
+        if let Some(d) = delay
+            && d > MAX_DELAY_SECS
+        {
+            return Err(BrokerError::Backend {
+                broker: NAME,
+                message: format!(
+                    "a delay of {d} s is longer than Disque allows here ({MAX_DELAY_SECS} s, \
+                     one year)"
+                ),
+            });
+        }
         let mut c = redis::cmd("ADDJOB");
         c.arg(queue)
             .arg(body)
@@ -539,10 +623,10 @@ impl DisqueBroker {
         if let Some(n) = i.config.replicate {
             c.arg("REPLICATE").arg(n);
         }
-        if i.config.async_replication {
+        if i.config.async_replication && !copy {
             c.arg("ASYNC");
         }
-        c
+        Ok(c)
     }
 
     fn check_size(&self, m: &Message) -> Result<(), BrokerError> {
@@ -556,15 +640,26 @@ impl DisqueBroker {
         Ok(())
     }
 
-    /// Parses a `GETJOB` reply into deliveries.
-    fn deliveries(v: Value) -> Vec<Delivery> {
-        let Value::Array(jobs) = v else {
-            return Vec::new();
+    /// Parses a `GETJOB` reply into deliveries (`Nil`: nothing came). A job entry of another
+    /// shape is skipped with a warning (Disque queues it again after its retry); a reply that
+    /// is not a list is an error.
+    fn deliveries(v: Value) -> Result<Vec<Delivery>, BrokerError> {
+        let jobs = match v {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Array(jobs) => jobs,
+            _ => return Err(unexpected("GETJOB", "neither a list of jobs nor nil")),
         };
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
-            let Value::Array(mut f) = job else { continue };
+            let Value::Array(mut f) = job else {
+                tracing::warn!("disque: GETJOB returned a job entry that is not a list; skipped");
+                continue;
+            };
             if f.len() < 3 {
+                tracing::warn!(
+                    "disque: GETJOB returned a job entry of {} fields; skipped",
+                    f.len()
+                );
                 continue;
             }
             let mut counters = 0i64;
@@ -575,11 +670,12 @@ impl DisqueBroker {
                     counters += int(v).unwrap_or(0);
                 }
             }
-            let body = match std::mem::replace(&mut f[2], Value::Nil) {
-                Value::BulkString(b) => b,
-                _ => continue,
+            let (Some(id), Value::BulkString(body)) =
+                (text(&f[1]), std::mem::replace(&mut f[2], Value::Nil))
+            else {
+                tracing::warn!("disque: GETJOB returned a job without id or body; skipped");
+                continue;
             };
-            let Some(id) = text(&f[1]) else { continue };
             let n = u64::try_from(counters).unwrap_or(0) + 1;
             out.push(Delivery {
                 ack: AckId::new(format!("{id}#{n}")),
@@ -588,7 +684,7 @@ impl DisqueBroker {
                 deliveries: Some(u32::try_from(n).unwrap_or(u32::MAX)),
             });
         }
-        out
+        Ok(out)
     }
 
     /// Job ids of `queue` on the node behind `c` in the given states (all states when empty),
@@ -759,7 +855,7 @@ impl DisqueBroker {
         let i = &self.inner;
         let generation = i.generation.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut k) = i.keepers.lock() {
-            k.insert(r.job.clone(), generation);
+            k.insert(r.job.clone(), (r.delivery, generation));
         }
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let lease = Duration::from_secs(i.retry_secs).saturating_sub(JITTER);
@@ -777,7 +873,7 @@ impl DisqueBroker {
                 let current = inner
                     .keepers
                     .lock()
-                    .map(|k| k.get(&r.job) == Some(&generation))
+                    .map(|k| k.get(&r.job).is_some_and(|(_, g)| *g == generation))
                     .unwrap_or(false);
                 if !current {
                     break;
@@ -797,7 +893,7 @@ impl DisqueBroker {
             }
             if let Some(inner) = weak.upgrade()
                 && let Ok(mut k) = inner.keepers.lock()
-                && k.get(&r.job) == Some(&generation)
+                && k.get(&r.job).is_some_and(|(_, g)| *g == generation)
             {
                 k.remove(&r.job);
             }
@@ -818,9 +914,16 @@ impl Broker for DisqueBroker {
         NAME
     }
 
+    /// `ADDJOB`; retried on the next node after a connection error or a response timeout, so a
+    /// package whose first `ADDJOB` did reach a node may be stored twice (at-least-once).
     async fn enqueue(&self, message: Message) -> Result<MessageId, BrokerError> {
         self.check_size(&message)?;
-        let cmd = self.addjob(&self.inner.settings.queue, &message.payload, message.delay);
+        let cmd = self.addjob(
+            &self.inner.settings.queue,
+            &message.payload,
+            message.delay,
+            false,
+        )?;
         let id: String = self.cmd("enqueue", &cmd).await?;
         Ok(MessageId(id))
     }
@@ -837,7 +940,12 @@ impl Broker for DisqueBroker {
         }
         let mut pipe = redis::pipe();
         for m in &messages {
-            pipe.add_command(self.addjob(&self.inner.settings.queue, &m.payload, m.delay));
+            pipe.add_command(self.addjob(
+                &self.inner.settings.queue,
+                &m.payload,
+                m.delay,
+                false,
+            )?);
         }
         let ids: Vec<String> = self
             .run("enqueue_many", |mut c| {
@@ -863,7 +971,7 @@ impl Broker for DisqueBroker {
             .arg("WITHCOUNTERS")
             .arg("FROM")
             .arg(&i.settings.queue);
-        let response = i.settings.wait + Duration::from_secs(5);
+        let response = i.settings.wait.saturating_add(Duration::from_secs(5));
         let mut tries = 0;
         let (addr, mut c, got) = loop {
             let (addr, _) = nodes.conn().await?;
@@ -884,7 +992,7 @@ impl Broker for DisqueBroker {
                 Err(e) => return Err(self.map_err("dequeue", &e)),
             }
         };
-        let out = Self::deliveries(got);
+        let out = Self::deliveries(got)?;
         if !out.is_empty() {
             // Start each lease now (Disque counts it from when the job was queued).
             let mut pipe = redis::pipe();
@@ -915,7 +1023,7 @@ impl Broker for DisqueBroker {
     /// queue again, not yet redelivered, is acknowledged (the work was done and nobody holds it).
     async fn acknowledge(&self, ack: &AckId) -> Result<(), BrokerError> {
         let r = self.receipt(ack)?;
-        self.stop_keeper(&r.job);
+        self.stop_keeper(&r, false);
         match self.show(&r.job).await? {
             Some(s) if s.delivery != r.delivery && s.state != "queued" => {
                 tracing::debug!(job = %r.job, "disque: stale acknowledge ignored");
@@ -942,7 +1050,7 @@ impl Broker for DisqueBroker {
             return Ok(());
         }
         for r in &receipts {
-            self.stop_keeper(&r.job);
+            self.stop_keeper(r, false);
         }
         let mut pipe = redis::pipe();
         for r in &receipts {
@@ -974,7 +1082,7 @@ impl Broker for DisqueBroker {
 
     async fn fail(&self, ack: &AckId) -> Result<(), BrokerError> {
         let r = self.receipt(ack)?;
-        self.stop_keeper(&r.job);
+        self.stop_keeper(&r, false);
         if self.held(&r).await?.is_none() {
             tracing::debug!(job = %r.job, "disque: fail with a stale or settled receipt ignored");
             return Ok(());
@@ -990,7 +1098,7 @@ impl Broker for DisqueBroker {
             return self.fail(ack).await;
         }
         let r = self.receipt(ack)?;
-        self.stop_keeper(&r.job);
+        self.stop_keeper(&r, false);
         let Some(job) = self.held(&r).await? else {
             tracing::debug!(job = %r.job, "disque: fail_after with a stale or settled receipt ignored");
             return Ok(());
@@ -998,7 +1106,7 @@ impl Broker for DisqueBroker {
         let _: String = self
             .cmd(
                 "fail_after",
-                &self.addjob(&self.inner.settings.queue, &job.body, Some(delay)),
+                &self.addjob(&self.inner.settings.queue, &job.body, Some(delay), true)?,
             )
             .await?;
         let _: Value = self
@@ -1011,7 +1119,7 @@ impl Broker for DisqueBroker {
     /// nodes' copies to be queued again).
     async fn delete(&self, ack: &AckId) -> Result<(), BrokerError> {
         let r = self.receipt(ack)?;
-        self.stop_keeper(&r.job);
+        self.stop_keeper(&r, true);
         let _: Value = self
             .cmd("delete", redis::cmd(self.ack_cmd()).arg(&r.job))
             .await?;
@@ -1047,6 +1155,8 @@ impl Broker for DisqueBroker {
             }
             Err(e) => return Err(e),
         }
+        // A job lives `ttl` at most: a longer `by` is cut there (and cannot overflow).
+        let by = by.min(Duration::from_secs(self.inner.config.ttl));
         self.keep(r, sent + by, sent);
         Ok(true)
     }
@@ -1055,7 +1165,7 @@ impl Broker for DisqueBroker {
     /// leaves the package in both places: listed as dead and delivered again).
     async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
         let r = self.receipt(ack)?;
-        self.stop_keeper(&r.job);
+        self.stop_keeper(&r, false);
         let Some(job) = self.held(&r).await? else {
             tracing::debug!(job = %r.job, "disque: dead_letter with a stale or settled receipt ignored");
             return Ok(());
@@ -1069,7 +1179,7 @@ impl Broker for DisqueBroker {
         let _: String = self
             .cmd(
                 "dead_letter",
-                &self.addjob(&self.inner.dead_queue, &frame, None),
+                &self.addjob(&self.inner.dead_queue, &frame, None, true)?,
             )
             .await?;
         let _: Value = self
@@ -1247,7 +1357,7 @@ impl Broker for DisqueBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        let budget = self.inner.config.connect_timeout * 2;
+        let budget = self.inner.config.connect_timeout.saturating_mul(2);
         match tokio::time::timeout(budget, self.cmd::<Value>("ping", &redis::cmd("PING"))).await {
             Ok(r) => r.map(|_| ()),
             Err(_) => Err(BrokerError::Timeout {
@@ -1300,9 +1410,12 @@ impl Broker for DisqueBroker {
              the original"
                 .to_owned(),
             format!(
-                "a package not acknowledged within the TTL ({} s) is deleted by Disque",
+                "a package not acknowledged within the TTL ({} s) is deleted by Disque, \
+                 silently; dead letters too",
                 i.config.ttl
             ),
+            "an enqueue retried on another node after a lost reply may store the package twice"
+                .to_owned(),
         ];
         notes.push(if single {
             "queue_size is QLEN + delayed jobs; lock_size the active jobs (JSCAN)".to_owned()
@@ -1398,5 +1511,65 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("disque.ttl"), "{e}");
+        // A TTL past what Disque's 32-bit expiry holds would expire every job at once.
+        let c = DisqueConfig {
+            ttl: MAX_TTL_SECS + 1,
+            ..DisqueConfig::default()
+        };
+        let e = DisqueBroker::connect(&c, QueueSettings::default())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("disque.ttl"), "{e}");
+        for (c, key) in [
+            (
+                DisqueConfig {
+                    connect_timeout: Duration::MAX,
+                    ..DisqueConfig::default()
+                },
+                "disque.connect_timeout",
+            ),
+            (
+                DisqueConfig {
+                    add_timeout: Duration::MAX,
+                    ..DisqueConfig::default()
+                },
+                "disque.add_timeout",
+            ),
+            (
+                DisqueConfig::new(["disque://:s3cr3t@db:7711"]),
+                "disque.nodes",
+            ),
+        ] {
+            let e = DisqueBroker::connect(&c, QueueSettings::default())
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+            assert!(!e.to_string().contains("s3cr3t"), "{e}");
+        }
+    }
+
+    #[test]
+    fn huge_durations_do_not_overflow() {
+        assert_eq!(ceil_secs(Duration::MAX, 1), u64::MAX);
+    }
+
+    #[test]
+    fn getjob_replies_of_another_shape_are_errors() {
+        assert!(DisqueBroker::deliveries(Value::Nil).unwrap().is_empty());
+        assert!(DisqueBroker::deliveries(Value::Int(3)).is_err());
+        let odd = Value::Array(vec![Value::Int(1), Value::Array(vec![Value::Nil])]);
+        assert!(DisqueBroker::deliveries(odd).unwrap().is_empty());
+        let good = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"q".to_vec()),
+            Value::BulkString(b"D-x".to_vec()),
+            Value::BulkString(b"body".to_vec()),
+            Value::BulkString(b"nacks".to_vec()),
+            Value::Int(1),
+            Value::BulkString(b"additional-deliveries".to_vec()),
+            Value::Int(2),
+        ])]);
+        let d = DisqueBroker::deliveries(good).unwrap();
+        assert_eq!(d[0].ack.as_str(), "D-x#4");
+        assert_eq!(d[0].payload, b"body");
     }
 }

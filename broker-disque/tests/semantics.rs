@@ -207,3 +207,67 @@ async fn fastack_mode_acknowledges_for_good() {
     assert!(b.dequeue().await.expect("dequeue").is_empty());
     assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
 }
+
+#[tokio::test]
+async fn stale_acknowledge_keeps_the_new_holders_extension() {
+    let Some(nodes) = nodes() else { return skip() };
+    let c = config(nodes);
+    let s = settings("stalekeep");
+    let a = open(&c, s.clone()).await;
+    let other = DisqueBroker::connect(&c, s).await.expect("connect");
+    a.enqueue(Message::new(b"x".to_vec()))
+        .await
+        .expect("enqueue");
+    let first = a.dequeue().await.expect("dequeue");
+    assert_eq!(first.len(), 1);
+    // The first lease runs out; the same handle gets the job again and extends it well past
+    // its retry (a keeper task repeats WORKING).
+    let t1 = Instant::now();
+    let mut second = Vec::new();
+    while second.is_empty() && t1.elapsed() < Duration::from_secs(15) {
+        second = a.dequeue().await.expect("dequeue");
+    }
+    assert!(!second.is_empty(), "not delivered again within 15 s");
+    assert!(
+        a.extend(&second[0].ack, Duration::from_secs(6))
+            .await
+            .expect("extend")
+    );
+    // The first holder's stale acknowledge is ignored, and must not stop the second holder's
+    // keeper either.
+    a.acknowledge(&first[0].ack)
+        .await
+        .expect("stale acknowledge");
+    let t2 = Instant::now();
+    while t2.elapsed() < Duration::from_millis(5000) {
+        assert!(
+            other.dequeue().await.expect("dequeue").is_empty(),
+            "delivered again after {:?}: the stale acknowledge stopped the keeper",
+            t2.elapsed()
+        );
+    }
+    a.acknowledge(&second[0].ack).await.expect("acknowledge");
+}
+
+#[tokio::test]
+async fn extend_and_delays_out_of_range_do_not_panic() {
+    let Some(nodes) = nodes() else { return skip() };
+    let b = open(&config(nodes), settings("huge")).await;
+    let e = b
+        .enqueue(Message::new(b"x".to_vec()).with_delay(Duration::MAX))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("delay"), "{e}");
+    b.enqueue(Message::new(b"y".to_vec()))
+        .await
+        .expect("enqueue");
+    let got = b.dequeue().await.expect("dequeue");
+    assert!(
+        b.extend(&got[0].ack, Duration::MAX)
+            .await
+            .expect("extend by Duration::MAX")
+    );
+    assert!(b.fail_after(&got[0].ack, Duration::MAX).await.is_err());
+    b.acknowledge(&got[0].ack).await.expect("acknowledge");
+    b.delete_queue().await.expect("delete_queue");
+}
