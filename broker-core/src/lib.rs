@@ -10,6 +10,7 @@ mod package;
 mod settings;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod text;
 
 pub use broker::{
     AckId, Broker, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId, Stat,

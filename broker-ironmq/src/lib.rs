@@ -34,8 +34,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use broker_core::{
     AckId, Broker, BrokerError, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId,
     QueueSettings, async_trait, redact,
@@ -288,15 +286,10 @@ fn secs_up(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// The largest raw package whose base64url text (no padding) fits `text` bytes.
-fn raw_fitting(text: usize) -> usize {
-    text / 4 * 3 + (text % 4).saturating_sub(1)
-}
-
 fn decode_body(body: &str) -> Vec<u8> {
-    match URL_SAFE_NO_PAD.decode(body.trim_end_matches('=')) {
-        Ok(b) => b,
-        Err(_) => {
+    match broker_core::text::from_text(body) {
+        Some(b) => b,
+        None => {
             // Not ours: handed on as it is, so the codec refuses it and the cluster
             // quarantines it instead of retrying it forever.
             tracing::warn!("IronMQ message body is not base64url; delivered as raw text");
@@ -440,7 +433,7 @@ impl IronMqBroker {
                 broker: NAME,
                 message: format!("HTTP client: {e}"),
             })?;
-        let raw_limit = raw_fitting(config.max_message_size - DEAD_HEADROOM);
+        let raw_limit = broker_core::text::raw_fitting(config.max_message_size - DEAD_HEADROOM);
         let raw_limit = settings
             .max_message_size
             .map_or(raw_limit, |m| m.min(raw_limit));
@@ -766,7 +759,7 @@ impl IronMqBroker {
             }
             Some(d) => secs_up(d),
         };
-        Ok((URL_SAFE_NO_PAD.encode(&m.payload), delay))
+        Ok((broker_core::text::to_text(&m.payload), delay))
     }
 
     /// One reserve call; a missing queue is created and the call made again.
@@ -1360,15 +1353,6 @@ impl Broker for IronMqBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn raw_fitting_is_the_largest_that_fits() {
-        for text in 0..200usize {
-            let n = raw_fitting(text);
-            assert!(URL_SAFE_NO_PAD.encode(vec![0u8; n]).len() <= text);
-            assert!(URL_SAFE_NO_PAD.encode(vec![0u8; n + 1]).len() > text);
-        }
-    }
 
     #[test]
     fn debug_masks_the_token() {

@@ -56,8 +56,6 @@ use aws_sdk_sqs::types::{
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
 };
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use broker_core::{
     AckId, Broker, BrokerError, BrokerInfo, Capabilities, DeadLetter, Delivery, Message, MessageId,
     QueueSettings, async_trait, mask_url, redact,
@@ -393,15 +391,10 @@ fn fifo_token(s: &str) -> String {
     }
 }
 
-/// The largest raw package whose base64url text (no padding) fits `text` bytes.
-fn raw_fitting(text: usize) -> usize {
-    text / 4 * 3 + (text % 4).saturating_sub(1)
-}
-
 fn decode_body(body: &str) -> Vec<u8> {
-    match URL_SAFE_NO_PAD.decode(body.trim_end_matches('=')) {
-        Ok(b) => b,
-        Err(_) => {
+    match broker_core::text::from_text(body) {
+        Some(b) => b,
+        None => {
             // Not ours (someone else's message): handed on as it is, so the codec refuses it
             // and the cluster quarantines it instead of retrying it forever.
             tracing::warn!("SQS message body is not base64url; delivered as raw text");
@@ -620,7 +613,7 @@ impl SqsBroker {
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(SQS_MAX_MESSAGE_SIZE)
             .min(SQS_MAX_MESSAGE_SIZE);
-        let own_raw = raw_fitting(queue_max.saturating_sub(ATTRIBUTE_HEADROOM));
+        let own_raw = broker_core::text::raw_fitting(queue_max.saturating_sub(ATTRIBUTE_HEADROOM));
         let raw_limit = settings
             .max_message_size
             .map_or(own_raw, |m| m.min(own_raw));
@@ -822,7 +815,7 @@ impl SqsBroker {
             (None, None)
         };
         Ok(Outgoing {
-            body: URL_SAFE_NO_PAD.encode(&m.payload),
+            body: broker_core::text::to_text(&m.payload),
             delay,
             group,
             dedup,
@@ -1888,15 +1881,6 @@ impl Broker for SqsBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn raw_fitting_is_the_largest_that_fits() {
-        for text in 0..200usize {
-            let n = raw_fitting(text);
-            assert!(URL_SAFE_NO_PAD.encode(vec![0u8; n]).len() <= text);
-            assert!(URL_SAFE_NO_PAD.encode(vec![0u8; n + 1]).len() > text);
-        }
-    }
 
     #[test]
     fn receipts_round_trip() {
