@@ -33,23 +33,33 @@ async fn reachable() -> bool {
     );
     match AmqpBroker::connect(&cfg, QueueSettings::for_queue(&probe)).await {
         Ok(b) => {
-            remove_queues(&b, &[probe]).await;
+            drop(b);
+            if let Err(e) = delete_queues(&[probe]).await {
+                eprintln!("could not remove the probe queue: {e}");
+            }
             true
         }
         Err(e) => skip(e.to_string()),
     }
 }
 
-/// Deletes the queues (and their `.dead` queues) a run used, with `rabbitmqctl` where it
-/// works, else through the broker (which leaves the main queue declared, empty).
-async fn remove_queues(b: &AmqpBroker, names: &[String]) {
+/// Deletes the queues a run used and their `.dead` queues, over AMQP (any name, the kit's
+/// hostile one included).
+async fn delete_queues(names: &[String]) -> Result<(), String> {
+    use lapin::options::QueueDeleteOptions;
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
     for q in names {
-        let gone = rabbitmqctl(&["delete_queue", q]).is_ok()
-            && rabbitmqctl(&["delete_queue", &format!("{q}.dead")]).is_ok();
-        if !gone {
-            let _ = b.delete_queue().await;
+        for n in [q.clone(), format!("{q}.dead")] {
+            ch.queue_delete(n.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| format!("delete {n:?}: {e}"))?;
         }
     }
+    let _ = conn.close(200, "kit done".into()).await;
+    Ok(())
 }
 
 fn skip(e: String) -> bool {
@@ -200,17 +210,25 @@ async fn run(queue_type: QueueType) {
     })
     .await;
     let names: Vec<String> = used.lock().unwrap().iter().cloned().collect();
-    tokio::task::spawn_blocking(move || {
-        for q in names {
-            let _ = rabbitmqctl(&["delete_queue", &q]);
-            let _ = rabbitmqctl(&["delete_queue", &format!("{q}.dead")]);
-        }
-    })
-    .await
-    .ok();
+    if let Err(e) = delete_queues(&names).await {
+        eprintln!("could not remove the kit's queues: {e}");
+    }
     drop(user);
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Removes queues left by interrupted runs: `KIT_LEFTOVERS` lists their names, one a line.
+#[tokio::test]
+async fn remove_leftovers() {
+    if let Ok(list) = std::env::var("KIT_LEFTOVERS") {
+        let names: Vec<String> = list
+            .lines()
+            .map(|l| l.trim_end_matches(".dead").to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        delete_queues(&names).await.unwrap();
     }
 }
 
