@@ -218,6 +218,11 @@ enum Settle {
 }
 
 impl AmqpBroker {
+    /// Deliveries this handle has handed out and not yet settled (leases it holds).
+    pub fn held(&self) -> usize {
+        self.inner.lock().held.len()
+    }
+
     /// Connects, declares `<queue>` and `<queue>.dead` (durable, of `queue_type`) and opens the
     /// channels. Fails with [`BrokerError::Unreachable`] or [`BrokerError::Timeout`] (within
     /// `connect_timeout`) when the server does not answer, [`BrokerError::Config`] for invalid
@@ -1269,8 +1274,11 @@ impl Broker for AmqpBroker {
     /// What this handle holds: its leases (deliveries handed out and not settled). Other
     /// handles' (and other processes') in-flight messages are not visible without the
     /// management API.
+    /// `None`: AMQP does not tell how many deliveries other consumers hold unacknowledged (the
+    /// management API would); a count of this handle's alone would read as the queue's in
+    /// `qcluster info`. [`AmqpBroker::held`] gives this handle's.
     async fn lock_size(&self) -> Result<Option<u64>, BrokerError> {
-        Ok(Some(self.inner.lock().held.len() as u64))
+        Ok(None)
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -1340,9 +1348,9 @@ impl Broker for AmqpBroker {
                 "enqueue returns after the publisher confirm; messages are persistent in a \
                  durable queue"
                     .into(),
-                "lock_size counts this handle's leases only: other consumers' in-flight \
-                 messages are not visible without the management API; queue_size counts ready \
-                 messages plus what this handle prefetched and did not hand out yet"
+                "in-flight packages are not counted: AMQP does not tell how many deliveries \
+                 consumers hold unacknowledged (the management API would); queue_size counts \
+                 ready messages plus what this handle prefetched and did not hand out yet"
                     .into(),
                 "delays are not honoured: fail_after gives the message back at once".into(),
             ],
