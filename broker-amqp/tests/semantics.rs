@@ -368,3 +368,118 @@ async fn classic_priorities_and_config_errors() {
     assert!(!format!("{info:?}").contains("guest:guest"));
     cleanup(&b, &q).await;
 }
+
+/// Delays through holding queues: not delivered before the delay, delivered after; two delays
+/// in either order come out in due order; fail_after likewise (and counts the deliveries on);
+/// queue_size and purge_queue see delayed packages; delete_queue removes the holding queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delays_wait_in_holding_queues() {
+    for queue_type in [QueueType::Quorum, QueueType::Classic] {
+        let q = queue("delay");
+        let cfg = AmqpConfig {
+            queue_type,
+            ..AmqpConfig::new(url())
+        };
+        let mut s = settings(&q, Duration::from_secs(30));
+        s.bulk = 5;
+        let Some(b) = open(&cfg, s).await else {
+            return;
+        };
+        assert!(b.capabilities().delay);
+        let d = |ms| Duration::from_millis(ms);
+        // The longer delay first, then the shorter: due order, not enqueue order.
+        let t0 = Instant::now();
+        b.enqueue(Message::new(b"late".to_vec()).with_delay(d(1600)))
+            .await
+            .unwrap();
+        b.enqueue(Message::new(b"soon".to_vec()).with_delay(d(800)))
+            .await
+            .unwrap();
+        b.enqueue(Message::new(b"now".to_vec())).await.unwrap();
+        assert_eq!(b.queue_size().await.unwrap(), 3, "{queue_type:?}");
+        let mut order = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while order.len() < 3 && Instant::now() < deadline {
+            for x in b.dequeue().await.unwrap() {
+                order.push((x.payload.clone(), t0.elapsed()));
+                assert_eq!(x.deliveries, Some(1));
+                b.acknowledge(&x.ack).await.unwrap();
+            }
+        }
+        let names: Vec<&[u8]> = order.iter().map(|(p, _)| p.as_slice()).collect();
+        assert_eq!(
+            names,
+            vec![&b"now"[..], b"soon", b"late"],
+            "{queue_type:?}: {order:?}"
+        );
+        assert!(order[1].1 >= d(800) && order[2].1 >= d(1600), "{order:?}");
+        assert!(order[2].1 < d(4000), "late by far: {order:?}");
+        // fail_after: not back before its delay, back after it, counted on.
+        b.enqueue(Message::new(b"retry".to_vec())).await.unwrap();
+        let got = drain(&b, 1, Duration::from_secs(5)).await;
+        let t1 = Instant::now();
+        b.fail_after(&got[0].ack, d(1000)).await.unwrap();
+        assert_eq!(b.held(), 0);
+        assert_eq!(
+            b.queue_size().await.unwrap(),
+            1,
+            "delayed counts as waiting"
+        );
+        assert!(b.dequeue().await.unwrap().is_empty(), "back early");
+        let again = drain(&b, 1, Duration::from_secs(10)).await;
+        assert!(t1.elapsed() >= d(1000), "back after {:?}", t1.elapsed());
+        assert_eq!(again[0].message_id, got[0].message_id);
+        assert_eq!(again[0].payload, b"retry");
+        assert_eq!(again[0].deliveries, Some(2), "{queue_type:?}");
+        b.acknowledge(&again[0].ack).await.unwrap();
+        // purge takes the delayed ones too; nothing arrives after their delay.
+        b.enqueue(Message::new(b"p".to_vec()).with_delay(d(700)))
+            .await
+            .unwrap();
+        b.enqueue(Message::new(b"p2".to_vec())).await.unwrap();
+        assert_eq!(b.purge_queue().await.unwrap(), 2);
+        tokio::time::sleep(d(900)).await;
+        assert!(
+            b.dequeue().await.unwrap().is_empty(),
+            "purged delayed came back"
+        );
+        assert_eq!(b.queue_size().await.unwrap(), 0);
+        // delete_queue removes the holding queues (another handle's included).
+        let other = open(&cfg, settings(&q, Duration::from_secs(30)))
+            .await
+            .unwrap();
+        other
+            .enqueue(Message::new(b"gone".to_vec()).with_delay(d(1200)))
+            .await
+            .unwrap();
+        let t2 = Instant::now();
+        b.delete_queue().await.unwrap();
+        eprintln!("delete_queue took {:?}", t2.elapsed());
+        tokio::time::sleep(d(1500)).await;
+        assert!(
+            b.dequeue().await.unwrap().is_empty(),
+            "deleted delayed came back"
+        );
+        assert_eq!(other.queue_size().await.unwrap(), 0);
+        let left = Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ])
+            .output();
+        if let Ok(out) = left {
+            // `other.queue_size` declares its holding queue again (empty; it expires by itself).
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                !text
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{q}.delay.")) && !l.ends_with("\t0")),
+                "holding queues left with messages: {text}"
+            );
+        }
+        cleanup(&b, &q).await;
+    }
+}
