@@ -1,6 +1,6 @@
 //! Throughput of the IronMQ broker beside raw `reqwest` calls making the same requests, in the
-//! same run, against the server at `QCLUSTER_IRONMQ_URL` (default the test server at
-//! `http://127.0.0.1:8787`, token `QCLUSTER_IRONMQ_TOKEN`).
+//! same run, against the server at `QCLUSTER_TEST_IRONMQ_URL` (default the test server at
+//! `http://127.0.0.1:8787`, token `QCLUSTER_TEST_IRONMQ_TOKEN`).
 //!
 //! `cargo bench -p broker-ironmq --bench throughput` (env `BENCH_N`, default 1000).
 //!
@@ -25,11 +25,11 @@ fn n() -> usize {
 }
 
 fn url() -> String {
-    std::env::var("QCLUSTER_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into())
+    std::env::var("QCLUSTER_TEST_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into())
 }
 
 fn token() -> String {
-    std::env::var("QCLUSTER_IRONMQ_TOKEN").unwrap_or_else(|_| "qcluster-test-token".into())
+    std::env::var("QCLUSTER_TEST_IRONMQ_TOKEN").unwrap_or_else(|_| "qcluster-test-token".into())
 }
 
 const PROJECT: &str = "bench";

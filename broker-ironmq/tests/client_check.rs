@@ -16,7 +16,7 @@ fn skip(why: String) {
 #[test]
 fn official_client_agrees_with_the_test_server() {
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = std::env::var("QCLUSTER_IRONMQ_PYTHON")
+    let python = std::env::var("QCLUSTER_TEST_IRONMQ_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|_| crate_dir.join("../.venv-test/bin/python"));
     if !python.exists() {
@@ -26,7 +26,7 @@ fn official_client_agrees_with_the_test_server() {
         ));
     }
     let url =
-        std::env::var("QCLUSTER_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into());
+        std::env::var("QCLUSTER_TEST_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into());
     let reachable = url::Url::parse(&url)
         .ok()
         .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))

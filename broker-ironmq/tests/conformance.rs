@@ -1,5 +1,5 @@
 //! The conformance kit against the IronMQ v3 test server (`testserver/ironmq_v3.py`) at
-//! `QCLUSTER_IRONMQ_URL` (default `http://127.0.0.1:8787`), token `QCLUSTER_IRONMQ_TOKEN`
+//! `QCLUSTER_TEST_IRONMQ_URL` (default `http://127.0.0.1:8787`), token `QCLUSTER_TEST_IRONMQ_TOKEN`
 //! (default `qcluster-test-token`), in a project of the run's own; every queue the kit makes
 //! is deleted by the kit's checks or at the end.
 //!
@@ -16,11 +16,11 @@ use broker_core::{Broker, QueueSettings};
 use broker_ironmq::{IronMqBroker, IronMqConfig};
 
 fn url() -> String {
-    std::env::var("QCLUSTER_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into())
+    std::env::var("QCLUSTER_TEST_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into())
 }
 
 fn token() -> String {
-    std::env::var("QCLUSTER_IRONMQ_TOKEN").unwrap_or_else(|_| "qcluster-test-token".into())
+    std::env::var("QCLUSTER_TEST_IRONMQ_TOKEN").unwrap_or_else(|_| "qcluster-test-token".into())
 }
 
 fn config(project: &str) -> IronMqConfig {

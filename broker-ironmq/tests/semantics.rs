@@ -1,5 +1,5 @@
 //! IronMQ-specific behaviour against the test server (`testserver/ironmq_v3.py`) at
-//! `QCLUSTER_IRONMQ_URL`: batches over IronMQ's 100, the size limit, touch and its new
+//! `QCLUSTER_TEST_IRONMQ_URL`: batches over IronMQ's 100, the size limit, touch and its new
 //! reservation id, stale reservations, dead letters, a refused token. Skips loudly when the
 //! server is down; panics instead under `QCLUSTER_REQUIRE_SERVICES=1`.
 
@@ -9,11 +9,11 @@ use broker_core::{Broker, BrokerError, Message, QueueSettings};
 use broker_ironmq::{IronMqBroker, IronMqConfig, MAX_BULK};
 
 fn url() -> String {
-    std::env::var("QCLUSTER_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into())
+    std::env::var("QCLUSTER_TEST_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into())
 }
 
 fn token() -> String {
-    std::env::var("QCLUSTER_IRONMQ_TOKEN").unwrap_or_else(|_| "qcluster-test-token".into())
+    std::env::var("QCLUSTER_TEST_IRONMQ_TOKEN").unwrap_or_else(|_| "qcluster-test-token".into())
 }
 
 fn config() -> IronMqConfig {

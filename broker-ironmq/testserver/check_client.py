@@ -4,7 +4,7 @@ and checks the answers the Rust adapter relies on. Exits 1 on the first mismatch
 
     .venv-test/bin/python check_client.py [--url http://127.0.0.1:8787] [--token TOKEN]
 
-The defaults come from QCLUSTER_IRONMQ_URL and QCLUSTER_IRONMQ_TOKEN. Queues made here are
+The defaults come from QCLUSTER_TEST_IRONMQ_URL and QCLUSTER_TEST_IRONMQ_TOKEN. Queues made here are
 named `check-<random>-...` and deleted at the end.
 """
 
@@ -38,8 +38,8 @@ def status_of(fn):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--url", default=os.environ.get("QCLUSTER_IRONMQ_URL", "http://127.0.0.1:8787"))
-    ap.add_argument("--token", default=os.environ.get("QCLUSTER_IRONMQ_TOKEN", "qcluster-test-token"))
+    ap.add_argument("--url", default=os.environ.get("QCLUSTER_TEST_IRONMQ_URL", "http://127.0.0.1:8787"))
+    ap.add_argument("--token", default=os.environ.get("QCLUSTER_TEST_IRONMQ_TOKEN", "qcluster-test-token"))
     args = ap.parse_args()
     u = urlsplit(args.url)
     mk = lambda token: IronMQ(host=u.hostname, port=u.port or 80, protocol=u.scheme,

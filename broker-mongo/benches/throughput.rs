@@ -4,7 +4,7 @@
 //! Env: `BENCH_N` (packages per case, default 1000: SecantusDB, the test server, plans the
 //! claim as a collection scan plus sort, so a claim costs time in proportion to the backlog;
 //! use 10000 or more on a real mongod), `BENCH_ROUNDS` (default 1; the median is printed),
-//! `QCLUSTER_MONGO_URL` (default `mongodb://127.0.0.1:27018`).
+//! `QCLUSTER_TEST_MONGO_URL` (default `mongodb://127.0.0.1:27018`).
 //!
 //! Each case: N packages of 100 bytes enqueued (`enqueue_many` in batches of 1000; raw:
 //! `insertMany` of the same documents), then one consumer dequeues and acknowledges until the
@@ -30,7 +30,7 @@ async fn main() {
     let n: usize = env("BENCH_N", 1000);
     let rounds: usize = env("BENCH_ROUNDS", 1).max(1);
     let url =
-        std::env::var("QCLUSTER_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
+        std::env::var("QCLUSTER_TEST_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
     let database = format!("qbench_{}", &ObjectId::new().to_hex()[12..]);
     let client = match Client::with_uri_str(&url).await {
         Ok(c) => c,

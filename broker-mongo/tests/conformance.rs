@@ -1,4 +1,4 @@
-//! The conformance kit against the MongoDB-wire server of `QCLUSTER_MONGO_URL` (SecantusDB on
+//! The conformance kit against the MongoDB-wire server of `QCLUSTER_TEST_MONGO_URL` (SecantusDB on
 //! 127.0.0.1:27018 by default).
 //!
 //! Each run works in a database of its own (`qkit_<random>`, dropped at the end) and logs in as

@@ -1,7 +1,7 @@
 //! What users of the MongoDB broker rely on beyond the conformance kit: delivery order, bulk
 //! claims that never overlap, leases that run out and stale receipts, extension, stats expiry,
 //! the indexes made at start-up and the size limit. Each test works in a database of its own
-//! (`qsem_<random>`, dropped at the end) on the server of `QCLUSTER_MONGO_URL`.
+//! (`qsem_<random>`, dropped at the end) on the server of `QCLUSTER_TEST_MONGO_URL`.
 
 mod common;
 

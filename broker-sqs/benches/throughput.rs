@@ -1,12 +1,12 @@
 //! Throughput of the SQS broker beside a raw `aws-sdk-sqs` loop making the same calls, in the
-//! same run, against the endpoint at `QCLUSTER_SQS_ENDPOINT` (default the moto emulator at
+//! same run, against the endpoint at `QCLUSTER_TEST_SQS_ENDPOINT` (default the moto emulator at
 //! `http://127.0.0.1:9324`).
 //!
 //! `cargo bench -p broker-sqs --bench throughput` (env `BENCH_N`, default 500; `BENCH_ROUNDS`,
 //! default 1). The default is small because moto scans a queue's whole message list on every
 //! receive and delete: it answers about 80 small requests a second and slows down as the queue
 //! grows, so 10000 packages at bulk 1 take the better part of an hour. Against real SQS, set
-//! `BENCH_N=10000` and point `QCLUSTER_SQS_ENDPOINT` (and credentials) at it.
+//! `BENCH_N=10000` and point `QCLUSTER_TEST_SQS_ENDPOINT` (and credentials) at it.
 //!
 //! Ours: N packages of 100 bytes with `enqueue_many`, then one consumer dequeues (bulk 1 and
 //! 10) and acknowledges each batch with `acknowledge_many`. Raw: the same number of 136-byte
@@ -28,7 +28,7 @@ fn env(key: &str, default: usize) -> usize {
 }
 
 fn endpoint() -> String {
-    std::env::var("QCLUSTER_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into())
+    std::env::var("QCLUSTER_TEST_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into())
 }
 
 fn config(queue: &str) -> SqsConfig {

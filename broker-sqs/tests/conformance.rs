@@ -1,4 +1,4 @@
-//! The conformance kit against the SQS emulator (moto) at `QCLUSTER_SQS_ENDPOINT`
+//! The conformance kit against the SQS emulator (moto) at `QCLUSTER_TEST_SQS_ENDPOINT`
 //! (default `http://127.0.0.1:9324`): a standard queue, then a FIFO queue.
 //!
 //! Every run uses queues of its own (`kit<random>-<check>`); the factory records each queue it
@@ -24,7 +24,7 @@ use broker_sqs::{SqsBroker, SqsConfig};
 const SECRET: &str = "kit-Sqs-secret-7731/QzX";
 
 fn endpoint() -> String {
-    std::env::var("QCLUSTER_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into())
+    std::env::var("QCLUSTER_TEST_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into())
 }
 
 fn config() -> SqsConfig {

@@ -1,5 +1,5 @@
 //! What a user of the SQS broker relies on beyond the conformance kit, against the emulator at
-//! `QCLUSTER_SQS_ENDPOINT` (default `http://127.0.0.1:9324`). Each test uses queues of its own
+//! `QCLUSTER_TEST_SQS_ENDPOINT` (default `http://127.0.0.1:9324`). Each test uses queues of its own
 //! (`qsem-<random>-...`) and deletes them at the end.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use broker_core::{Broker, BrokerError, Message, QueueSettings};
 use broker_sqs::{SqsBroker, SqsConfig};
 
 fn endpoint() -> String {
-    std::env::var("QCLUSTER_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into())
+    std::env::var("QCLUSTER_TEST_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into())
 }
 
 fn config() -> SqsConfig {

@@ -1,7 +1,7 @@
 //! The SQS, MongoDB, RabbitMQ, IronMQ and Disque brokers through the real binary, against the
-//! servers `scripts/test` starts (moto at `QCLUSTER_SQS_ENDPOINT`, SecantusDB at
-//! `QCLUSTER_MONGO_URL`, RabbitMQ at 127.0.0.1:5672, the project's IronMQ v3 test server at
-//! `QCLUSTER_IRONMQ_URL`; Disque only where `DISQUE_NODES` names one): a run whose status `info`
+//! servers `scripts/test` starts (moto at `QCLUSTER_TEST_SQS_ENDPOINT`, SecantusDB at
+//! `QCLUSTER_TEST_MONGO_URL`, RabbitMQ at 127.0.0.1:5672, the project's IronMQ v3 test server at
+//! `QCLUSTER_TEST_IRONMQ_URL`; Disque only where `DISQUE_NODES` names one): a run whose status `info`
 //! shows (from the result store where the broker cannot hold it), and a `kill -9` mid-run
 //! after which every task still succeeds, run twice only if it was in flight; RabbitMQ's app
 //! stopped and started mid-run.
@@ -23,8 +23,8 @@ use common::{Guard, World, signal, wait_exit};
 fn sqs_world(tag: &str) -> World {
     let mut w = World::new(tag, None);
     let store = w.url.clone();
-    let endpoint =
-        std::env::var("QCLUSTER_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into());
+    let endpoint = std::env::var("QCLUSTER_TEST_SQS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:9324".into());
     w.set("QCLUSTER_BROKER", "sqs")
         .set("QCLUSTER_SQS__ENDPOINT_URL", endpoint)
         .set("QCLUSTER_SQS__REGION", "us-east-1")
@@ -39,8 +39,8 @@ fn sqs_world(tag: &str) -> World {
 fn mongo_world(tag: &str) -> World {
     let mut w = World::new(tag, None);
     let store = w.url.clone();
-    let url =
-        std::env::var("QCLUSTER_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
+    let url = std::env::var("QCLUSTER_TEST_MONGO_URL")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
     let db = format!("qtest_{}", w.name);
     w.set("QCLUSTER_BROKER", "mongo")
         .set("QCLUSTER_MONGO__URL", url)
@@ -223,15 +223,15 @@ fn amqp_world(tag: &str) -> World {
 fn ironmq_world(tag: &str) -> World {
     let mut w = World::new(tag, None);
     let store = w.url.clone();
-    let url =
-        std::env::var("QCLUSTER_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into());
+    let url = std::env::var("QCLUSTER_TEST_IRONMQ_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:8787".into());
     let (protocol, rest) = url
         .split_once("://")
-        .expect("QCLUSTER_IRONMQ_URL has a scheme");
+        .expect("QCLUSTER_TEST_IRONMQ_URL has a scheme");
     let (host, port) = rest
         .trim_end_matches('/')
         .rsplit_once(':')
-        .expect("QCLUSTER_IRONMQ_URL has a port");
+        .expect("QCLUSTER_TEST_IRONMQ_URL has a port");
     w.set("QCLUSTER_BROKER", "ironmq")
         .set("QCLUSTER_IRONMQ__PROTOCOL", protocol)
         .set("QCLUSTER_IRONMQ__HOST", host)
@@ -239,7 +239,8 @@ fn ironmq_world(tag: &str) -> World {
         .set("QCLUSTER_IRONMQ__PROJECT_ID", "qtest")
         .set(
             "QCLUSTER_IRONMQ__TOKEN",
-            std::env::var("QCLUSTER_IRONMQ_TOKEN").unwrap_or_else(|_| "qcluster-test-token".into()),
+            std::env::var("QCLUSTER_TEST_IRONMQ_TOKEN")
+                .unwrap_or_else(|_| "qcluster-test-token".into()),
         )
         .set("QCLUSTER_IRONMQ__ALLOW_SHORT_TIMEOUT", true)
         .set("QCLUSTER_STORE__URL", store)

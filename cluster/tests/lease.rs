@@ -37,7 +37,7 @@ fn config(broker: &str, dir: &std::path::Path) -> Config {
                 .expect("prefix");
         }
         "sqs" => {
-            let endpoint = std::env::var("QCLUSTER_SQS_ENDPOINT")
+            let endpoint = std::env::var("QCLUSTER_TEST_SQS_ENDPOINT")
                 .unwrap_or_else(|_| "http://127.0.0.1:9324".into());
             for (k, v) in [
                 ("sqs.endpoint_url", endpoint.as_str()),
@@ -49,11 +49,31 @@ fn config(broker: &str, dir: &std::path::Path) -> Config {
             }
         }
         "mongo" => {
-            let url = std::env::var("QCLUSTER_MONGO_URL")
+            let url = std::env::var("QCLUSTER_TEST_MONGO_URL")
                 .unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
             c.set("mongo.url", url).expect("mongo.url");
             c.set("mongo.database", format!("qtest_lease_{uniq}"))
                 .expect("mongo.database");
+        }
+        "amqp" => {
+            let url = std::env::var("QCLUSTER_TEST_AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+            c.set("amqp.url", url).expect("amqp.url");
+        }
+        "ironmq" => {
+            let url = std::env::var("QCLUSTER_TEST_IRONMQ_URL")
+                .unwrap_or_else(|_| "http://127.0.0.1:8787".into());
+            let token = std::env::var("QCLUSTER_TEST_IRONMQ_TOKEN")
+                .unwrap_or_else(|_| "qcluster-test-token".into());
+            let (protocol, rest) = url.split_once("://").expect("scheme");
+            let (host, port) = rest.trim_end_matches('/').rsplit_once(':').expect("port");
+            c.set("ironmq.protocol", protocol).expect("protocol");
+            c.set("ironmq.host", host).expect("host");
+            c.set("ironmq.port", port.parse::<i64>().expect("port number"))
+                .expect("port");
+            c.set("ironmq.project_id", "qtest").expect("project");
+            c.set("ironmq.token", token).expect("token");
+            c.set("ironmq.allow_short_timeout", true).expect("short");
         }
         _ => {}
     }
@@ -183,6 +203,18 @@ async fn slow_task_keeps_its_lease_sqs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_task_keeps_its_lease_mongo() {
     slow_task_keeps_its_lease("mongo").await;
+}
+
+#[cfg(feature = "amqp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_task_keeps_its_lease_amqp() {
+    slow_task_keeps_its_lease("amqp").await;
+}
+
+#[cfg(feature = "ironmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_task_keeps_its_lease_ironmq() {
+    slow_task_keeps_its_lease("ironmq").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

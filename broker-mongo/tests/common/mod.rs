@@ -9,9 +9,9 @@ use broker_mongo::{MongoBroker, MongoConfig};
 use mongodb::Client;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 
-/// The server the tests use (`QCLUSTER_MONGO_URL`, else SecantusDB's port on this machine).
+/// The server the tests use (`QCLUSTER_TEST_MONGO_URL`, else SecantusDB's port on this machine).
 pub fn url() -> String {
-    std::env::var("QCLUSTER_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into())
+    std::env::var("QCLUSTER_TEST_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into())
 }
 
 /// A short random tag for names (an ObjectId's counter and random part).
