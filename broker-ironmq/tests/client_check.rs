@@ -25,8 +25,8 @@ fn official_client_agrees_with_the_test_server() {
             python.display()
         ));
     }
-    let url =
-        std::env::var("QCLUSTER_TEST_IRONMQ_URL").unwrap_or_else(|_| "http://127.0.0.1:8787".into());
+    let url = std::env::var("QCLUSTER_TEST_IRONMQ_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:8787".into());
     let reachable = url::Url::parse(&url)
         .ok()
         .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))

@@ -29,8 +29,8 @@ use mongodb::{Client, Collection};
 async fn main() {
     let n: usize = env("BENCH_N", 1000);
     let rounds: usize = env("BENCH_ROUNDS", 1).max(1);
-    let url =
-        std::env::var("QCLUSTER_TEST_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
+    let url = std::env::var("QCLUSTER_TEST_MONGO_URL")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
     let database = format!("qbench_{}", &ObjectId::new().to_hex()[12..]);
     let client = match Client::with_uri_str(&url).await {
         Ok(c) => c,
