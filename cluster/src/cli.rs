@@ -607,21 +607,15 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
     let in_flight = broker.lock_size().await.map_err(Error::from)?;
     let quarantined = broker.dead_letter_size().await.map_err(Error::from)?;
     // Status lives in the broker when it can hold it, else in the result store.
-    let store = if broker.capabilities().stats {
-        None
-    } else {
-        Some(Store::connect(&config.store_url(), config.store.connect_timeout).await?)
-    };
-    let home = StatusHome::pick(&broker, store.as_ref());
-    let mut clusters: Vec<Status> = match &home {
-        Some(h) => h.read(STATUS_PREFIX).await?,
-        None => Vec::new(),
-    }
-    .iter()
-    .filter_map(|v| serde_json::from_slice(v).ok())
-    .filter(|s: &Status| s.name == config.name)
-    .collect();
-    let status_at = home.as_ref().map(StatusHome::describe);
+    let home = StatusHome::open(&broker, config).await?;
+    let mut clusters: Vec<Status> = home
+        .read(STATUS_PREFIX)
+        .await?
+        .iter()
+        .filter_map(|v| serde_json::from_slice(v).ok())
+        .filter(|s: &Status| s.name == config.name)
+        .collect();
+    let status_at = home.describe();
     clusters.sort_by(|a, b| a.host.cmp(&b.host).then(a.pid.cmp(&b.pid)));
     if json {
         print_json(&serde_json::json!({
@@ -651,9 +645,7 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
     for n in &info.notes {
         println!("note         {n}");
     }
-    if let Some(at) = &status_at {
-        println!("status       {at}");
-    }
+    println!("status       {status_at}");
     if clusters.is_empty() {
         println!("clusters     none running");
     }

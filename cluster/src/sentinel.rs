@@ -458,6 +458,7 @@ impl Cluster {
         let publish_every = config.guard_cycle.max(Duration::from_secs(1));
         let mut last_publish: Option<Instant> = None;
         let stat_key = format!("{STATUS_PREFIX}{id}");
+        let home = StatusHome::pick(&self.broker, &self.store);
         let mut guard = tokio::time::interval(config.guard_cycle);
         guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -497,14 +498,13 @@ impl Cluster {
                 } else {
                     "idle"
                 };
-                self.publish(&stat_key, &status(state, &jobs_tx), ttl).await;
+                publish(&home, &stat_key, &status(state, &jobs_tx), ttl).await;
             }
         }
 
         // Shutdown: stop pulling; queued jobs are given back by the workers.
         shared.stop.cancel();
-        self.publish(&stat_key, &status("stopping", &jobs_tx), ttl)
-            .await;
+        publish(&home, &stat_key, &status("stopping", &jobs_tx), ttl).await;
         let deadline = Instant::now() + config.shutdown_timeout;
         let hard = shared.hard_stop.clone();
         let hard_after = config
@@ -565,8 +565,13 @@ impl Cluster {
         }
         let summary = shared.counters.summary();
         let (tx, _) = async_channel::bounded::<Job>(1);
-        self.publish(&stat_key, &status("stopped", &tx), Duration::from_secs(30))
-            .await;
+        publish(
+            &home,
+            &stat_key,
+            &status("stopped", &tx),
+            Duration::from_secs(30),
+        )
+        .await;
         tracing::info!(
             "cluster {} stopped: {} processed, {} failed, {} given back",
             config.name,
@@ -576,16 +581,14 @@ impl Cluster {
         );
         Ok(summary)
     }
+}
 
-    async fn publish(&self, key: &str, status: &Status, ttl: Duration) {
-        let Some(home) = StatusHome::pick(&self.broker, Some(&self.store)) else {
-            return;
-        };
-        let Ok(value) = serde_json::to_vec(status) else {
-            return;
-        };
-        if let Err(e) = home.publish(key, &value, ttl).await {
-            tracing::debug!("status not published {}: {e}", home.describe());
-        }
+/// Publishes `status` under `key` for `ttl`; a failure is logged, never fatal.
+async fn publish(home: &StatusHome, key: &str, status: &Status, ttl: Duration) {
+    let Ok(value) = serde_json::to_vec(status) else {
+        return;
+    };
+    if let Err(e) = home.publish(key, &value, ttl).await {
+        tracing::debug!("status not published {}: {e}", home.describe());
     }
 }

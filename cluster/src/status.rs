@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use broker_core::Broker;
 
+use crate::config::Config;
 use crate::error::Error;
 use crate::store::Store;
 
@@ -24,13 +25,23 @@ pub enum StatusHome {
 }
 
 impl StatusHome {
-    /// The broker when it can hold stats, else the store.
-    pub fn pick(broker: &Arc<dyn Broker>, store: Option<&Store>) -> Option<Self> {
+    /// The broker when it can hold stats, else `store`.
+    pub fn pick(broker: &Arc<dyn Broker>, store: &Store) -> Self {
         if broker.capabilities().stats {
-            Some(Self::Broker(broker.clone()))
+            Self::Broker(broker.clone())
         } else {
-            store.cloned().map(Self::Store)
+            Self::Store(store.clone())
         }
+    }
+
+    /// The broker when it can hold stats, else the result store `config` names, connected
+    /// only then (for readers such as `qcluster info`, which need no store otherwise).
+    pub async fn open(broker: &Arc<dyn Broker>, config: &Config) -> Result<Self, Error> {
+        if broker.capabilities().stats {
+            return Ok(Self::Broker(broker.clone()));
+        }
+        let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
+        Ok(Self::Store(store))
     }
 
     /// Where status lives, as `info` says it (no secret: the store's endpoint is masked).

@@ -21,33 +21,12 @@ use common::{Guard, World, signal, wait_exit};
 
 #[cfg(feature = "sqs")]
 fn sqs_world(tag: &str) -> World {
-    let mut w = World::new(tag, None);
-    let store = w.url.clone();
-    let endpoint = std::env::var("QCLUSTER_TEST_SQS_ENDPOINT")
-        .unwrap_or_else(|_| "http://127.0.0.1:9324".into());
-    w.set("QCLUSTER_BROKER", "sqs")
-        .set("QCLUSTER_SQS__ENDPOINT_URL", endpoint)
-        .set("QCLUSTER_SQS__REGION", "us-east-1")
-        .set("QCLUSTER_SQS__ACCESS_KEY_ID", "test")
-        .set("QCLUSTER_SQS__SECRET_ACCESS_KEY", "test")
-        .set("QCLUSTER_STORE__URL", store)
-        .set("QCLUSTER_SAVE_LIMIT", 0);
-    w
+    World::on_broker(tag, "sqs")
 }
 
 #[cfg(feature = "mongo")]
 fn mongo_world(tag: &str) -> World {
-    let mut w = World::new(tag, None);
-    let store = w.url.clone();
-    let url = std::env::var("QCLUSTER_TEST_MONGO_URL")
-        .unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
-    let db = format!("qtest_{}", w.name);
-    w.set("QCLUSTER_BROKER", "mongo")
-        .set("QCLUSTER_MONGO__URL", url)
-        .set("QCLUSTER_MONGO__DATABASE", db)
-        .set("QCLUSTER_STORE__URL", store)
-        .set("QCLUSTER_SAVE_LIMIT", 0);
-    w
+    World::on_broker(tag, "mongo")
 }
 
 /// True if the broker answers `qcluster ping`; else a loud skip (or a failure under
@@ -211,44 +190,12 @@ async fn mongo_kill9_mid_run_loses_nothing() {
 
 #[cfg(feature = "amqp")]
 fn amqp_world(tag: &str) -> World {
-    let mut w = World::new(tag, None);
-    let store = w.url.clone();
-    let url = std::env::var("QCLUSTER_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    w.set("QCLUSTER_BROKER", "amqp")
-        .set("QCLUSTER_AMQP__URL", url)
-        .set("QCLUSTER_STORE__URL", store)
-        .set("QCLUSTER_SAVE_LIMIT", 0);
-    w
+    World::on_broker(tag, "amqp")
 }
 
 #[cfg(feature = "ironmq")]
 fn ironmq_world(tag: &str) -> World {
-    let mut w = World::new(tag, None);
-    let store = w.url.clone();
-    let url = std::env::var("QCLUSTER_TEST_IRONMQ_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:8787".into());
-    let (protocol, rest) = url
-        .split_once("://")
-        .expect("QCLUSTER_TEST_IRONMQ_URL has a scheme");
-    let (host, port) = rest
-        .trim_end_matches('/')
-        .rsplit_once(':')
-        .expect("QCLUSTER_TEST_IRONMQ_URL has a port");
-    w.set("QCLUSTER_BROKER", "ironmq")
-        .set("QCLUSTER_IRONMQ__PROTOCOL", protocol)
-        .set("QCLUSTER_IRONMQ__HOST", host)
-        .set("QCLUSTER_IRONMQ__PORT", port)
-        .set("QCLUSTER_IRONMQ__PROJECT_ID", "qtest")
-        .set(
-            "QCLUSTER_IRONMQ__TOKEN",
-            std::env::var("QCLUSTER_TEST_IRONMQ_TOKEN")
-                .unwrap_or_else(|_| "qcluster-test-token".into()),
-        )
-        .set("QCLUSTER_IRONMQ__ALLOW_SHORT_TIMEOUT", true)
-        .set("QCLUSTER_STORE__URL", store)
-        .set("QCLUSTER_SAVE_LIMIT", 0);
-    w
+    World::on_broker(tag, "ironmq")
 }
 
 /// The Disque nodes of `DISQUE_NODES`, or a loud skip (the test script does not start Disque:

@@ -1,6 +1,9 @@
 //! Lease extension: a task that runs longer than `retry` keeps its lease for as long as it runs
 //! (within its own timeout), so a second cluster on the same queue never gets it; a task that
-//! finishes within its first lease costs no extension. On SQLite, Redis and the memory broker.
+//! finishes within its first lease costs no extension. On SQLite, Redis, the memory broker,
+//! RabbitMQ, SQS, MongoDB and IronMQ.
+
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,10 +11,6 @@ use std::time::{Duration, Instant};
 use cluster::broker_core::Broker;
 use cluster::config::Secret;
 use cluster::{Brokers, Client, Cluster, Config, EnqueueOptions, NewTask, Registry, Summary};
-
-fn redis_url() -> String {
-    std::env::var("QCLUSTER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
-}
 
 fn config(broker: &str, dir: &std::path::Path) -> Config {
     let uniq = &uuid::Uuid::now_v7().simple().to_string()[16..];
@@ -31,49 +30,10 @@ fn config(broker: &str, dir: &std::path::Path) -> Config {
         "orm" => {
             c.set("orm.url", db).expect("orm.url");
         }
-        "redis" => {
-            c.set("redis.url", redis_url()).expect("redis.url");
-            c.set("redis.prefix", format!("test:{uniq}"))
-                .expect("prefix");
-        }
-        "sqs" => {
-            let endpoint = std::env::var("QCLUSTER_TEST_SQS_ENDPOINT")
-                .unwrap_or_else(|_| "http://127.0.0.1:9324".into());
-            for (k, v) in [
-                ("sqs.endpoint_url", endpoint.as_str()),
-                ("sqs.region", "us-east-1"),
-                ("sqs.access_key_id", "test"),
-                ("sqs.secret_access_key", "test"),
-            ] {
-                c.set(k, v).expect(k);
+        "redis" | "sqs" | "mongo" | "amqp" | "ironmq" => {
+            for (key, value) in common::broker_keys(broker, &format!("lease_{uniq}")) {
+                c.set(&format!("{broker}.{key}"), value).expect(key);
             }
-        }
-        "mongo" => {
-            let url = std::env::var("QCLUSTER_TEST_MONGO_URL")
-                .unwrap_or_else(|_| "mongodb://127.0.0.1:27018".into());
-            c.set("mongo.url", url).expect("mongo.url");
-            c.set("mongo.database", format!("qtest_lease_{uniq}"))
-                .expect("mongo.database");
-        }
-        "amqp" => {
-            let url = std::env::var("QCLUSTER_TEST_AMQP_URL")
-                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-            c.set("amqp.url", url).expect("amqp.url");
-        }
-        "ironmq" => {
-            let url = std::env::var("QCLUSTER_TEST_IRONMQ_URL")
-                .unwrap_or_else(|_| "http://127.0.0.1:8787".into());
-            let token = std::env::var("QCLUSTER_TEST_IRONMQ_TOKEN")
-                .unwrap_or_else(|_| "qcluster-test-token".into());
-            let (protocol, rest) = url.split_once("://").expect("scheme");
-            let (host, port) = rest.trim_end_matches('/').rsplit_once(':').expect("port");
-            c.set("ironmq.protocol", protocol).expect("protocol");
-            c.set("ironmq.host", host).expect("host");
-            c.set("ironmq.port", port.parse::<i64>().expect("port number"))
-                .expect("port");
-            c.set("ironmq.project_id", "qtest").expect("project");
-            c.set("ironmq.token", token).expect("token");
-            c.set("ironmq.allow_short_timeout", true).expect("short");
         }
         _ => {}
     }

@@ -196,3 +196,88 @@ impl Drop for Guard {
         let _ = self.0.wait();
     }
 }
+
+/// `QCLUSTER_TEST_<var>`, else the address `scripts/test` serves it on.
+pub fn server(var: &str, default: &str) -> String {
+    std::env::var(format!("QCLUSTER_TEST_{var}")).unwrap_or_else(|_| default.to_owned())
+}
+
+/// The section keys that point broker `name` at its test server (`sqs`, `mongo`, `amqp`,
+/// `ironmq`, `redis`), for a queue or database named after `uniq`.
+pub fn broker_keys(name: &str, uniq: &str) -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    match name {
+        "sqs" => vec![
+            (
+                "endpoint_url",
+                json!(server("SQS_ENDPOINT", "http://127.0.0.1:9324")),
+            ),
+            ("region", json!("us-east-1")),
+            ("access_key_id", json!("test")),
+            ("secret_access_key", json!("test")),
+        ],
+        "mongo" => vec![
+            (
+                "url",
+                json!(server("MONGO_URL", "mongodb://127.0.0.1:27018")),
+            ),
+            ("database", json!(format!("qtest_{uniq}"))),
+        ],
+        "amqp" => vec![(
+            "url",
+            json!(server("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
+        )],
+        "ironmq" => {
+            let url = server("IRONMQ_URL", "http://127.0.0.1:8787");
+            let (protocol, rest) = url
+                .split_once("://")
+                .expect("QCLUSTER_TEST_IRONMQ_URL has a scheme");
+            let (host, port) = rest
+                .trim_end_matches('/')
+                .rsplit_once(':')
+                .expect("QCLUSTER_TEST_IRONMQ_URL has a port");
+            vec![
+                ("protocol", json!(protocol)),
+                ("host", json!(host)),
+                ("port", json!(port.parse::<u16>().expect("a port number"))),
+                ("project_id", json!("qtest")),
+                (
+                    "token",
+                    json!(server("IRONMQ_TOKEN", "qcluster-test-token")),
+                ),
+                ("allow_short_timeout", json!(true)),
+            ]
+        }
+        "redis" => vec![
+            (
+                "url",
+                json!(server("REDIS_URL", "redis://127.0.0.1:6379/0")),
+            ),
+            ("prefix", json!(format!("test:{uniq}"))),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+impl World {
+    /// A world on broker `name` and its test server, results in the world's SQLite file, every
+    /// result kept.
+    pub fn on_broker(tag: &str, name: &str) -> Self {
+        let mut w = World::new(tag, None);
+        let store = w.url.clone();
+        w.set("QCLUSTER_BROKER", name)
+            .set("QCLUSTER_STORE__URL", store)
+            .set("QCLUSTER_SAVE_LIMIT", 0);
+        for (key, value) in broker_keys(name, &w.name.clone()) {
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            w.set(
+                &format!("QCLUSTER_{}__{}", name.to_uppercase(), key.to_uppercase()),
+                text,
+            );
+        }
+        w
+    }
+}
