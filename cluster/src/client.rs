@@ -249,8 +249,8 @@ impl Client {
         for (p, _) in packed {
             ids.push(p.id);
             let timeout = crate::task::effective_timeout(p.options.timeout, config.timeout);
-            let ran = crate::worker::execute(&registry, &p, 1, timeout).await;
-            let mut r = crate::worker::record(&p, &ran, 1, &config.name);
+            let ran = crate::job::execute(&registry, &p, 1, timeout).await;
+            let mut r = crate::job::record(&p, &ran, 1, &config.name);
             r.done = true; // sync mode does not retry
             records.push(r);
         }

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use broker_core::{AckId, TaskId, now_us};
 use tokio::sync::{Mutex, mpsc};
 
-use crate::sentinel::{Outcome, Shared};
+use crate::job::{Outcome, record};
+use crate::shared::Shared;
 use crate::store::TaskRecord;
-use crate::worker::record;
 
 /// Most outcomes settled in one batch.
 const BATCH: usize = 512;

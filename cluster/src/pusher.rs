@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use broker_core::Delivery;
 
-use crate::sentinel::{Job, Shared, Slot};
+use crate::job::{Job, Slot};
+use crate::shared::Shared;
 
 /// Pulls until stop. Broker errors are logged and retried with backoff; a pusher never exits
 /// on its own.

@@ -1,245 +1,33 @@
-//! The sentinel: starts the pusher, the workers and the monitor, restarts any that dies, publishes
-//! this cluster's status, and shuts down without losing a package.
+//! The sentinel: starts the pushers, the workers and the monitor, restarts any that dies,
+//! publishes this cluster's status, and shuts down without losing a package.
 //!
-//! Every delivery is entered in a ledger when the pusher receives it and leaves it only when the
-//! monitor settles it (acknowledged, retried or quarantined). Whatever is still in the ledger at
-//! the end of a shutdown is given back to the broker, so a package is always either settled or
-//! back in the queue.
+//! Every delivery is entered in a ledger ([`crate::shared`]) when a pusher receives it and leaves
+//! it only when the monitor settles it (acknowledged, retried or quarantined). Whatever is still
+//! in the ledger at the end of a shutdown is given back to the broker, so a package is always
+//! either settled or back in the queue. The sentinel holds no task logic of its own: the roles
+//! talk through the vocabulary of [`crate::job`] and the state of [`crate::shared`].
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use broker_core::{AckId, Broker, Codec, TaskPackage, now_us};
+use broker_core::{Broker, Codec, now_us};
 use serde::Serialize;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::job::Job;
+use crate::shared::Shared;
 use crate::status::StatusHome;
 use crate::store::Store;
 use crate::task::Registry;
-use crate::worker::Ran;
+
+pub use crate::counters::{Counters, Summary};
 
 /// Prefix of the stat keys under which clusters publish their status.
 pub const STATUS_PREFIX: &str = "cluster:";
-
-/// A place in the in-memory queue; returned when dropped (the job started, or was given back).
-#[derive(Debug)]
-pub(crate) struct Slot(pub Arc<tokio::sync::Semaphore>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.add_permits(1);
-    }
-}
-
-/// A verified package on its way to a worker.
-#[derive(Debug)]
-pub(crate) struct Job {
-    pub seq: u64,
-    pub ack: AckId,
-    pub deliveries: Option<u32>,
-    pub package: TaskPackage,
-    /// When the broker leased it: the lease runs out at `claimed + retry`.
-    pub claimed: Instant,
-    /// Released when a worker takes the job.
-    pub slot: Option<Slot>,
-}
-
-/// What the result store knows about a delivered task before it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Prior {
-    /// Nothing final stored: this is attempt `n`.
-    Attempt(u32),
-    /// Already succeeded, or failed for good: settle without running.
-    Settled,
-    /// The store could not be asked: give the package back rather than risk a second run.
-    Unknown,
-}
-
-/// What a worker hands to the monitor.
-#[derive(Debug)]
-pub(crate) struct Outcome {
-    pub job: Job,
-    /// `None`: a duplicate delivery of a task that already succeeded; acknowledge, do not run.
-    pub ran: Option<Ran>,
-    pub attempt: u32,
-}
-
-impl Outcome {
-    pub fn ran(job: Job, ran: Ran, attempt: u32) -> Self {
-        Self {
-            job,
-            ran: Some(ran),
-            attempt,
-        }
-    }
-    pub fn duplicate(job: Job) -> Self {
-        Self {
-            job,
-            ran: None,
-            attempt: 0,
-        }
-    }
-}
-
-/// Running totals, published in the status and returned by [`Cluster::run`].
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Runs finished (success or failure).
-    pub processed: AtomicU64,
-    /// Runs that succeeded.
-    pub succeeded: AtomicU64,
-    /// Runs that failed (retried or final).
-    pub failed: AtomicU64,
-    /// Failed runs sent back for another attempt.
-    pub retried: AtomicU64,
-    /// Packages that failed verification and were quarantined.
-    pub quarantined: AtomicU64,
-    /// Deliveries of already successful tasks, discarded.
-    pub duplicates: AtomicU64,
-    /// Deliveries given back to the broker unfinished (shutdown).
-    pub given_back: AtomicU64,
-    /// Roles restarted by the guard.
-    pub reincarnations: AtomicU64,
-    /// Lease extensions of running tasks.
-    pub extended: AtomicU64,
-}
-
-/// A snapshot of [`Counters`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Summary {
-    /// Runs finished.
-    pub processed: u64,
-    /// Runs that succeeded.
-    pub succeeded: u64,
-    /// Runs that failed.
-    pub failed: u64,
-    /// Failed runs retried.
-    pub retried: u64,
-    /// Packages quarantined.
-    pub quarantined: u64,
-    /// Duplicate deliveries discarded.
-    pub duplicates: u64,
-    /// Deliveries given back unfinished.
-    pub given_back: u64,
-    /// Roles restarted.
-    pub reincarnations: u64,
-    /// Lease extensions of running tasks.
-    #[serde(default)]
-    pub extended: u64,
-}
-
-impl Counters {
-    /// The current values.
-    pub fn summary(&self) -> Summary {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Summary {
-            processed: g(&self.processed),
-            succeeded: g(&self.succeeded),
-            failed: g(&self.failed),
-            retried: g(&self.retried),
-            quarantined: g(&self.quarantined),
-            duplicates: g(&self.duplicates),
-            given_back: g(&self.given_back),
-            reincarnations: g(&self.reincarnations),
-            extended: g(&self.extended),
-        }
-    }
-}
-
-/// State every role shares.
-pub(crate) struct Shared {
-    pub config: Arc<Config>,
-    pub broker: Arc<dyn Broker>,
-    pub codec: Arc<Codec>,
-    pub store: Store,
-    pub registry: Arc<Registry>,
-    pub counters: Arc<Counters>,
-    /// Cancelled when shutdown begins: stop pulling, give back what has not started.
-    pub stop: CancellationToken,
-    /// Cancelled when the shutdown deadline has passed: stop retrying the store.
-    pub hard_stop: CancellationToken,
-    /// Free places in the in-memory queue: a pusher claims only what it has room for, so a
-    /// lease does not run out while its package waits for a worker.
-    pub room: Arc<tokio::sync::Semaphore>,
-    /// Deliveries received and not yet settled.
-    ledger: Mutex<HashMap<u64, AckId>>,
-    next_seq: AtomicU64,
-    pub running: AtomicUsize,
-    /// The broker can extend leases (`Capabilities::extend`), read once at start.
-    pub extend: bool,
-}
-
-impl Shared {
-    /// Enters a delivery in the ledger.
-    pub fn enter(&self, ack: &AckId) -> u64 {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.lock_ledger().insert(seq, ack.clone());
-        seq
-    }
-
-    /// True while a delivery is in the ledger (received, not yet settled or given back).
-    pub fn unsettled(&self, seq: u64) -> bool {
-        self.lock_ledger().contains_key(&seq)
-    }
-
-    /// Removes a settled delivery from the ledger.
-    pub fn settle(&self, seq: u64) {
-        self.lock_ledger().remove(&seq);
-    }
-
-    fn lock_ledger(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AckId>> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Gives an unstarted or unfinished delivery back to the broker for someone else.
-    pub async fn give_back(&self, seq: u64, ack: &AckId) {
-        self.give_back_after(seq, ack, Duration::ZERO).await;
-    }
-
-    /// Gives a delivery back, visible again after `delay`.
-    pub async fn give_back_after(&self, seq: u64, ack: &AckId, delay: Duration) {
-        let done = if delay.is_zero() {
-            self.broker.fail(ack).await
-        } else {
-            self.broker.fail_after(ack, delay).await
-        };
-        match done {
-            Ok(()) => {
-                self.counters.given_back.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => tracing::warn!(
-                "could not give back a delivery ({e}); it returns when its lease runs out"
-            ),
-        }
-        self.settle(seq);
-    }
-
-    /// Looks a redelivered task up in the result store. The attempt number counts runs that
-    /// were recorded, so packages given back at shutdown or after a lease ran out do not use up
-    /// `max_attempts`.
-    pub async fn prior(&self, job: &Job) -> Prior {
-        let deliveries = job.deliveries.unwrap_or(2);
-        let first = job.package.attempt.saturating_add(1);
-        if deliveries <= 1 {
-            return Prior::Attempt(first);
-        }
-        match self.store.get(job.package.id).await {
-            Ok(Some(r)) if r.success || r.done => Prior::Settled,
-            Ok(Some(r)) => Prior::Attempt(r.attempts.saturating_add(1).max(first)),
-            Ok(None) => Prior::Attempt(first),
-            Err(e) => {
-                tracing::warn!("duplicate check for task {} failed: {e}", job.package.id);
-                Prior::Unknown
-            }
-        }
-    }
-}
 
 /// This cluster's status, published for `qcluster info`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -390,21 +178,14 @@ impl Cluster {
     /// `shutdown_timeout`, gives back what did not finish, saves results and returns the totals.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary, Error> {
         let config = self.config.clone();
-        let shared = Arc::new(Shared {
-            config: config.clone(),
-            broker: self.broker.clone(),
-            codec: self.codec.clone(),
-            store: self.store.clone(),
-            registry: self.registry.clone(),
-            counters: self.counters.clone(),
-            stop: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
-            room: Arc::new(tokio::sync::Semaphore::new(config.queue_limit())),
-            ledger: Mutex::default(),
-            next_seq: AtomicU64::new(0),
-            running: AtomicUsize::new(0),
-            extend: self.broker.capabilities().extend,
-        });
+        let shared = Arc::new(Shared::new(
+            config.clone(),
+            self.broker.clone(),
+            self.codec.clone(),
+            self.store.clone(),
+            self.registry.clone(),
+            self.counters.clone(),
+        ));
         let started = Instant::now();
         let id = uuid::Uuid::now_v7().simple().to_string();
         let host = host_name();
@@ -551,7 +332,7 @@ impl Cluster {
         }
         // Anything still unsettled goes back to the broker.
         // At once and within a bound: if the broker is down, leases bring them back anyway.
-        let left: Vec<(u64, AckId)> = shared.lock_ledger().drain().collect();
+        let left = shared.drain();
         let n = left.len();
         let giving =
             futures::future::join_all(left.iter().map(|(seq, ack)| shared.give_back(*seq, ack)));
