@@ -41,7 +41,7 @@ impl Default for App {
 }
 
 impl App {
-    /// The built-in tasks (`noop`, `echo`, `sleep`, `fail`) and the brokers compiled in.
+    /// The built-in tasks (`noop`, `echo`, `sleep`, `fail`, `spin`, `crash`, `leak`) and the brokers compiled in.
     pub fn new() -> Self {
         Self {
             tasks: Registry::with_builtins(),

@@ -222,6 +222,10 @@ pub fn main(registry: Registry) -> ExitCode {
 
 /// Runs the command line with these tasks and brokers.
 pub(crate) fn run(registry: Registry, brokers: Brokers) -> ExitCode {
+    // Started by a cluster as one of its worker processes (`worker_mode = "process"`).
+    if let Some(code) = crate::process::serve_if_worker(&registry) {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -650,8 +654,13 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
         println!("clusters     none running");
     }
     for c in clusters {
+        let mode = if c.worker_mode.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", c.worker_mode)
+        };
         println!(
-            "cluster      {} {}@{} pid {}: {} workers, {} running, {} processed, {} failed, up {:.0}s",
+            "cluster      {} {}@{} pid {}: {}{mode} workers, {} running, {} processed, {} failed, up {:.0}s",
             c.state,
             c.label,
             c.host,
@@ -662,6 +671,28 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
             c.totals.failed,
             c.uptime_secs
         );
+        let r = &c.totals.reincarnated;
+        if c.worker_mode == "process" || c.totals.reincarnations > 0 {
+            println!(
+                "             reincarnations {}: timeout {}, recycle {}, rss {}, crash {}",
+                c.totals.reincarnations, r.timeout, r.recycle, r.rss, r.crash
+            );
+        }
+        for w in &c.children {
+            let cpus = if w.cpus.is_empty() {
+                String::new()
+            } else {
+                format!(", cpus {:?}", w.cpus)
+            };
+            println!(
+                "             worker {} pid {}: {} tasks, {} KiB{}{cpus}",
+                w.worker,
+                w.pid,
+                w.tasks,
+                w.rss_kib,
+                if w.busy { ", busy" } else { "" }
+            );
+        }
     }
     Ok(())
 }

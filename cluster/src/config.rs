@@ -42,12 +42,20 @@ pub struct Config {
     pub broker: String,
     /// Concurrent task executors.
     pub workers: usize,
-    /// Tasks a process worker runs before it is replaced (process mode, later).
+    /// How workers run tasks: `async` (tokio tasks in this process, the default) or `process`
+    /// (one child process per worker: hard timeouts, `recycle`, `max_rss`, `cpu_affinity`).
+    pub worker_mode: WorkerMode,
+    /// Tasks a process worker runs before it is replaced; 0 never replaces it.
     pub recycle: u64,
-    /// Resident memory in KiB after which a process worker is replaced (process mode, later).
+    /// Resident memory in KiB above which a process worker is replaced after its task.
     pub max_rss: Option<u64>,
-    /// CPUs each process worker is pinned to, 0 for none (process mode, later).
+    /// CPUs each process worker is pinned to, in rotation over the CPUs this process may use;
+    /// 0 pins nothing.
     pub cpu_affinity: usize,
+    /// Process workers die with the cluster process (`PR_SET_PDEATHSIG` on Linux), so a
+    /// `kill -9` of the cluster leaves no task running. When false, a child finishes the task it
+    /// runs, then exits.
+    pub daemonize_workers: bool,
     /// Longest a task may run, in seconds, before it is failed.
     #[serde(with = "secs")]
     pub timeout: Duration,
@@ -96,6 +104,28 @@ pub struct Config {
     /// Where loaded values came from (empty for a configuration built in code).
     #[serde(skip)]
     pub origin: Origin,
+}
+
+/// How workers run tasks (`worker_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerMode {
+    /// Tokio tasks in the cluster process: the least overhead. A blocking task that overruns
+    /// its timeout is failed but keeps its thread until it returns.
+    #[default]
+    Async,
+    /// One child process per worker, running one task at a time: a task past its timeout is
+    /// killed with its process, and a crash fails only that task.
+    Process,
+}
+
+impl fmt::Display for WorkerMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Async => "async",
+            Self::Process => "process",
+        })
+    }
 }
 
 /// Raw broker sections by name. Debug masks URLs and secret-looking keys.
@@ -169,9 +199,11 @@ impl Default for Config {
             label: "qcluster".to_owned(),
             broker: "orm".to_owned(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            worker_mode: WorkerMode::Async,
             recycle: 500,
             max_rss: None,
             cpu_affinity: 0,
+            daemonize_workers: true,
             timeout: Duration::from_secs(30),
             retry: Duration::from_secs(60),
             max_attempts: 3,
@@ -754,6 +786,16 @@ impl Config {
                 "save_limit",
                 "must be -1 (keep no successes), 0 (keep all) or a positive count".into(),
             );
+        }
+        if self.max_rss.is_some_and(|m| m < 1024) {
+            return err(
+                "max_rss",
+                "is in KiB and must be at least 1024 (a worker process alone takes several MiB)"
+                    .into(),
+            );
+        }
+        if self.cpu_affinity > 4096 {
+            return err("cpu_affinity", "must be at most 4096 CPUs".into());
         }
         if self.max_message_size.is_some_and(|m| m < 64) {
             return err("max_message_size", "must be at least 64 bytes".into());

@@ -76,7 +76,7 @@ impl Outcome {
 }
 
 /// What one run produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Ran {
     /// Result JSON, or the failure message.
     pub result: Result<String, String>,

@@ -16,13 +16,15 @@ use broker_core::{Broker, Codec, now_us};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, WorkerMode};
 use crate::error::Error;
 use crate::job::Job;
+use crate::process::{Pool, ProcessWorker};
 use crate::shared::Shared;
 use crate::status::StatusHome;
 use crate::store::Store;
 use crate::task::Registry;
+use crate::worker::Executor;
 
 pub use crate::counters::{Counters, Summary};
 
@@ -56,6 +58,12 @@ pub struct Status {
     pub heartbeat_us: i64,
     /// Totals so far.
     pub totals: Summary,
+    /// `async` or `process`.
+    #[serde(default)]
+    pub worker_mode: String,
+    /// The worker processes (process mode).
+    #[serde(default)]
+    pub children: Vec<crate::process::ChildStatus>,
 }
 
 /// Pushers to run: two once there is more than one worker.
@@ -187,6 +195,22 @@ impl Cluster {
             self.counters.clone(),
         ));
         let started = Instant::now();
+        let pool = match config.worker_mode {
+            WorkerMode::Process => Some(Pool::new(config.clone(), shared.counters.clone())),
+            WorkerMode::Async => {
+                let defaults = Config::default();
+                if config.recycle != defaults.recycle
+                    || config.max_rss.is_some()
+                    || config.cpu_affinity != 0
+                {
+                    tracing::warn!(
+                        "recycle, max_rss and cpu_affinity apply to worker_mode = \"process\" \
+                         only; this cluster runs worker_mode = \"async\""
+                    );
+                }
+                None
+            }
+        };
         let id = uuid::Uuid::now_v7().simple().to_string();
         let host = host_name();
         let status = |state: &str, jobs: &async_channel::Sender<Job>| Status {
@@ -202,6 +226,11 @@ impl Cluster {
             uptime_secs: started.elapsed().as_secs_f64(),
             heartbeat_us: now_us(),
             totals: shared.counters.summary(),
+            worker_mode: config.worker_mode.to_string(),
+            children: pool
+                .as_ref()
+                .map(|p| p.children.snapshot())
+                .unwrap_or_default(),
         };
 
         let (jobs_tx, jobs_rx) = async_channel::bounded::<Job>(config.queue_limit());
@@ -209,11 +238,16 @@ impl Cluster {
         let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
 
         let spawn_pusher = || tokio::spawn(crate::pusher::run(shared.clone(), jobs_tx.clone()));
-        let spawn_worker = || {
+        let spawn_worker = |index: usize| {
+            let exec = match &pool {
+                Some(p) => Executor::Process(Box::new(ProcessWorker::new(index, p.clone()))),
+                None => Executor::Async,
+            };
             tokio::spawn(crate::worker::run(
                 shared.clone(),
                 jobs_rx.clone(),
                 out_tx.clone(),
+                exec,
             ))
         };
         let spawn_monitor = || tokio::spawn(crate::monitor::run(shared.clone(), out_rx.clone()));
@@ -223,14 +257,14 @@ impl Cluster {
         let mut pushers: Vec<JoinHandle<()>> = (0..pusher_count(config.workers))
             .map(|_| spawn_pusher())
             .collect();
-        let mut workers: Vec<JoinHandle<()>> =
-            (0..config.workers).map(|_| spawn_worker()).collect();
+        let mut workers: Vec<JoinHandle<()>> = (0..config.workers).map(spawn_worker).collect();
         let mut monitor = spawn_monitor();
         tracing::info!(
-            "cluster {} ({}) started: {} workers, broker {}, results in {}",
+            "cluster {} ({}) started: {} {} workers, broker {}, results in {}",
             config.name,
             id,
             config.workers,
+            config.worker_mode,
             config.broker,
             self.store.endpoint()
         );
@@ -262,10 +296,10 @@ impl Cluster {
                     *p = spawn_pusher();
                 }
             }
-            for w in workers.iter_mut() {
+            for (index, w) in workers.iter_mut().enumerate() {
                 if w.is_finished() {
                     restart("worker");
-                    *w = spawn_worker();
+                    *w = spawn_worker(index);
                 }
             }
             if monitor.is_finished() {

@@ -107,7 +107,8 @@ impl Registry {
         Self::default()
     }
 
-    /// A registry holding the built-in tasks `noop`, `echo`, `sleep` and `fail`.
+    /// A registry holding the built-in tasks `noop`, `echo`, `sleep`, `fail`, `spin`, `crash`
+    /// and `leak`.
     pub fn with_builtins() -> Self {
         let mut r = Self::new();
         crate::builtin::register(&mut r);

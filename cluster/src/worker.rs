@@ -1,5 +1,8 @@
-//! Workers: take jobs from the pusher, run them under the timeout with panics caught, and hand
-//! the outcome to the monitor.
+//! Workers: take jobs from the pusher, run them under the timeout with panics caught, keep their
+//! lease while they run, and hand the outcome to the monitor.
+//!
+//! One loop for both worker modes: an [`Executor`] runs the task either here, as a tokio task
+//! (`async`), or in the worker's child process (`process`, see [`crate::process`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -7,9 +10,45 @@ use std::time::{Duration, Instant};
 
 use broker_core::{AckId, now_us};
 
+use broker_core::TaskPackage;
+
 use crate::job::{Job, Outcome, Prior, Ran, execute};
+use crate::process::ProcessWorker;
 use crate::shared::Shared;
-use crate::task::effective_timeout;
+use crate::task::{Registry, effective_timeout};
+
+/// Where a worker runs its tasks.
+#[derive(Debug)]
+pub(crate) enum Executor {
+    /// As a tokio task in this process.
+    Async,
+    /// In the worker's own child process.
+    Process(Box<ProcessWorker>),
+}
+
+impl Executor {
+    /// Ready to take a job (a child process is up in process mode).
+    async fn ready(&mut self) -> Result<(), String> {
+        match self {
+            Self::Async => Ok(()),
+            Self::Process(p) => p.ready().await,
+        }
+    }
+
+    /// Runs one package within `timeout`. `Err`: it could not start (give the package back).
+    async fn run(
+        &mut self,
+        registry: &Registry,
+        package: &TaskPackage,
+        attempt: u32,
+        timeout: Duration,
+    ) -> Result<Ran, String> {
+        match self {
+            Self::Async => Ok(execute(registry, package, attempt, timeout).await),
+            Self::Process(p) => p.run(package, attempt, timeout).await,
+        }
+    }
+}
 
 /// Deliveries without a recorded run after which a task is failed for good: something (an
 /// abort, the OOM killer) ends the process whenever it runs.
@@ -153,9 +192,29 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     jobs: async_channel::Receiver<Job>,
     outcomes: tokio::sync::mpsc::Sender<Outcome>,
+    mut exec: Executor,
 ) {
     let cfg = shared.config.clone();
-    while let Ok(mut job) = jobs.recv().await {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        // A worker that cannot run anything takes no job (another worker, or the broker after
+        // the lease, gets it).
+        if let Err(e) = exec.ready().await {
+            if shared.stop.is_cancelled() {
+                return;
+            }
+            tracing::error!("{e}; trying again in {pause:?}");
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shared.stop.cancelled() => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(30));
+            continue;
+        }
+        pause = Duration::from_millis(500);
+        let Ok(mut job) = jobs.recv().await else {
+            break;
+        };
         drop(job.slot.take());
         if shared.stop.is_cancelled() {
             shared.give_back(job.seq, &job.ack).await;
@@ -211,7 +270,7 @@ pub(crate) async fn run(
             let mut deadline = job.claimed + cfg.retry;
             let ran = {
                 let _running = Running::new(&shared.running);
-                let run = execute(&shared.registry, &job.package, attempt, intended);
+                let run = exec.run(&shared.registry, &job.package, attempt, intended);
                 tokio::select! {
                     biased;
                     ran = run => Ok(ran),
@@ -219,7 +278,14 @@ pub(crate) async fn run(
                 }
             };
             match ran {
-                Ok(ran) => {
+                Ok(Err(e)) => {
+                    tracing::warn!("task {} not started: {e}; given back", job.package.id);
+                    shared
+                        .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
+                        .await;
+                    continue;
+                }
+                Ok(Ok(ran)) => {
                     // Little lease left: keep it until the monitor has settled the delivery.
                     if deadline.saturating_duration_since(Instant::now())
                         < extend_when_left(cfg.retry) * 2
@@ -247,7 +313,19 @@ pub(crate) async fn run(
             let left = cfg.retry.saturating_sub(job.claimed.elapsed() + margin);
             let limit = intended.min(left.max(Duration::from_millis(1)));
             let _running = Running::new(&shared.running);
-            execute(&shared.registry, &job.package, attempt, limit).await
+            match exec
+                .run(&shared.registry, &job.package, attempt, limit)
+                .await
+            {
+                Ok(ran) => ran,
+                Err(e) => {
+                    tracing::warn!("task {} not started: {e}; given back", job.package.id);
+                    shared
+                        .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
+                        .await;
+                    continue;
+                }
+            }
         };
         if outcomes
             .send(Outcome::ran(job, ran, attempt))
