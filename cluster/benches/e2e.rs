@@ -16,6 +16,11 @@
 //! tasks, no results. `cpu µs` is this process's CPU time (user + system) per task over the
 //! run phase (for SQLite that includes the database, which runs in-process). Finally the idle
 //! RSS of a `qcluster run` process.
+//!
+//! `modes` (in the default list) runs the same cluster on the `memory` broker in
+//! `worker_mode = "async"` and `"process"`, on `noop` and on a task that blocks for 1 ms, and
+//! prints tasks/s for both and the cost of the process hop per task (per worker: the difference
+//! of `workers / rate` between the two modes).
 //! Env: `BENCH_N` (default 20000), `QCLUSTER_TEST_POSTGRES_URL`.
 
 use std::sync::atomic::Ordering;
@@ -23,13 +28,39 @@ use std::time::{Duration, Instant};
 
 use broker_core::{Codec, TaskPackage};
 use cluster::config::{Secret, Url};
-use cluster::{Client, Cluster, Config, NewTask, Registry, Store};
+use cluster::{Client, Cluster, Config, NewTask, Registry, Store, TaskContext, WorkerMode};
 
 const WORKERS: usize = 2;
 const LATENCY_SAMPLES: usize = 300;
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// The bench's tasks: the built-ins and `block1ms` (a blocking task of 1 ms).
+fn registry() -> Registry {
+    let mut r = Registry::with_builtins();
+    r.register_blocking("block1ms", |_: serde_json::Value, _: TaskContext| {
+        std::thread::sleep(Duration::from_millis(1));
+        Ok::<_, String>(())
+    });
+    r
+}
+
+fn main() {
+    // `worker_mode = "process"` runs this very binary as its worker processes.
+    if let Some(code) = cluster::process::serve_if_worker(&registry()) {
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -39,8 +70,15 @@ async fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     if wanted.is_empty() {
-        wanted = vec!["memory".into(), "sqlite".into(), "postgres".into()];
+        wanted = vec![
+            "memory".into(),
+            "sqlite".into(),
+            "postgres".into(),
+            "modes".into(),
+        ];
     }
+    let modes = wanted.iter().any(|w| w == "modes");
+    wanted.retain(|w| w != "modes");
     let dir = tempfile::tempdir().expect("temp dir");
     println!("qcluster end-to-end bench: N = {n} noop tasks, {WORKERS} workers, default settings");
     println!(
@@ -81,6 +119,9 @@ async fn main() {
             ),
             Err(e) => println!("{backend:<10} skipped: {e}"),
         }
+    }
+    if modes {
+        worker_modes(dir.path(), n).await;
     }
     match idle_rss(dir.path()) {
         Ok(kib) => println!(
@@ -232,6 +273,94 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
         p50_ms,
         p99_ms,
     })
+}
+
+/// `async` beside `process` on the memory broker, for `noop` and `block1ms`.
+async fn worker_modes(dir: &std::path::Path, n: usize) {
+    println!();
+    println!("worker modes (memory broker, {WORKERS} workers, results saved to SQLite)");
+    println!(
+        "{:<10} {:>8} {:>12} {:>12} {:>8} {:>14}",
+        "task", "N", "async/s", "process/s", "ratio", "hop µs/task"
+    );
+    for (func, count) in [("noop", n), ("block1ms", (n / 10).max(200))] {
+        let mut rates = [0.0f64; 2];
+        for (i, mode) in [WorkerMode::Async, WorkerMode::Process]
+            .into_iter()
+            .enumerate()
+        {
+            match run_mode(dir, mode, func, count).await {
+                Ok(r) => rates[i] = r,
+                Err(e) => {
+                    println!("{func:<10} {mode} skipped: {e}");
+                    rates[i] = f64::NAN;
+                }
+            }
+        }
+        let [a, p] = rates;
+        let hop_us = (WORKERS as f64 / p - WORKERS as f64 / a) * 1e6;
+        println!(
+            "{func:<10} {count:>8} {a:>12.0} {p:>12.0} {:>7.0}% {hop_us:>14.1}",
+            100.0 * p / a
+        );
+    }
+}
+
+/// Tasks/s of `count` `func` tasks from a backlog on the memory broker in `mode`.
+async fn run_mode(
+    dir: &std::path::Path,
+    mode: WorkerMode,
+    func: &str,
+    count: usize,
+) -> Result<f64, String> {
+    let tag = &uuid::Uuid::now_v7().simple().to_string()[16..];
+    let name = format!("modes_{tag}");
+    let mut cfg = config("memory", &name);
+    cfg.broker = "memory".into();
+    cfg.worker_mode = mode;
+    cfg.store.url = Some(Url(format!(
+        "sqlite://{}/modes-{tag}.sqlite3",
+        dir.display()
+    )));
+    let e = |e: cluster::Error| e.to_string();
+    let client = Client::connect(&cfg).await.map_err(e)?;
+    let tasks: Vec<NewTask> = (0..count).map(|_| NewTask::new(func, "null")).collect();
+    for chunk in tasks.chunks(1000) {
+        client.enqueue_many(chunk.to_vec()).await.map_err(e)?;
+    }
+    let store = Store::connect(&cfg.store_url(), Duration::from_secs(5))
+        .await
+        .map_err(e)?;
+    let broker = cluster::Brokers::builtin().connect(&cfg).await.map_err(e)?;
+    let codec = cluster::client::codec_from(&cfg).map_err(e)?;
+    let cluster = Cluster::new(cfg.clone(), broker, store, codec, registry());
+    let counters = cluster.counters();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(cluster.run(async {
+        let _ = stop_rx.await;
+    }));
+    // The clock starts at the first settled task: process mode starts its children first.
+    while counters.processed.load(Ordering::Relaxed) == 0 {
+        if running.is_finished() {
+            return Err("cluster stopped early".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (t0, done0) = (Instant::now(), counters.processed.load(Ordering::Relaxed));
+    while counters.processed.load(Ordering::Relaxed) < count as u64 {
+        if running.is_finished() {
+            return Err("cluster stopped early".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = (count as u64 - done0) as f64 / t0.elapsed().as_secs_f64();
+    let failed = counters.failed.load(Ordering::Relaxed);
+    let _ = stop_tx.send(());
+    running.await.map_err(|e| e.to_string())?.map_err(e)?;
+    if failed > 0 {
+        return Err(format!("{failed} tasks failed"));
+    }
+    Ok(rate)
 }
 
 /// Starts `qcluster run` on an empty SQLite queue and reads its resident memory after 3 s.

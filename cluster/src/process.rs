@@ -252,7 +252,7 @@ pub struct ChildStatus {
     pub pid: u32,
     /// Tasks it has run.
     pub tasks: u64,
-    /// Resident memory after its last task, KiB.
+    /// Resident memory, KiB (read when the status is published).
     pub rss_kib: u64,
     /// Running a task now.
     pub busy: bool,
@@ -278,9 +278,15 @@ impl Children {
         self.lock().remove(&worker);
     }
 
-    /// Every live worker process, by worker.
+    /// Every live worker process, by worker, with its resident memory read now.
     pub fn snapshot(&self) -> Vec<ChildStatus> {
-        self.lock().values().cloned().collect()
+        let mut all: Vec<ChildStatus> = self.lock().values().cloned().collect();
+        for c in &mut all {
+            if let Some(rss) = rss_kib(c.pid) {
+                c.rss_kib = rss;
+            }
+        }
+        all
     }
 }
 
@@ -416,7 +422,7 @@ impl ProcessWorker {
                 worker: self.index,
                 pid: c.pid,
                 tasks: c.tasks,
-                rss_kib: rss_kib(c.pid).unwrap_or(0),
+                rss_kib: 0,
                 busy: c.busy,
                 cpus: self.cpus.clone(),
             });
@@ -647,7 +653,8 @@ impl ProcessWorker {
                 c.tasks += 1;
                 let (pid, tasks) = (c.pid, c.tasks);
                 let cfg = &self.pool.config;
-                let rss = rss_kib(pid);
+                // Read only when it matters: /proc costs more than a `noop` task.
+                let rss = cfg.max_rss.and_then(|_| rss_kib(pid));
                 if cfg.recycle > 0 && tasks >= cfg.recycle {
                     self.retire(Some(Reason::Recycle)).await;
                 } else if let (Some(max), Some(rss)) = (cfg.max_rss, rss)
