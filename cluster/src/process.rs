@@ -14,6 +14,10 @@
 //!   (`PR_SET_PDEATHSIG`), so a `kill -9` of the cluster leaves no task running. Without it a
 //!   child finishes its task, finds the channel closed, and exits.
 //!
+//! Pinning and dying with the parent use Linux system calls; elsewhere the mode works without
+//! them. `PR_SET_PDEATHSIG` follows the thread that started the child: children are started by
+//! the runtime's worker threads, which live as long as the cluster.
+//!
 //! ## How
 //! A child is `current_exe() __qcluster-worker` with one end of a socket pair as fd 3, in a process
 //! group of its own (a Ctrl-C in the terminal reaches only the cluster, which then shuts down
@@ -290,7 +294,14 @@ impl Children {
     }
 }
 
+/// The CPUs this process may run on (none known outside Linux: `cpu_affinity` pins nothing).
+#[cfg(not(target_os = "linux"))]
+fn allowed_cpus() -> Vec<usize> {
+    Vec::new()
+}
+
 /// The CPUs this process may run on.
+#[cfg(target_os = "linux")]
 fn allowed_cpus() -> Vec<usize> {
     // SAFETY: sched_getaffinity fills the zeroed set it is given; CPU_ISSET reads it.
     unsafe {
@@ -463,6 +474,9 @@ impl ProcessWorker {
         let fd = theirs.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         let die_with_parent = self.pool.config.daemonize_workers;
+        #[cfg(not(target_os = "linux"))]
+        let cpuset: Option<()> = None;
+        #[cfg(target_os = "linux")]
         let cpuset = if self.cpus.is_empty() {
             None
         } else {
@@ -484,6 +498,7 @@ impl ProcessWorker {
                 if libc::setpgid(0, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
+                #[cfg(target_os = "linux")]
                 if die_with_parent {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                         return Err(io::Error::last_os_error());
@@ -493,11 +508,14 @@ impl ProcessWorker {
                         libc::_exit(1);
                     }
                 }
+                #[cfg(target_os = "linux")]
                 if let Some(set) = &cpuset
                     && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) < 0
                 {
                     return Err(io::Error::last_os_error());
                 }
+                #[cfg(not(target_os = "linux"))]
+                let _ = (die_with_parent, parent, &cpuset);
                 Ok(())
             });
         }

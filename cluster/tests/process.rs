@@ -287,3 +287,32 @@ async fn crash_and_leak_refuse_to_run_in_the_cluster_process() {
         assert!(msg.contains("runs only in a worker process"), "{msg}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_tasks_finish_in_their_processes() {
+    let mut w = process_world("pterm");
+    w.set("QCLUSTER_TIMEOUT", 10).set("QCLUSTER_RETRY", 20);
+    let ids = w.enqueue_lines(&[line("sleep", "2"), line("spin", "2")]);
+    let mut guard = Guard(w.start());
+    let busy = status_where(&w, 2, |s| {
+        s["children"]
+            .as_array()
+            .is_some_and(|c| c.iter().all(|c| c["busy"] == true))
+    })
+    .await;
+    let pids = child_pids(&busy);
+    signal(&guard.0, "TERM");
+    assert_eq!(
+        common::wait_exit(&mut guard.0, Duration::from_secs(20)),
+        Some(0)
+    );
+    for id in ids {
+        let r = record(&w, id).await;
+        assert!(r.success && r.attempts == 1, "{r:?}");
+    }
+    let t = Instant::now();
+    while !pids.iter().all(|&p| gone(p)) {
+        assert!(t.elapsed() < Duration::from_secs(5), "{pids:?} still there");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
