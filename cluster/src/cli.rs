@@ -155,7 +155,13 @@ struct EnqueueArgs {
     from: Option<PathBuf>,
     /// Enqueue a chain from FILE (`-` for stdin), lines as for --from: each task runs once the
     /// one before it succeeded. Prints the chain's id.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["func", "from"])]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = [
+            "func", "from", "group", "task_name", "delay", "timeout", "max_attempts", "hook",
+        ]
+    )]
     chain: Option<PathBuf>,
     /// Enqueue FUNC once per line of FILE (`-` for stdin), each line one JSON arguments value,
     /// as one iterator. Prints the iterator's id.

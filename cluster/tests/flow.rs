@@ -525,11 +525,40 @@ fn bad_flow_input_is_refused_naming_it() {
         stderr(&out)
     );
 
+    let out = w.run_stdin(&["enqueue", "--chain", "-", "--group", "g"], "{}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--chain takes its options from its lines"
+    );
+
     let out = w.run_stdin(&["enqueue", "echo", "--iter", "-"], "1\n[2\n");
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--iter line 2"), "{}", stderr(&out));
     // Nothing of it was sent.
     assert_eq!(w.json(&["info", "--json"], 0)["queued"], 0);
+}
+
+#[test]
+fn sync_mode_runs_hooks_chains_and_iterators_at_enqueue() {
+    let mut w = World::new("flowsync", None);
+    w.set("QCLUSTER_SYNC", "true");
+    let file = "{\"func\": \"echo\", \"args\": [1], \"hook\": \"echo\"}\n\
+                {\"func\": \"echo\", \"args\": [2]}\n";
+    let chain = enqueue_id(&w, &["enqueue", "--chain", "-"], Some(file));
+    // No cluster runs: everything happened at enqueue.
+    let r = w.json(&["result", "--json", &chain.to_string()], 0);
+    assert_eq!(r["result"]["links"][1]["result"], serde_json::json!([2]));
+    let first: TaskId = r["result"]["links"][0]["id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("a task id");
+    let h = w.json(&["result", "--json", &hook_id(first).to_string()], 0);
+    assert_eq!(h["result"]["result"], serde_json::json!([1]));
+    let iter = enqueue_id(&w, &["enqueue", "echo", "--iter", "-"], Some("1\n2\n"));
+    let r = w.json(&["result", "--json", &iter.to_string()], 0);
+    assert_eq!(r["result"], serde_json::json!([1, 2]));
 }
 
 macro_rules! on_each_backend {
