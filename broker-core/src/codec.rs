@@ -4,6 +4,10 @@
 //! over every byte before it. When the `COMPRESSED` flag is set the payload is
 //! `uncompressed length (u32 LE) | LZ4 block`.
 //!
+//! The (uncompressed) payload is the bincode package; when the `FLOW` flag is set a second
+//! bincode value, the package's [`crate::Flow`], follows it. A package without a flow encodes
+//! byte for byte as before the flow section existed.
+//!
 //! The key is derived from the secret *and* the cluster name, so a package made for one cluster
 //! fails verification in another that shares the broker. [`Codec::decode`] checks the size and the
 //! tag (in constant time) before it decompresses or deserialises a byte, and never allocates more
@@ -16,7 +20,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::TaskPackage;
+use crate::{Flow, TaskPackage};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -24,6 +28,10 @@ type HmacSha256 = Hmac<Sha256>;
 pub const VERSION: u8 = 1;
 /// Flag bit: the payload is LZ4-compressed with its length prepended.
 pub const FLAG_COMPRESSED: u8 = 0b0000_0001;
+/// Flag bit: a flow section ([`crate::Flow`]) follows the package in the payload.
+pub const FLAG_FLOW: u8 = 0b0000_0010;
+/// Every flag bit this codec knows.
+const KNOWN_FLAGS: u8 = FLAG_COMPRESSED | FLAG_FLOW;
 /// Length of the HMAC-SHA256 tag.
 pub const TAG_LEN: usize = 32;
 /// Bytes an envelope adds around its payload.
@@ -135,8 +143,15 @@ impl Codec {
 
     /// Serialises, optionally compresses and signs a package.
     pub fn encode(&self, package: &TaskPackage) -> Result<Vec<u8>, CodecError> {
-        let raw = bincode::serde::encode_to_vec(package, bincode::config::standard())
+        let cfg = bincode::config::standard();
+        let mut raw = bincode::serde::encode_to_vec(PackageOut::of(package), cfg)
             .map_err(|e| CodecError::Encode(e.to_string()))?;
+        let mut flags = 0;
+        if let Some(flow) = &package.flow {
+            bincode::serde::encode_into_std_write(flow, &mut raw, cfg)
+                .map_err(|e| CodecError::Encode(e.to_string()))?;
+            flags |= FLAG_FLOW;
+        }
         if raw.len() > self.max_size {
             return Err(CodecError::TooLarge {
                 size: raw.len(),
@@ -153,12 +168,12 @@ impl Codec {
         };
         match compressed {
             Some(block) => {
-                out.push(FLAG_COMPRESSED);
+                out.push(flags | FLAG_COMPRESSED);
                 out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
                 out.extend_from_slice(&block);
             }
             None => {
-                out.push(0);
+                out.push(flags);
                 out.extend_from_slice(&raw);
             }
         }
@@ -200,7 +215,7 @@ impl Codec {
             return Err(CodecError::UnknownVersion(body[0]));
         }
         let flags = body[1];
-        if flags & !FLAG_COMPRESSED != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(CodecError::UnknownFlags(flags));
         }
         Ok((flags, &body[2..]))
@@ -252,8 +267,12 @@ pub fn decode_verified(
     payload: &[u8],
     max_size: usize,
 ) -> Result<TaskPackage, CodecError> {
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(CodecError::UnknownFlags(flags));
+    }
+    let flow = flags & FLAG_FLOW != 0;
     if flags & FLAG_COMPRESSED == 0 {
-        return deserialize(payload);
+        return deserialize(payload, flow);
     }
     if payload.len() < 4 {
         return Err(CodecError::Truncated {
@@ -278,7 +297,38 @@ pub fn decode_verified(
             "lz4: {written} bytes decompressed, {size} announced"
         )));
     }
-    deserialize(&raw)
+    deserialize(&raw, flow)
+}
+
+/// The package as the codec writes it, field for field as [`TaskPackage`] without its flow,
+/// so that a package without a flow encodes exactly as it always did.
+#[derive(serde::Serialize)]
+struct PackageOut<'a> {
+    id: crate::TaskId,
+    func: &'a str,
+    #[serde(with = "serde_bytes")]
+    args: &'a [u8],
+    #[serde(with = "serde_bytes")]
+    kwargs: &'a [u8],
+    options: &'a crate::TaskOptions,
+    attempt: u32,
+    enqueued_at_us: i64,
+    trace: &'a Option<crate::TraceContext>,
+}
+
+impl<'a> PackageOut<'a> {
+    fn of(p: &'a TaskPackage) -> Self {
+        Self {
+            id: p.id,
+            func: &p.func,
+            args: &p.args,
+            kwargs: &p.kwargs,
+            options: &p.options,
+            attempt: p.attempt,
+            enqueued_at_us: p.enqueued_at_us,
+            trace: &p.trace,
+        }
+    }
 }
 
 /// Borrowed mirror of [`TaskPackage`], field for field (bincode is positional): every string and
@@ -323,11 +373,113 @@ struct TraceRef<'a> {
     tracestate: Option<&'a str>,
 }
 
-fn deserialize(bytes: &[u8]) -> Result<TaskPackage, CodecError> {
+/// Borrowed mirror of [`Flow`], variant for variant.
+#[derive(serde::Deserialize)]
+enum FlowRef<'a> {
+    Hook { parent: crate::TaskId },
+    Chain(#[serde(borrow)] ChainRef<'a>),
+    Item(crate::ItemFlow),
+}
+
+#[derive(serde::Deserialize)]
+struct ChainRef<'a> {
+    chain: crate::TaskId,
+    index: u32,
+    #[serde(borrow)]
+    links: Grow<LinkRef<'a>>,
+    #[serde(borrow)]
+    results: Grow<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct LinkRef<'a> {
+    id: crate::TaskId,
+    #[serde(borrow)]
+    func: &'a str,
+    #[serde(borrow, with = "serde_bytes")]
+    args: &'a [u8],
+    #[serde(borrow)]
+    options: OptionsRef<'a>,
+}
+
+/// A sequence that grows only with the elements really decoded: a length claim reserves
+/// nothing, so a lying one fails when the input runs out, having allocated no more than the
+/// input holds.
+struct Grow<T>(Vec<T>);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Grow<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Seq<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Seq<T> {
+            type Value = Grow<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Grow<T>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    v.push(x);
+                }
+                Ok(Grow(v))
+            }
+        }
+        d.deserialize_seq(Seq(std::marker::PhantomData))
+    }
+}
+
+fn options(o: OptionsRef<'_>) -> crate::TaskOptions {
+    let owned = |s: Option<&str>| s.map(str::to_owned);
+    crate::TaskOptions {
+        timeout: o.timeout,
+        max_attempts: o.max_attempts,
+        ack_failure: o.ack_failure,
+        hook: owned(o.hook),
+        group: owned(o.group),
+        priority: o.priority,
+        name: owned(o.name),
+    }
+}
+
+fn flow(f: FlowRef<'_>) -> Flow {
+    match f {
+        FlowRef::Hook { parent } => Flow::Hook { parent },
+        FlowRef::Item(i) => Flow::Item(i),
+        FlowRef::Chain(c) => Flow::Chain(crate::ChainFlow {
+            chain: c.chain,
+            index: c.index,
+            links: c
+                .links
+                .0
+                .into_iter()
+                .map(|l| crate::ChainLink {
+                    id: l.id,
+                    func: l.func.to_owned(),
+                    args: l.args.to_vec(),
+                    options: options(l.options),
+                })
+                .collect(),
+            results: c.results.0.into_iter().map(str::to_owned).collect(),
+        }),
+    }
+}
+
+fn deserialize(bytes: &[u8], with_flow: bool) -> Result<TaskPackage, CodecError> {
     // The limit is a second fence: nothing in a package can legitimately claim more than 4 GiB.
     let cfg = bincode::config::standard().with_limit::<{ 1 << 32 }>();
-    let (p, used): (PackageRef<'_>, usize) = bincode::serde::borrow_decode_from_slice(bytes, cfg)
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (p, mut used): (PackageRef<'_>, usize) =
+        bincode::serde::borrow_decode_from_slice(bytes, cfg)
+            .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let mut found = None;
+    if with_flow {
+        let (f, n): (FlowRef<'_>, usize) =
+            bincode::serde::borrow_decode_from_slice(&bytes[used..], cfg)
+                .map_err(|e| CodecError::Decode(format!("flow section: {e}")))?;
+        used += n;
+        found = Some(flow(f));
+    }
     if used != bytes.len() {
         return Err(CodecError::Decode(format!(
             "{} trailing bytes after the package",
@@ -340,21 +492,14 @@ fn deserialize(bytes: &[u8]) -> Result<TaskPackage, CodecError> {
         func: p.func.to_owned(),
         args: p.args.to_vec(),
         kwargs: p.kwargs.to_vec(),
-        options: crate::TaskOptions {
-            timeout: p.options.timeout,
-            max_attempts: p.options.max_attempts,
-            ack_failure: p.options.ack_failure,
-            hook: owned(p.options.hook),
-            group: owned(p.options.group),
-            priority: p.options.priority,
-            name: owned(p.options.name),
-        },
+        options: options(p.options),
         attempt: p.attempt,
         enqueued_at_us: p.enqueued_at_us,
         trace: p.trace.map(|t| crate::TraceContext {
             traceparent: t.traceparent.to_owned(),
             tracestate: owned(t.tracestate),
         }),
+        flow: found,
     })
 }
 
@@ -409,5 +554,135 @@ mod tests {
         let p = TaskPackage::new("echo", vec![b'1'; 2000]);
         let e = codec().with_max_size(1000).encode(&p).unwrap_err();
         assert!(matches!(e, CodecError::TooLarge { limit: 1000, .. }), "{e}");
+    }
+
+    fn flows() -> Vec<Flow> {
+        let parent = crate::TaskId::new();
+        let link = |i: u64| crate::ChainLink {
+            id: crate::TaskId::derived(parent, "link", i),
+            func: "echo".into(),
+            args: format!("[{i}]").into_bytes(),
+            options: crate::TaskOptions {
+                group: Some("g".into()),
+                hook: Some("h".into()),
+                ..Default::default()
+            },
+        };
+        vec![
+            Flow::Hook { parent },
+            Flow::Chain(crate::ChainFlow {
+                chain: parent,
+                index: 1,
+                links: (0..3).map(link).collect(),
+                results: vec!["1".into()],
+            }),
+            Flow::Item(crate::ItemFlow {
+                iter: parent,
+                index: 7,
+                total: 1000,
+            }),
+        ]
+    }
+
+    #[test]
+    fn round_trips_every_flow_plain_and_compressed() {
+        for flow in flows() {
+            let mut p = TaskPackage::new("echo", br#"{"a":1}"#.to_vec());
+            p.flow = Some(flow);
+            for kwargs in [Vec::new(), vec![b'x'; 10_000]] {
+                p.kwargs = kwargs;
+                for c in [codec(), codec().with_compression(true)] {
+                    let env = c.encode(&p).unwrap();
+                    assert_ne!(env[1] & FLAG_FLOW, 0);
+                    assert_eq!(c.decode(&env).unwrap(), p);
+                    assert_eq!(c.decode_text(&c.encode_text(&p).unwrap()).unwrap(), p);
+                }
+            }
+            let packed = codec().with_compression(true).encode(&p).unwrap();
+            assert_eq!(packed[1], FLAG_FLOW | FLAG_COMPRESSED);
+        }
+    }
+
+    /// The package as every earlier version wrote it.
+    #[derive(serde::Serialize)]
+    struct V1 {
+        id: crate::TaskId,
+        func: String,
+        #[serde(with = "serde_bytes")]
+        args: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        kwargs: Vec<u8>,
+        options: crate::TaskOptions,
+        attempt: u32,
+        enqueued_at_us: i64,
+        trace: Option<crate::TraceContext>,
+    }
+
+    #[test]
+    fn a_package_without_flow_is_byte_identical_to_version_1() {
+        let mut p = TaskPackage::new("echo", br#"{"a":1}"#.to_vec());
+        p.options.hook = Some("h".into());
+        p.trace = Some(crate::TraceContext {
+            traceparent: "00-x".into(),
+            tracestate: None,
+        });
+        let v1 = V1 {
+            id: p.id,
+            func: p.func.clone(),
+            args: p.args.clone(),
+            kwargs: p.kwargs.clone(),
+            options: p.options.clone(),
+            attempt: p.attempt,
+            enqueued_at_us: p.enqueued_at_us,
+            trace: p.trace.clone(),
+        };
+        let raw = bincode::serde::encode_to_vec(&v1, bincode::config::standard()).unwrap();
+        let mut body = vec![VERSION, 0];
+        body.extend_from_slice(&raw);
+        assert_eq!(codec().encode(&p).unwrap(), codec().sign_raw(&body));
+    }
+
+    #[test]
+    fn a_cut_or_missing_flow_section_is_refused() {
+        let c = codec();
+        for flow in flows() {
+            let mut p = TaskPackage::new("echo", b"[]".to_vec());
+            p.flow = Some(flow);
+            let env = c.encode(&p).unwrap();
+            let body = &env[..env.len() - TAG_LEN];
+            // Every cut inside the flow section, down to none of it left.
+            let mut bare = p.clone();
+            bare.flow = None;
+            let package_len = c.encode(&bare).unwrap().len() - OVERHEAD;
+            for cut in 2 + package_len..body.len() {
+                let e = c.decode(&c.sign_raw(&body[..cut])).unwrap_err();
+                assert!(matches!(e, CodecError::Decode(_)), "cut at {cut}: {e}");
+            }
+            // A flow section where none is flagged is trailing bytes.
+            let mut unflagged = body.to_vec();
+            unflagged[1] = 0;
+            let e = c.decode(&c.sign_raw(&unflagged)).unwrap_err();
+            assert!(e.to_string().contains("trailing bytes"), "{e}");
+        }
+        let e = c.decode(&c.sign_raw(&[VERSION, 0b100])).unwrap_err();
+        assert_eq!(e, CodecError::UnknownFlags(0b100));
+    }
+
+    #[test]
+    fn a_lying_chain_length_is_refused() {
+        // A chain claiming 2^40 links in a few bytes of input.
+        let c = codec();
+        let bare = TaskPackage::new("echo", b"[]".to_vec());
+        let env = c.encode(&bare).unwrap();
+        let mut body = env[..env.len() - TAG_LEN].to_vec();
+        body[1] = FLAG_FLOW;
+        let mut flow = vec![1u8]; // variant Chain
+        flow.extend_from_slice(&[0u8; 16]); // chain id
+        flow.push(0); // index
+        flow.push(253); // u64 length follows
+        flow.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        body.extend_from_slice(&flow);
+        let e = c.decode(&c.sign_raw(&body)).unwrap_err();
+        assert!(matches!(e, CodecError::Decode(_)), "{e}");
     }
 }

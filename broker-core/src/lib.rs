@@ -17,7 +17,9 @@ pub use broker::{
 };
 pub use codec::{Codec, CodecError};
 pub use error::BrokerError;
-pub use package::{TaskId, TaskOptions, TaskPackage, TraceContext, now_us};
+pub use package::{
+    ChainFlow, ChainLink, Flow, ItemFlow, TaskId, TaskOptions, TaskPackage, TraceContext, now_us,
+};
 pub use settings::{
     MAX_QUEUE_NAME, MAX_RETRY, QueueSettings, mask_url, redact, secs, url_password,
 };

@@ -18,6 +18,25 @@ impl TaskId {
     }
 }
 
+impl TaskId {
+    /// A deterministic id derived from `parent`, a `label` and an `index`: the same inputs give
+    /// the same id everywhere. It is a UUID of version 8 (its bytes come from SHA-256), so it
+    /// can never equal a time-ordered v7 id from [`TaskId::new`].
+    pub fn derived(parent: TaskId, label: &str, index: u64) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"qcluster derived task id\0");
+        h.update(parent.0.as_bytes());
+        h.update(label.as_bytes());
+        h.update([0]);
+        h.update(index.to_le_bytes());
+        let digest = h.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        Self(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    }
+}
+
 impl Default for TaskId {
     fn default() -> Self {
         Self::new()
@@ -86,6 +105,65 @@ pub struct TaskPackage {
     pub enqueued_at_us: i64,
     /// Trace context, if the producer had one.
     pub trace: Option<TraceContext>,
+    /// The flow this package is part of (a hook, a chain link, an iterator item), if any.
+    /// The codec writes it as a section after the package, flagged
+    /// [`crate::codec::FLAG_FLOW`]; a package without one encodes exactly as before.
+    #[serde(default)]
+    pub flow: Option<Flow>,
+}
+
+/// What makes a package part of a larger unit of work. The monitor acts on it once the
+/// package's task is done: it enqueues the next link of a chain, or completes an iterator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Flow {
+    /// This package runs the hook of the task `parent`, with its finished record as argument.
+    Hook {
+        /// The task whose hook this is.
+        parent: TaskId,
+    },
+    /// A link of a chain.
+    Chain(ChainFlow),
+    /// An item of an iterator.
+    Item(ItemFlow),
+}
+
+/// A chain link's view of its chain: every link (ids assigned when the chain was made), which
+/// one this is, and the results of the links before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainFlow {
+    /// The chain's id: its result row is saved under it.
+    pub chain: TaskId,
+    /// This link's place in `links`.
+    pub index: u32,
+    /// Every link of the chain, in order.
+    pub links: Vec<ChainLink>,
+    /// The result JSON of each link before this one, in order.
+    pub results: Vec<String>,
+}
+
+/// One link of a chain, with its id assigned in advance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLink {
+    /// The link's task id.
+    pub id: TaskId,
+    /// Registered name of the function to run.
+    pub func: String,
+    /// Arguments, JSON-encoded.
+    #[serde(with = "serde_bytes")]
+    pub args: Vec<u8>,
+    /// The link's options.
+    pub options: TaskOptions,
+}
+
+/// An iterator item: its place among the iterator's items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemFlow {
+    /// The iterator's id: its result row is saved under it.
+    pub iter: TaskId,
+    /// This item's place, from 0.
+    pub index: u32,
+    /// How many items the iterator has.
+    pub total: u32,
 }
 
 impl TaskPackage {
@@ -100,6 +178,7 @@ impl TaskPackage {
             attempt: 0,
             enqueued_at_us: now_us(),
             trace: None,
+            flow: None,
         }
     }
 }

@@ -109,6 +109,7 @@ fn arb_package(
                 attempt,
                 enqueued_at_us,
                 trace,
+                flow: None,
             },
         )
 }
@@ -428,7 +429,8 @@ fn signed_unknown_flags_are_unknown_flags() {
         for c in codecs() {
             let body = body_of(&c.encode(&p).unwrap());
             let compressed = body[1] & FLAG_COMPRESSED;
-            for unknown in (1..8)
+            // Bit 1 is FLAG_FLOW; every other bit is unknown.
+            for unknown in (2..8)
                 .map(|bit| 1u8 << bit)
                 .chain([0xfe, 0x81 & !FLAG_COMPRESSED])
             {

@@ -78,6 +78,8 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Show, wait for or delete the results of a group.
+    Group(GroupArgs),
     /// Show the broker, the queue and the running clusters.
     Info {
         #[command(flatten)]
@@ -122,6 +124,26 @@ struct Out {
 }
 
 #[derive(Debug, Args)]
+struct GroupArgs {
+    /// The group.
+    group: String,
+    /// Failed results too (successes only without it).
+    #[arg(long)]
+    failures: bool,
+    /// Wait up to SECS until there are --count results (at least one without --count).
+    #[arg(long, value_name = "SECS")]
+    wait: Option<f64>,
+    /// Results wanted: exit 1 if fewer are there (once --wait has run out).
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
+    /// Delete every result of the group and say how many.
+    #[arg(long, conflicts_with_all = ["failures", "wait", "count"])]
+    delete: bool,
+    #[command(flatten)]
+    out: Out,
+}
+
+#[derive(Debug, Args)]
 struct EnqueueArgs {
     /// Task name (required unless --from is given).
     func: Option<String>,
@@ -131,6 +153,23 @@ struct EnqueueArgs {
     /// Read tasks from FILE (`-` for stdin): one JSON object per line, `{"func": …, "args": …}`.
     #[arg(long, value_name = "FILE", conflicts_with = "func")]
     from: Option<PathBuf>,
+    /// Enqueue a chain from FILE (`-` for stdin), lines as for --from: each task runs once the
+    /// one before it succeeded. Prints the chain's id.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = [
+            "func", "from", "group", "task_name", "delay", "timeout", "max_attempts", "hook",
+        ]
+    )]
+    chain: Option<PathBuf>,
+    /// Enqueue FUNC once per line of FILE (`-` for stdin), each line one JSON arguments value,
+    /// as one iterator. Prints the iterator's id.
+    #[arg(long, value_name = "FILE", requires = "func", conflicts_with = "from")]
+    iter: Option<PathBuf>,
+    /// Run the task NAME once this task is done, with its result record as argument.
+    #[arg(long, value_name = "NAME")]
+    hook: Option<String>,
     /// Wait up to SECS for the result and print it (exit 1 if the task failed).
     #[arg(long, value_name = "SECS")]
     wait: Option<f64>,
@@ -170,6 +209,7 @@ struct Line {
     delay: Option<f64>,
     timeout: Option<f64>,
     max_attempts: Option<u32>,
+    hook: Option<String>,
 }
 
 /// A failure with the exit code it maps to.
@@ -339,6 +379,7 @@ async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
             };
             show_result(id, r, out.json)
         }
+        Command::Group(args) => group(&config, args).await,
         Command::Info { out } => info(&config, &brokers, out.json).await,
         Command::Ping { out } => ping(&config, &brokers, out.json).await,
         Command::Purge { out } => {
@@ -481,11 +522,13 @@ fn options(
     delay: Option<f64>,
     timeout: Option<f64>,
     max_attempts: Option<u32>,
+    hook: Option<String>,
 ) -> Res<EnqueueOptions> {
     Ok(EnqueueOptions {
         options: TaskOptions {
             timeout: timeout.map(|t| secs("timeout", t)).transpose()?,
             max_attempts,
+            hook,
             group,
             name,
             priority,
@@ -495,23 +538,27 @@ fn options(
     })
 }
 
-/// Reads `enqueue --from` input; every line is checked before anything is sent.
-fn read_lines(path: &PathBuf) -> Res<Vec<NewTask>> {
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        let f = std::fs::File::open(path)
-            .map_err(|e| Fail::usage(format!("--from {}: {e}", path.display())))?;
-        Box::new(std::io::BufReader::new(f))
-    };
+/// Opens FILE, or stdin for `-`.
+fn open_input(flag: &str, path: &PathBuf) -> Res<Box<dyn BufRead>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdin().lock()));
+    }
+    let f = std::fs::File::open(path)
+        .map_err(|e| Fail::usage(format!("{flag} {}: {e}", path.display())))?;
+    Ok(Box::new(std::io::BufReader::new(f)))
+}
+
+/// Reads `enqueue --from` (or `--chain`) input; every line is checked before anything is sent.
+fn read_lines(flag: &str, path: &PathBuf) -> Res<Vec<NewTask>> {
+    let reader = open_input(flag, path)?;
     let mut tasks = Vec::new();
     for (n, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
+        let line = line.map_err(|e| Fail::usage(format!("{flag} line {}: {e}", n + 1)))?;
         if line.trim().is_empty() {
             continue;
         }
         let l: Line = serde_json::from_str(&line)
-            .map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
+            .map_err(|e| Fail::usage(format!("{flag} line {}: {e}", n + 1)))?;
         let opts = options(
             l.group,
             l.name,
@@ -519,10 +566,11 @@ fn read_lines(path: &PathBuf) -> Res<Vec<NewTask>> {
             l.delay,
             l.timeout,
             l.max_attempts,
+            l.hook,
         )
-        .map_err(|f| Fail::usage(format!("--from line {}: {}", n + 1, f.message)))?;
+        .map_err(|f| Fail::usage(format!("{flag} line {}: {}", n + 1, f.message)))?;
         let args = serde_json::to_vec(&l.args)
-            .map_err(|e| Fail::usage(format!("--from line {}: {e}", n + 1)))?;
+            .map_err(|e| Fail::usage(format!("{flag} line {}: {e}", n + 1)))?;
         tasks.push(NewTask {
             func: l.func,
             args,
@@ -544,8 +592,61 @@ async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: Enqu
         ));
     }
     let registry = Arc::new(registry);
+    if let Some(path) = &a.chain {
+        let links = read_lines("--chain", path)?;
+        if links.is_empty() {
+            return Err(Fail::usage(format!(
+                "--chain {}: no tasks (a chain needs at least one)",
+                path.display()
+            )));
+        }
+        check_all(&registry, "--chain", &links)?;
+        let client = Client::connect_with(config, brokers)
+            .await?
+            .with_registry(registry);
+        let id = client.chain(links).await?;
+        return print_one(&client, id, &a).await;
+    }
+    if let (Some(path), Some(func)) = (&a.iter, &a.func) {
+        let reader = open_input("--iter", path)?;
+        let mut items = Vec::new();
+        for (n, line) in reader.lines().enumerate() {
+            let line = line.map_err(|e| Fail::usage(format!("--iter line {}: {e}", n + 1)))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&line) {
+                return Err(Fail::usage(format!("--iter line {}: {e}", n + 1)));
+            }
+            registry
+                .check(func, line.as_bytes())
+                .map_err(|e| Fail::usage(format!("--iter line {}: {e}", n + 1)))?;
+            items.push(line.into_bytes());
+        }
+        if items.is_empty() {
+            return Err(Fail::usage(format!(
+                "--iter {}: no arguments (an iterator needs at least one item)",
+                path.display()
+            )));
+        }
+        crate::client::check_hook(&registry, func, a.hook.as_deref())?;
+        let opts = options(
+            a.group.clone(),
+            a.task_name.clone(),
+            a.priority,
+            a.delay,
+            a.timeout,
+            a.max_attempts,
+            a.hook.clone(),
+        )?;
+        let client = Client::connect_with(config, brokers)
+            .await?
+            .with_registry(registry);
+        let id = client.iter(func, items, opts).await?;
+        return print_one(&client, id, &a).await;
+    }
     let tasks = match (&a.from, &a.func) {
-        (Some(path), _) => read_lines(path)?,
+        (Some(path), _) => read_lines("--from", path)?,
         (None, Some(func)) => {
             if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&a.args) {
                 return Err(Fail::usage(format!("--args is not JSON: {e}")));
@@ -560,20 +661,24 @@ async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: Enqu
                     a.delay,
                     a.timeout,
                     a.max_attempts,
+                    a.hook.clone(),
                 )?,
             }]
         }
-        (None, None) => return Err(Fail::usage("enqueue needs FUNC or --from FILE")),
+        (None, None) => {
+            return Err(Fail::usage(
+                "enqueue needs FUNC, --from FILE or --chain FILE",
+            ));
+        }
     };
     // Check every task against the registry before connecting to anything.
-    for (i, t) in tasks.iter().enumerate() {
-        registry.check(&t.func, &t.args).map_err(|e| {
-            if a.from.is_some() {
-                Fail::usage(format!("task {} of --from: {e}", i + 1))
-            } else {
-                Fail::from(e)
-            }
-        })?;
+    if a.from.is_some() {
+        check_all(&registry, "--from", &tasks)?;
+    } else {
+        for t in &tasks {
+            registry.check(&t.func, &t.args)?;
+            crate::client::check_hook(&registry, &t.func, t.options.options.hook.as_deref())?;
+        }
     }
     let client = Client::connect_with(config, brokers)
         .await?
@@ -600,6 +705,103 @@ async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: Enqu
             .ok_or_else(|| Fail::runtime("no result store"))?;
         let r = wait_for(store, *id, secs("--wait", w)?).await?;
         return show_result(*id, r, a.out.json);
+    }
+    Ok(())
+}
+
+/// Checks every task of a `--from` or `--chain` input, hooks included.
+fn check_all(registry: &Registry, flag: &str, tasks: &[NewTask]) -> Res {
+    for (i, t) in tasks.iter().enumerate() {
+        registry
+            .check(&t.func, &t.args)
+            .and_then(|()| {
+                crate::client::check_hook(registry, &t.func, t.options.options.hook.as_deref())
+            })
+            .map_err(|e| Fail::usage(format!("task {} of {flag}: {e}", i + 1)))?;
+    }
+    Ok(())
+}
+
+/// Prints the id of a chain or an iterator; with `--wait`, waits for its result row.
+async fn print_one(client: &Client, id: TaskId, a: &EnqueueArgs) -> Res {
+    match a.wait {
+        Some(w) => {
+            if !a.out.json {
+                println!("{id}");
+            }
+            let store = client
+                .store()
+                .ok_or_else(|| Fail::runtime("no result store"))?;
+            let r = wait_for(store, id, secs("--wait", w)?).await?;
+            show_result(id, r, a.out.json)
+        }
+        None => {
+            if a.out.json {
+                println!("{}", serde_json::json!({ "id": id.to_string() }));
+            } else {
+                println!("{id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn group(config: &Config, a: GroupArgs) -> Res {
+    let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
+    if a.delete {
+        let n = store.delete_group(&a.group).await?;
+        if a.out.json {
+            print_json(&serde_json::json!({ "group": a.group, "deleted": n }));
+        } else {
+            println!("deleted {n} results of group `{}`", a.group);
+        }
+        return Ok(());
+    }
+    let wait = a.wait.map(|w| secs("--wait", w)).transpose()?;
+    let records = crate::client::fetch_group(&store, &a.group, a.failures, wait, a.count).await?;
+    if a.out.json {
+        print_json(&serde_json::Value::Array(
+            records.iter().map(TaskRecord::to_json).collect(),
+        ));
+    } else if records.is_empty() {
+        println!("no results in group `{}`", a.group);
+    } else {
+        println!(
+            "{:<36}  {:<16}  {:<8}  {:>8}  {:<27}  result",
+            "id", "func", "state", "attempts", "stopped"
+        );
+        for r in &records {
+            let state = match (r.success, r.done) {
+                (true, _) => "success",
+                (false, true) => "failed",
+                (false, false) => "retrying",
+            };
+            let mut result = r.result.clone().unwrap_or_else(|| "null".into());
+            if result.chars().count() > 60 {
+                result = result.chars().take(59).chain(['…']).collect();
+            }
+            println!(
+                "{:<36}  {:<16}  {:<8}  {:>8}  {:<27}  {result}",
+                r.id.to_string(),
+                r.func,
+                state,
+                r.attempts,
+                crate::store::rfc3339(r.stopped_us),
+            );
+        }
+    }
+    let want = crate::client::wanted(wait, a.count);
+    if records.len() < want {
+        return Err(Fail::runtime(format!(
+            "group `{}`: {} of {want} results{}",
+            a.group,
+            records.len(),
+            if wait.is_some() {
+                " when the wait ran out"
+            } else {
+                ""
+            }
+        )));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker_core::{Broker, Codec, Message, TaskId, TaskOptions, TaskPackage};
+use broker_core::{Broker, Codec, Flow, ItemFlow, Message, TaskId, TaskOptions, TaskPackage};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -174,6 +174,16 @@ impl Client {
 
     /// Checks and packs one task.
     fn package(&self, t: NewTask) -> Result<(TaskPackage, Message), Error> {
+        self.package_as(t, None, None)
+    }
+
+    /// Checks and packs one task, under `id` (else a new one) and with `flow`.
+    fn package_as(
+        &self,
+        t: NewTask,
+        id: Option<TaskId>,
+        flow: Option<Flow>,
+    ) -> Result<(TaskPackage, Message), Error> {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&t.args) {
             return Err(Error::Args {
                 func: t.func,
@@ -182,6 +192,7 @@ impl Client {
         }
         if let Some(r) = &self.registry {
             r.check(&t.func, &t.args)?;
+            check_hook(r, &t.func, t.options.options.hook.as_deref())?;
         }
         let long = |what: &str, v: &str| -> Result<(), Error> {
             if v.len() > 191 || v.contains('\0') {
@@ -201,6 +212,10 @@ impl Client {
         }
         let mut p = TaskPackage::new(t.func, t.args);
         p.options = t.options.options;
+        if let Some(id) = id {
+            p.id = id;
+        }
+        p.flow = flow;
         let mut m = Message::new(self.codec.encode(&p)?)
             .with_priority(p.options.priority)
             .with_key(p.id.to_string());
@@ -220,6 +235,11 @@ impl Client {
         for t in tasks {
             packed.push(self.package(t)?);
         }
+        self.send(packed).await
+    }
+
+    /// Sends packed tasks in batches the broker accepts (or runs them here with `sync`).
+    async fn send(&self, packed: Vec<(TaskPackage, Message)>) -> Result<Vec<TaskId>, Error> {
         if let Some(config) = &self.sync {
             return self.run_inline(config, packed).await;
         }
@@ -234,7 +254,8 @@ impl Client {
         Ok(ids)
     }
 
-    /// `sync = true`: runs each task here and now and saves its result.
+    /// `sync = true`: runs each task here and now and saves its result; hooks, chain links and
+    /// iterators follow at once, in this process.
     async fn run_inline(
         &self,
         config: &Config,
@@ -245,19 +266,113 @@ impl Client {
             .clone()
             .unwrap_or_else(|| Arc::new(Registry::with_builtins()));
         let mut ids = Vec::new();
-        let mut records = Vec::new();
+        let mut queue = std::collections::VecDeque::new();
         for (p, _) in packed {
             ids.push(p.id);
+            queue.push_back(p);
+        }
+        let mut next = crate::flow::Next::default();
+        while let Some(p) = queue.pop_front() {
             let timeout = crate::task::effective_timeout(p.options.timeout, config.timeout);
             let ran = crate::job::execute(&registry, &p, 1, timeout).await;
             let mut r = crate::job::record(&p, &ran, 1, &config.name);
             r.done = true; // sync mode does not retry
-            records.push(r);
+            if let Some(s) = &self.store {
+                s.save(std::slice::from_ref(&r)).await?;
+            }
+            crate::flow::follow_ups(&p, &r, &config.name, &mut next);
+            queue.extend(next.packages.drain(..));
         }
         if let Some(s) = &self.store {
-            s.save(&records).await?;
+            s.save(&next.rows).await?;
+            crate::flow::complete_iters(s, &next.iters, &config.name).await?;
         }
         Ok(ids)
+    }
+
+    /// Enqueues a chain: the tasks run one after another, each once the one before it
+    /// succeeded (a failing link is retried per its `max_attempts` first); a final failure stops
+    /// the chain. Returns the chain's id: once the chain ends, its result row (func `chain`)
+    /// lists every link's id, func, state and result, and which link stopped it. Links without
+    /// a group get the chain's id as their group. A link's `delay` is not used (only the
+    /// chain's first link could wait, and it does not either).
+    pub async fn chain(&self, tasks: Vec<NewTask>) -> Result<TaskId, Error> {
+        if tasks.is_empty() {
+            return Err(Error::Args {
+                func: crate::flow::CHAIN_FUNC.into(),
+                message: "a chain needs at least one task".into(),
+            });
+        }
+        if tasks.len() > u32::MAX as usize {
+            return Err(Error::Args {
+                func: crate::flow::CHAIN_FUNC.into(),
+                message: "too many links".into(),
+            });
+        }
+        let mut checked = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            // Every link is checked now; only the first is sent.
+            let (p, _) = self.package(t)?;
+            checked.push((p.func, p.args, p.options));
+        }
+        let (chain, flow) = crate::flow::chain_packages(checked);
+        let first = &flow.links[0];
+        let task = NewTask {
+            func: first.func.clone(),
+            args: first.args.clone(),
+            options: EnqueueOptions {
+                options: first.options.clone(),
+                delay: None,
+            },
+        };
+        let id = first.id;
+        let packed = self.package_as(task, Some(id), Some(Flow::Chain(flow)))?;
+        self.send(vec![packed]).await?;
+        Ok(chain)
+    }
+
+    /// Enqueues an iterator: `func` once per arguments in `args` (each JSON), as items with ids
+    /// derived from the iterator's id and their place ([`crate::flow::item_id`]), in the group
+    /// `options.options.group`, else the iterator's id. Once every item is done, one result row
+    /// under the returned id (func `iter`) holds their results in input order (a failed item's
+    /// entry is its failure message), a success when every item succeeded.
+    pub async fn iter(
+        &self,
+        func: &str,
+        args: Vec<Vec<u8>>,
+        options: EnqueueOptions,
+    ) -> Result<TaskId, Error> {
+        if args.is_empty() {
+            return Err(Error::Args {
+                func: func.to_owned(),
+                message: "an iterator needs at least one item".into(),
+            });
+        }
+        let total = u32::try_from(args.len()).map_err(|_| Error::Args {
+            func: func.to_owned(),
+            message: "too many items".into(),
+        })?;
+        let iter = TaskId::new();
+        let mut options = options;
+        if options.options.group.is_none() {
+            options.options.group = Some(iter.to_string());
+        }
+        let mut packed = Vec::with_capacity(args.len());
+        for (index, a) in (0u32..).zip(args) {
+            let t = NewTask {
+                func: func.to_owned(),
+                args: a,
+                options: options.clone(),
+            };
+            let item = ItemFlow { iter, index, total };
+            packed.push(self.package_as(
+                t,
+                Some(crate::flow::item_id(iter, index)),
+                Some(Flow::Item(item)),
+            )?);
+        }
+        self.send(packed).await?;
+        Ok(iter)
     }
 
     fn need_store(&self) -> Result<&Store, Error> {
@@ -295,5 +410,95 @@ impl Client {
     /// Every stored result of `group`.
     pub async fn group_results(&self, group: &str) -> Result<Vec<TaskRecord>, Error> {
         self.need_store()?.group(group).await
+    }
+
+    /// The results (JSON) of `group`, oldest first: successes only, failures too (their
+    /// message) with `failures`. With `count`, waits up to `wait` (not at all without it) until
+    /// there are at least `count` of them; `wait` alone waits for one. Fewer are returned when
+    /// time runs out.
+    pub async fn result_group(
+        &self,
+        group: &str,
+        failures: bool,
+        wait: Option<Duration>,
+        count: Option<usize>,
+    ) -> Result<Vec<serde_json::Value>, Error> {
+        let records = self.fetch_group(group, failures, wait, count).await?;
+        Ok(records
+            .iter()
+            .map(|r| {
+                r.result
+                    .as_deref()
+                    .and_then(|s| serde_json::from_str(s).ok())
+                    .unwrap_or(serde_json::Value::Null)
+            })
+            .collect())
+    }
+
+    /// The stored results of `group` as records; `failures`, `wait` and `count` as for
+    /// [`Client::result_group`].
+    pub async fn fetch_group(
+        &self,
+        group: &str,
+        failures: bool,
+        wait: Option<Duration>,
+        count: Option<usize>,
+    ) -> Result<Vec<TaskRecord>, Error> {
+        fetch_group(self.need_store()?, group, failures, wait, count).await
+    }
+
+    /// How many results `group` holds: successes, or (with `failures`) failures only.
+    pub async fn count_group(&self, group: &str, failures: bool) -> Result<u64, Error> {
+        self.need_store()?.group_count(group, Some(!failures)).await
+    }
+
+    /// Deletes every stored result of `group`; returns how many were deleted.
+    pub async fn delete_group(&self, group: &str) -> Result<u64, Error> {
+        self.need_store()?.delete_group(group).await
+    }
+}
+
+/// [`Client::fetch_group`] on a store.
+pub(crate) async fn fetch_group(
+    store: &Store,
+    group: &str,
+    failures: bool,
+    wait: Option<Duration>,
+    count: Option<usize>,
+) -> Result<Vec<TaskRecord>, Error> {
+    let want = wanted(wait, count);
+    let deadline = Instant::now() + wait.unwrap_or(Duration::ZERO);
+    let mut pause = Duration::from_millis(10);
+    let filter = (!failures).then_some(true);
+    loop {
+        // Counting is cheaper than reading every row while waiting.
+        let have = store.group_count(group, filter).await?;
+        if have >= want as u64 || Instant::now() >= deadline {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+    store.group_filtered(group, failures).await
+}
+
+/// How many results a group read with `wait` and `count` waits for.
+pub(crate) fn wanted(wait: Option<Duration>, count: Option<usize>) -> usize {
+    match (wait, count) {
+        (_, Some(n)) => n,
+        (Some(_), None) => 1,
+        (None, None) => 0,
+    }
+}
+
+/// Refuses a hook that `registry` does not know.
+pub(crate) fn check_hook(registry: &Registry, func: &str, hook: Option<&str>) -> Result<(), Error> {
+    match hook {
+        Some(h) if !registry.contains(h) => Err(Error::Args {
+            func: func.to_owned(),
+            message: format!("hook `{h}` is not a registered task"),
+        }),
+        _ => Ok(()),
     }
 }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use broker_core::{AckId, TaskId, now_us};
 use tokio::sync::{Mutex, mpsc};
 
+use crate::flow::{Next, complete_iters, follow_ups, has_follow_ups};
 use crate::job::{Outcome, record};
 use crate::shared::Shared;
 use crate::store::TaskRecord;
@@ -173,6 +174,20 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
         Ordering::Relaxed,
     );
 
+    // What follows done tasks (hooks, next links, chain and iterator ends) is sent and saved
+    // before they are acknowledged; if that fails they come back and it is done again.
+    let unsent = follow(shared, &batch, &records, &poisoned).await;
+    if !unsent.is_empty() {
+        acks.retain(|(seq, _)| !unsent.contains(seq));
+        for o in &batch {
+            if unsent.contains(&o.job.seq) && shared.unsettled(o.job.seq) {
+                shared
+                    .give_back_after(o.job.seq, &o.job.ack, FOLLOW_UP_RETRY)
+                    .await;
+            }
+        }
+    }
+
     if !acks.is_empty() {
         let ids: Vec<AckId> = acks.iter().map(|(_, a)| a.clone()).collect();
         if let Err(e) = shared.broker.acknowledge_many(&ids).await {
@@ -202,6 +217,99 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
     }
     for (seq, _, _) in &retries {
         shared.settle(*seq);
+    }
+}
+
+/// How long a task whose follow-ups could not be sent waits before it is delivered again.
+const FOLLOW_UP_RETRY: Duration = Duration::from_secs(1);
+
+/// Sends and saves what follows the done tasks of `batch` (whose rows, `records`, are saved):
+/// hook runs and next chain links are enqueued under their fixed ids unless a result under that
+/// id exists already, chain end rows are upserted, finished iterators get their row. A
+/// duplicate delivery of a done task does it all again, from the task's stored result, so a
+/// crash between enqueueing and acknowledging loses nothing. Returns the deliveries (by
+/// sequence) whose follow-ups could not be sent: they are not to be acknowledged.
+async fn follow(
+    shared: &Shared,
+    batch: &[Outcome],
+    records: &[TaskRecord],
+    poisoned: &HashMap<TaskId, String>,
+) -> std::collections::HashSet<u64> {
+    let cfg = &shared.config;
+    let saved: HashMap<TaskId, &TaskRecord> = records.iter().map(|r| (r.id, r)).collect();
+    let mut done: Vec<(&Outcome, TaskRecord)> = Vec::new();
+    let mut duplicates: Vec<&Outcome> = Vec::new();
+    for o in batch {
+        let p = &o.job.package;
+        if !has_follow_ups(p) || poisoned.contains_key(&p.id) {
+            continue;
+        }
+        match (&o.ran, saved.get(&p.id)) {
+            (Some(_), Some(r)) if r.done => done.push((o, (*r).clone())),
+            (Some(_), _) => {}
+            (None, _) => duplicates.push(o),
+        }
+    }
+    if done.is_empty() && duplicates.is_empty() {
+        return Default::default();
+    }
+    let owners: std::collections::HashSet<u64> = done
+        .iter()
+        .map(|(o, _)| o.job.seq)
+        .chain(duplicates.iter().map(|o| o.job.seq))
+        .collect();
+    let attempt = async {
+        if !duplicates.is_empty() {
+            let ids: Vec<TaskId> = duplicates.iter().map(|o| o.job.package.id).collect();
+            let stored: HashMap<TaskId, TaskRecord> = shared
+                .store
+                .get_many(&ids)
+                .await?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
+            for o in &duplicates {
+                if let Some(r) = stored.get(&o.job.package.id).filter(|r| r.done) {
+                    done.push((o, r.clone()));
+                }
+            }
+        }
+        let mut next = Next::default();
+        for (o, r) in &done {
+            follow_ups(&o.job.package, r, &cfg.name, &mut next);
+        }
+        let mut seen = std::collections::HashSet::new();
+        next.packages.retain(|p| seen.insert(p.id));
+        let ids: Vec<TaskId> = next.packages.iter().map(|p| p.id).collect();
+        let known = shared.store.known(&ids).await?;
+        let mut messages = Vec::new();
+        for p in next.packages.iter().filter(|p| !known.contains(&p.id)) {
+            match crate::flow::message(&shared.codec, p) {
+                Ok(m) => messages.push(m),
+                // Cannot change by trying again (over the size limit): said, not retried.
+                Err(e) => {
+                    tracing::error!("follow-up task {} ({}) cannot be packed: {e}", p.id, p.func)
+                }
+            }
+        }
+        if !messages.is_empty() {
+            shared.broker.enqueue_many(messages).await?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        next.rows.retain(|r| seen.insert(r.id));
+        shared.store.save(&next.rows).await?;
+        complete_iters(&shared.store, &next.iters, &cfg.name).await?;
+        Ok::<(), crate::Error>(())
+    };
+    match attempt.await {
+        Ok(()) => Default::default(),
+        Err(e) => {
+            tracing::warn!(
+                "follow-ups of {} tasks (hooks, chains, iterators) could not be sent: {e};                  their packages come back and are settled again",
+                owners.len()
+            );
+            owners
+        }
     }
 }
 

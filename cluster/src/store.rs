@@ -494,6 +494,82 @@ impl Store {
         rows.iter().map(|r| self.record(r)).collect()
     }
 
+    /// The stored results of `group`, oldest first: successes only, or every row with
+    /// `failures`.
+    pub async fn group_filtered(
+        &self,
+        group: &str,
+        failures: bool,
+    ) -> Result<Vec<TaskRecord>, Error> {
+        let only = if failures { "" } else { " AND success = 1" };
+        let sql = self.render(&format!(
+            "{} WHERE grp = ?{only} ORDER BY stopped, id",
+            Self::SELECT
+        ));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(group.to_owned())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.sql_err("group results"))?;
+        rows.iter().map(|r| self.record(r)).collect()
+    }
+
+    /// How many results `group` holds: successes (`Some(true)`), failures (`Some(false)`) or
+    /// all of them (`None`).
+    pub async fn group_count(&self, group: &str, success: Option<bool>) -> Result<u64, Error> {
+        let only = match success {
+            None => "",
+            Some(true) => " AND success = 1",
+            Some(false) => " AND success = 0",
+        };
+        let sql = self.render(&format!(
+            "SELECT COUNT(*) FROM qcluster_task WHERE grp = ?{only}"
+        ));
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(group.to_owned())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.sql_err("count group"))?;
+        let n: i64 = row.try_get(0).map_err(self.sql_err("count group"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Deletes every stored result of `group`; returns how many.
+    pub async fn delete_group(&self, group: &str) -> Result<u64, Error> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(
+            self.render("DELETE FROM qcluster_task WHERE grp = ?"),
+        ))
+        .bind(group.to_owned())
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql_err("delete group"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// The stored results of those of `ids` that have one (in no particular order).
+    pub async fn get_many(&self, ids: &[TaskId]) -> Result<Vec<TaskRecord>, Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = self.render(&format!(
+                "{} WHERE id IN ({})",
+                Self::SELECT,
+                vec!["?"; chunk.len()].join(", ")
+            ));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            let rows = q
+                .fetch_all(&self.pool)
+                .await
+                .map_err(self.sql_err("get results"))?;
+            for r in &rows {
+                out.push(self.record(r)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Which of `ids` have a row matching `condition` (fixed SQL, no values).
     async fn ids_where(&self, condition: &str, ids: &[TaskId]) -> Result<Vec<TaskId>, Error> {
         let mut out = Vec::new();
@@ -518,6 +594,11 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Which of `ids` have a stored result of any kind.
+    pub async fn known(&self, ids: &[TaskId]) -> Result<HashSet<TaskId>, Error> {
+        Ok(self.ids_where("1 = 1", ids).await?.into_iter().collect())
     }
 
     /// Which of `ids` already have a successful result.

@@ -281,3 +281,51 @@ impl World {
         w
     }
 }
+
+impl World {
+    /// Runs `qcluster` with `input` on stdin.
+    pub fn run_stdin(&self, args: &[&str], input: &str) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qcluster");
+        {
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(input.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("qcluster")
+    }
+
+    /// The configuration the world's `qcluster` runs with (ORM broker and store on `url`),
+    /// for in-test clients and brokers.
+    pub fn config(&self) -> cluster::Config {
+        let mut cfg = cluster::Config {
+            name: self.name.clone(),
+            secret: Some(cluster::config::Secret::new(self.secret.clone())),
+            ..cluster::Config::default()
+        };
+        cfg.set("orm.url", self.url.clone()).expect("orm.url");
+        cfg
+    }
+
+    /// Waits until `id` has a final result, or panics after `limit`.
+    pub async fn wait_record(&self, id: TaskId, limit: Duration) -> cluster::TaskRecord {
+        let store = self.store().await;
+        let t = Instant::now();
+        loop {
+            if let Some(r) = store.get(id).await.expect("get")
+                && r.done
+            {
+                return r;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "no final result for {id} within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
