@@ -286,9 +286,22 @@ async fn follow(
         for p in next.packages.iter().filter(|p| !known.contains(&p.id)) {
             match crate::flow::message(&shared.codec, p) {
                 Ok(m) => messages.push(m),
-                // Cannot change by trying again (over the size limit): said, not retried.
+                // Cannot change by trying again (over the size limit): the follow-up gets a
+                // final failed result of its own, and a chain it belongs to ends with it.
                 Err(e) => {
-                    tracing::error!("follow-up task {} ({}) cannot be packed: {e}", p.id, p.func)
+                    tracing::error!("follow-up task {} ({}) cannot be packed: {e}", p.id, p.func);
+                    let now = now_us();
+                    let ran = crate::job::Ran {
+                        result: Err(format!("could not be enqueued: {e}")),
+                        permanent: true,
+                        started_us: now,
+                        stopped_us: now,
+                    };
+                    let r = record(p, &ran, 0, &cfg.name);
+                    let mut after = Next::default();
+                    follow_ups(p, &r, &cfg.name, &mut after);
+                    next.rows.push(r);
+                    next.rows.extend(after.rows);
                 }
             }
         }
@@ -305,7 +318,8 @@ async fn follow(
         Ok(()) => Default::default(),
         Err(e) => {
             tracing::warn!(
-                "follow-ups of {} tasks (hooks, chains, iterators) could not be sent: {e};                  their packages come back and are settled again",
+                "follow-ups of {} tasks (hooks, chains, iterators) could not be sent: {e}; \
+                 their packages come back and are settled again",
                 owners.len()
             );
             owners
