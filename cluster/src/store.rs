@@ -149,7 +149,9 @@ impl TaskRecord {
             "enqueued": rfc3339(self.enqueued_us),
             "started": rfc3339(self.started_us),
             "stopped": rfc3339(self.stopped_us),
-            "duration_ms": (self.stopped_us - self.started_us) as f64 / 1000.0,
+            "duration_ms": (self.stopped_us >= self.started_us)
+                .then(|| (self.stopped_us - self.started_us) as f64 / 1000.0),
+            "running": self.stopped_us == 0 && !self.done,
         })
     }
 }
@@ -599,6 +601,72 @@ impl Store {
     /// Which of `ids` have a stored result of any kind.
     pub async fn known(&self, ids: &[TaskId]) -> Result<HashSet<TaskId>, Error> {
         Ok(self.ids_where("1 = 1", ids).await?.into_iter().collect())
+    }
+
+    /// Claims the run of a task that must not run twice at once (hooks, chain links, iterator
+    /// items, whose packages may be sent twice): writes `marker` (its row with `stopped = 0`)
+    /// unless a row exists, or takes over an existing row that is not final and either belongs
+    /// to a finished attempt (`stopped > 0`: this is the retry) or to a run that started before
+    /// `stale_before_us` (its process died). False: another copy runs now.
+    pub async fn claim_run(
+        &self,
+        marker: &TaskRecord,
+        stale_before_us: i64,
+    ) -> Result<bool, Error> {
+        let insert = match self.dialect {
+            Dialect::MySql => {
+                "INSERT INTO qcluster_task (id, name, func, args, result, enqueued, started, \
+                 stopped, attempts, grp, cluster, done, success) \
+                 VALUES (?, ?, ?, ?, NULL, ?, ?, 0, 0, ?, ?, 0, 0) \
+                 ON DUPLICATE KEY UPDATE id = id"
+            }
+            _ => {
+                "INSERT INTO qcluster_task (id, name, func, args, result, enqueued, started, \
+                 stopped, attempts, grp, cluster, done, success) \
+                 VALUES (?, ?, ?, ?, NULL, ?, ?, 0, 0, ?, ?, 0, 0) ON CONFLICT (id) DO NOTHING"
+            }
+        };
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(self.render(insert)))
+            .bind(marker.id.to_string())
+            .bind(marker.name.clone())
+            .bind(marker.func.clone())
+            .bind(marker.args.clone())
+            .bind(marker.enqueued_us)
+            .bind(marker.started_us)
+            .bind(marker.group.clone())
+            .bind(marker.cluster.clone())
+            .execute(&self.pool)
+            .await
+            .map_err(self.sql_err("claim run"))?;
+        if inserted.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let taken = sqlx::query(sqlx::AssertSqlSafe(self.render(
+            "UPDATE qcluster_task SET started = ?, stopped = 0, cluster = ? \
+             WHERE id = ? AND done = 0 AND success = 0 AND (stopped > 0 OR started < ?)",
+        )))
+        .bind(marker.started_us)
+        .bind(marker.cluster.clone())
+        .bind(marker.id.to_string())
+        .bind(stale_before_us)
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql_err("claim run"))?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    /// Gives up the claim of a run that stopped without a result (its lease was lost, it could
+    /// not start): the next delivery may claim it at once.
+    pub async fn release_run(&self, id: TaskId) -> Result<(), Error> {
+        sqlx::query(sqlx::AssertSqlSafe(self.render(
+            "UPDATE qcluster_task SET stopped = started \
+             WHERE id = ? AND stopped = 0 AND done = 0 AND success = 0",
+        )))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(self.sql_err("release run"))
     }
 
     /// Which of `ids` already have a successful result.

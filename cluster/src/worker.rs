@@ -12,7 +12,7 @@ use broker_core::{AckId, now_us};
 
 use broker_core::TaskPackage;
 
-use crate::job::{Job, Outcome, Prior, Ran, execute};
+use crate::job::{Job, Outcome, Prior, Ran, execute, record};
 use crate::process::ProcessWorker;
 use crate::shared::Shared;
 use crate::task::{Registry, effective_timeout};
@@ -169,6 +169,18 @@ async fn keep_until_settled(
     }
 }
 
+/// Releases the run claim of a follow-up that stopped without a result.
+async fn release(shared: &Shared, job: &Job) {
+    if job.package.flow.is_some()
+        && let Err(e) = shared.store.release_run(job.package.id).await
+    {
+        tracing::warn!(
+            "claim of task {} not released ({e}); its next delivery waits for it to go stale",
+            job.package.id
+        );
+    }
+}
+
 /// Counts a running task for the status; uncounts it however the run ends.
 struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -252,6 +264,51 @@ pub(crate) async fn run(
             shared.give_back(job.seq, &job.ack).await;
             continue;
         }
+        // A follow-up (hook, chain link, iterator item) may have been sent twice; one copy runs.
+        if job.package.flow.is_some() {
+            let mut marker = record(
+                &job.package,
+                &Ran {
+                    result: Ok(String::new()),
+                    permanent: false,
+                    started_us: now_us(),
+                    stopped_us: 0,
+                },
+                0,
+                &cfg.name,
+            );
+            marker.result = None;
+            // A run older than its timeout and a lease is no longer running anywhere.
+            let stale = i64::try_from((intended + cfg.retry).as_micros()).unwrap_or(i64::MAX);
+            match shared
+                .store
+                .claim_run(&marker, marker.started_us.saturating_sub(stale))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    // The other copy ends within its timeout; then this one is a duplicate.
+                    tracing::debug!(
+                        "task {} runs elsewhere now; this copy waits for its result",
+                        job.package.id
+                    );
+                    shared
+                        .give_back_after(job.seq, &job.ack, intended + Duration::from_secs(1))
+                        .await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "run of task {} not claimed: {e}; given back",
+                        job.package.id
+                    );
+                    shared
+                        .give_back_after(job.seq, &job.ack, Duration::from_secs(5))
+                        .await;
+                    continue;
+                }
+            }
+        }
         let ran = if job.deliveries.unwrap_or(0) > attempt.saturating_add(MAX_UNRECORDED_DELIVERIES)
         {
             let now = now_us();
@@ -280,6 +337,7 @@ pub(crate) async fn run(
             match ran {
                 Ok(Err(e)) => {
                     tracing::warn!("task {} not started: {e}; given back", job.package.id);
+                    release(&shared, &job).await;
                     shared
                         .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
                         .await;
@@ -304,6 +362,7 @@ pub(crate) async fn run(
                     // Not a failure of the task: no attempt is recorded, the package goes back
                     // (a stale give-back is ignored if someone else holds it now).
                     tracing::warn!("task {} stopped: {lost}; given back", job.package.id);
+                    release(&shared, &job).await;
                     shared.give_back(job.seq, &job.ack).await;
                     continue;
                 }
@@ -320,6 +379,7 @@ pub(crate) async fn run(
                 Ok(ran) => ran,
                 Err(e) => {
                     tracing::warn!("task {} not started: {e}; given back", job.package.id);
+                    release(&shared, &job).await;
                     shared
                         .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
                         .await;

@@ -189,6 +189,40 @@ async fn hook_runs_exactly_once_per_task_also_after_duplicate_deliveries() {
     assert_eq!(again.started_us, h.started_us);
 }
 
+/// Two copies of one hook package (a parent delivered again while its hook waited in the queue)
+/// taken at the same moment by two workers: one runs, the other waits and is discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_follow_up_taken_at_once_run_once() {
+    let mut w = World::new("hookrace", None);
+    w.set("QCLUSTER_WORKERS", 2)
+        .set("QCLUSTER_TIMEOUT", 3)
+        .set("QCLUSTER_RETRY", 10);
+    let parent = TaskId::new();
+    let mut hook = TaskPackage::new("sleep", b"1.5".to_vec());
+    hook.id = hook_id(parent);
+    hook.flow = Some(cluster::broker_core::Flow::Hook { parent });
+    deliver(&w, &hook).await;
+    deliver(&w, &hook).await;
+    let _run = Guard(w.start());
+    let first = w.wait_record(hook.id, Duration::from_secs(30)).await;
+    assert!(first.success, "{first:?}");
+    let tot = settled_totals(&w, 1).await;
+    assert_eq!(tot["processed"], 1, "one run only: {tot}");
+    assert_eq!(tot["duplicates"], 1, "{tot}");
+    let again = w
+        .store()
+        .await
+        .get(hook.id)
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!(
+        (again.started_us, again.attempts),
+        (first.started_us, 1),
+        "{again:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_hook_is_its_own_failed_result_and_a_hook_waits_for_the_final_failure() {
     let mut w = World::new("hook2", None);
