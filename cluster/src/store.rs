@@ -551,23 +551,35 @@ impl Store {
     /// The stored results of those of `ids` that have one (in no particular order).
     pub async fn get_many(&self, ids: &[TaskId]) -> Result<Vec<TaskRecord>, Error> {
         let mut out = Vec::with_capacity(ids.len());
+        for row in self
+            .select_in(Self::SELECT, "1 = 1", ids, "get results")
+            .await?
+        {
+            out.push(self.record(&row)?);
+        }
+        Ok(out)
+    }
+
+    /// The rows of `select` (fixed SQL over `qcluster_task`) matching `condition` (fixed SQL, no
+    /// values) whose id is one of `ids`, in statements of at most [`ROWS_PER_STATEMENT`] ids.
+    async fn select_in(
+        &self,
+        select: &str,
+        condition: &str,
+        ids: &[TaskId],
+        op: &'static str,
+    ) -> Result<Vec<AnyRow>, Error> {
+        let mut out = Vec::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let sql = self.render(&format!(
-                "{} WHERE id IN ({})",
-                Self::SELECT,
+                "{select} WHERE {condition} AND id IN ({})",
                 vec!["?"; chunk.len()].join(", ")
             ));
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
                 q = q.bind(id.to_string());
             }
-            let rows = q
-                .fetch_all(&self.pool)
-                .await
-                .map_err(self.sql_err("get results"))?;
-            for r in &rows {
-                out.push(self.record(r)?);
-            }
+            out.extend(q.fetch_all(&self.pool).await.map_err(self.sql_err(op))?);
         }
         Ok(out)
     }
@@ -575,24 +587,18 @@ impl Store {
     /// Which of `ids` have a row matching `condition` (fixed SQL, no values).
     async fn ids_where(&self, condition: &str, ids: &[TaskId]) -> Result<Vec<TaskId>, Error> {
         let mut out = Vec::new();
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let sql = self.render(&format!(
-                "SELECT id FROM qcluster_task WHERE {condition} AND id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
-            ));
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
-                q = q.bind(id.to_string());
-            }
-            let rows = q
-                .fetch_all(&self.pool)
-                .await
-                .map_err(self.sql_err("look up results"))?;
-            for r in rows {
-                let id: String = r.try_get(0).map_err(self.sql_err("look up results"))?;
-                if let Ok(id) = id.parse() {
-                    out.push(id);
-                }
+        let rows = self
+            .select_in(
+                "SELECT id FROM qcluster_task",
+                condition,
+                ids,
+                "look up results",
+            )
+            .await?;
+        for r in rows {
+            let id: String = r.try_get(0).map_err(self.sql_err("look up results"))?;
+            if let Ok(id) = id.parse() {
+                out.push(id);
             }
         }
         Ok(out)

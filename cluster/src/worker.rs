@@ -181,6 +181,15 @@ async fn release(shared: &Shared, job: &Job) {
     }
 }
 
+/// A job no executor could start (no worker process): back to the broker, its claim released.
+async fn not_started(shared: &Shared, job: &Job, why: &str) {
+    tracing::warn!("task {} not started: {why}; given back", job.package.id);
+    release(shared, job).await;
+    shared
+        .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
+        .await;
+}
+
 /// Counts a running task for the status; uncounts it however the run ends.
 struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -336,11 +345,7 @@ pub(crate) async fn run(
             };
             match ran {
                 Ok(Err(e)) => {
-                    tracing::warn!("task {} not started: {e}; given back", job.package.id);
-                    release(&shared, &job).await;
-                    shared
-                        .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
-                        .await;
+                    not_started(&shared, &job, &e).await;
                     continue;
                 }
                 Ok(Ok(ran)) => {
@@ -378,11 +383,7 @@ pub(crate) async fn run(
             {
                 Ok(ran) => ran,
                 Err(e) => {
-                    tracing::warn!("task {} not started: {e}; given back", job.package.id);
-                    release(&shared, &job).await;
-                    shared
-                        .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
-                        .await;
+                    not_started(&shared, &job, &e).await;
                     continue;
                 }
             }
