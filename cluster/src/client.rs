@@ -353,10 +353,8 @@ impl Client {
             message: "too many items".into(),
         })?;
         let iter = TaskId::new();
-        let mut options = options;
-        if options.options.group.is_none() {
-            options.options.group = Some(iter.to_string());
-        }
+        // The items' rows are in the iterator's group (see `job::record`); a group given here
+        // is the group of the iterator's own row.
         let mut packed = Vec::with_capacity(args.len());
         for (index, a) in (0u32..).zip(args) {
             let t = NewTask {

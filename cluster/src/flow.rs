@@ -77,6 +77,8 @@ pub(crate) struct IterCheck {
     pub item: ItemFlow,
     pub func: String,
     pub name: Option<String>,
+    /// The group of the iterator's row.
+    pub group: Option<String>,
 }
 
 /// What follows tasks that are done.
@@ -163,6 +165,7 @@ pub(crate) fn follow_ups(p: &TaskPackage, r: &TaskRecord, cluster: &str, next: &
             item: *item,
             func: p.func.clone(),
             name: p.options.name.clone(),
+            group: p.options.group.clone(),
         }),
         Some(Flow::Hook { .. }) | None => {}
     }
@@ -243,6 +246,8 @@ pub(crate) async fn complete_iters(
     for c in checks {
         let iter = c.item.iter;
         if store.get(iter).await?.is_some_and(|r| r.done) {
+            // Complete already (a duplicate delivery, or a crash before the items were let go).
+            store.release_items(iter).await?;
             continue;
         }
         let ids: Vec<TaskId> = (0..c.item.total).map(|i| item_id(iter, i)).collect();
@@ -273,10 +278,11 @@ pub(crate) async fn complete_iters(
             success,
             done: true,
             attempts: 1,
-            group: None,
+            group: c.group.clone(),
             cluster: cluster.to_owned(),
         };
         store.save(std::slice::from_ref(&row)).await?;
+        store.release_items(iter).await?;
         tracing::debug!("iterator {iter} complete: {} items", c.item.total);
     }
     Ok(())

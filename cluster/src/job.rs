@@ -166,7 +166,12 @@ pub(crate) fn record(p: &TaskPackage, ran: &Ran, attempts: u32, cluster: &str) -
         success,
         done: success || ran.permanent,
         attempts,
-        group: p.options.group.as_deref().map(column),
+        group: match &p.flow {
+            // An iterator's items are grouped under it until it is complete: the store spares
+            // them from pruning until then (see `Store::prune`).
+            Some(broker_core::Flow::Item(i)) => Some(i.iter.to_string()),
+            _ => p.options.group.as_deref().map(column),
+        },
         cluster: column(cluster),
     }
 }

@@ -31,7 +31,18 @@ pub(crate) async fn run(shared: Arc<Shared>, outcomes: Arc<Mutex<mpsc::Receiver<
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_prune = Instant::now();
     loop {
-        if rx.recv_many(&mut batch, BATCH).await == 0 {
+        // Idle, the monitor still prunes on time.
+        let got = match tokio::time::timeout(PRUNE_EVERY, rx.recv_many(&mut batch, BATCH)).await {
+            Ok(n) => n,
+            Err(_) => {
+                if shared.config.save_limit != 0 && last_prune.elapsed() >= PRUNE_EVERY {
+                    last_prune = Instant::now();
+                    prune(&shared).await;
+                }
+                continue;
+            }
+        };
+        if got == 0 {
             break;
         }
         // Under load, a moment's wait fills the batch: fewer commits per task. Idle, the

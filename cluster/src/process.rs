@@ -129,8 +129,13 @@ async fn read_frame<T: DeserializeOwned>(
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let mut body = vec![0u8; frame_len(head)?];
-    s.read_exact(&mut body).await?;
+    let n = frame_len(head)?;
+    // Grows with what arrives, not with what the length claims.
+    let mut body = Vec::new();
+    s.take(n as u64).read_to_end(&mut body).await?;
+    if body.len() != n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     decode(&body).map(Some)
 }
 
@@ -200,6 +205,9 @@ fn serve(registry: &Registry) -> ExitCode {
         );
         return ExitCode::from(crate::cli::EXIT_USAGE);
     }
+    // Programs a task starts must not inherit the channel (they would keep it open after this
+    // process died). SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(CHANNEL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: fd 3 is a socket (checked above) that the cluster handed to this process alone.
     let mut channel = unsafe { std::os::unix::net::UnixStream::from_raw_fd(CHANNEL_FD) };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -375,6 +383,9 @@ pub(crate) struct ProcessWorker {
     pool: Arc<Pool>,
     cpus: Vec<usize>,
     child: Option<Child>,
+    /// The child is to be replaced (recycle, rss) before its next task: done in [`Self::ready`],
+    /// so that a finished run's result is handed on at once.
+    retire_for: Option<Reason>,
 }
 
 impl Drop for ProcessWorker {
@@ -424,6 +435,7 @@ impl ProcessWorker {
             pool,
             cpus,
             child: None,
+            retire_for: None,
         }
     }
 
@@ -443,6 +455,9 @@ impl ProcessWorker {
     /// Makes sure a live, idle child is there: kills one whose run was abandoned, replaces one
     /// that died while idle, and starts one if there is none.
     pub async fn ready(&mut self) -> Result<(), String> {
+        if let Some(reason) = self.retire_for.take() {
+            self.retire(Some(reason)).await;
+        }
         if let Some(c) = &mut self.child {
             if c.busy {
                 tracing::warn!(
@@ -467,10 +482,21 @@ impl ProcessWorker {
     async fn spawn(&self) -> Result<Child, String> {
         let (mine, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| format!("cannot make a channel for a worker process: {e}"))?;
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find this program to start a worker process: {e}"))?;
+        // `/proc/self/exe` is this very program even after its file was replaced (an upgrade in
+        // place): children always speak the parent's protocol.
+        let self_exe = std::path::Path::new("/proc/self/exe");
+        let exe = if self_exe.exists() {
+            self_exe.to_path_buf()
+        } else {
+            std::env::current_exe()
+                .map_err(|e| format!("cannot find this program to start a worker process: {e}"))?
+        };
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg(WORKER_ARG).stdin(Stdio::null()).kill_on_drop(true);
+        // `ps` shows the program's name, not /proc/self/exe.
+        if let Ok(name) = std::env::current_exe() {
+            cmd.arg0(name);
+        }
         let fd = theirs.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         let die_with_parent = self.pool.config.daemonize_workers;
@@ -577,6 +603,16 @@ impl ProcessWorker {
         }
     }
 
+    /// Kills the child at once if it still runs a task whose run was given up.
+    pub async fn abandon(&mut self) {
+        if self.child.as_ref().is_some_and(|c| c.busy) {
+            if let Some(c) = &self.child {
+                tracing::warn!("worker process {} killed: its task's lease was lost", c.pid);
+            }
+            self.retire(None).await;
+        }
+    }
+
     /// Stops the child (SIGTERM, then SIGKILL after the grace when `term` says so; else SIGKILL
     /// at once), reaps it, counts the replacement, and returns how it ended.
     async fn retire(&mut self, reason: Option<Reason>) -> Option<ExitStatus> {
@@ -587,14 +623,17 @@ impl ProcessWorker {
             reason,
             Some(Reason::Timeout | Reason::Recycle | Reason::Rss)
         ) {
-            // SAFETY: kill(2) on our own child's pid, which is not reaped yet (we hold it).
-            unsafe { libc::kill(c.pid as libc::pid_t, libc::SIGTERM) };
+            // The whole group: processes the task started go too. SAFETY: kill(2) on the group
+            // our child leads; the child is not reaped yet (we hold it), so its id is not reused.
+            unsafe { libc::kill(-(c.pid as libc::pid_t), libc::SIGTERM) };
             status = tokio::time::timeout(KILL_GRACE, c.proc.wait())
                 .await
                 .ok()
                 .and_then(Result::ok);
         }
         if status.is_none() {
+            // SAFETY: as above; the child itself gets SIGKILL from `start_kill` too.
+            unsafe { libc::kill(-(c.pid as libc::pid_t), libc::SIGKILL) };
             let _ = c.proc.start_kill();
             status = tokio::time::timeout(Duration::from_secs(5), c.proc.wait())
                 .await
@@ -674,15 +713,14 @@ impl ProcessWorker {
                 // Read only when it matters: /proc costs more than a `noop` task.
                 let rss = cfg.max_rss.and_then(|_| rss_kib(pid));
                 if cfg.recycle > 0 && tasks >= cfg.recycle {
-                    self.retire(Some(Reason::Recycle)).await;
+                    self.retire_for = Some(Reason::Recycle);
                 } else if let (Some(max), Some(rss)) = (cfg.max_rss, rss)
                     && rss > max
                 {
                     tracing::info!("worker process {pid} uses {rss} KiB, over max_rss {max} KiB");
-                    self.retire(Some(Reason::Rss)).await;
-                } else {
-                    self.show();
+                    self.retire_for = Some(Reason::Rss);
                 }
+                self.show();
                 Ok(ran)
             }
             None => {

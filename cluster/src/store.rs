@@ -433,9 +433,11 @@ impl Store {
         let Some(cutoff) = cutoff else {
             return Ok(0);
         };
+        // Items of an iterator not yet complete (a derived, version-8 id with a group) are
+        // spared: the iterator's row is made from them. Its completion clears their group.
         let done = sqlx::query(sqlx::AssertSqlSafe(self.render(
             "DELETE FROM qcluster_task WHERE cluster = ? AND success = 1 AND stopped <= ? \
-             AND stopped < ?",
+             AND stopped < ? AND NOT (grp IS NOT NULL AND SUBSTR(id, 15, 1) = '8')",
         )))
         .bind(cluster.to_owned())
         .bind(cutoff)
@@ -503,7 +505,12 @@ impl Store {
         group: &str,
         failures: bool,
     ) -> Result<Vec<TaskRecord>, Error> {
-        let only = if failures { "" } else { " AND success = 1" };
+        // A run claimed and not finished (`stopped = 0`) is no result yet.
+        let only = if failures {
+            " AND stopped > 0"
+        } else {
+            " AND success = 1"
+        };
         let sql = self.render(&format!(
             "{} WHERE grp = ?{only} ORDER BY stopped, id",
             Self::SELECT
@@ -520,9 +527,9 @@ impl Store {
     /// all of them (`None`).
     pub async fn group_count(&self, group: &str, success: Option<bool>) -> Result<u64, Error> {
         let only = match success {
-            None => "",
+            None => " AND stopped > 0",
             Some(true) => " AND success = 1",
-            Some(false) => " AND success = 0",
+            Some(false) => " AND success = 0 AND stopped > 0",
         };
         let sql = self.render(&format!(
             "SELECT COUNT(*) FROM qcluster_task WHERE grp = ?{only}"
@@ -584,6 +591,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Lets the successful items of a complete iterator be pruned like any success: they leave
+    /// the iterator's group (their results are in the iterator's row).
+    pub async fn release_items(&self, iter: TaskId) -> Result<u64, Error> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(
+            self.render("UPDATE qcluster_task SET grp = NULL WHERE grp = ? AND success = 1"),
+        ))
+        .bind(iter.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql_err("release iterator items"))?;
+        Ok(done.rows_affected())
+    }
+
     /// Which of `ids` have a row matching `condition` (fixed SQL, no values).
     async fn ids_where(&self, condition: &str, ids: &[TaskId]) -> Result<Vec<TaskId>, Error> {
         let mut out = Vec::new();
@@ -620,11 +640,12 @@ impl Store {
         stale_before_us: i64,
     ) -> Result<bool, Error> {
         let insert = match self.dialect {
+            // Not `ON DUPLICATE KEY UPDATE`: sqlx connects with CLIENT_FOUND_ROWS, under which
+            // an existing row counts as affected.
             Dialect::MySql => {
-                "INSERT INTO qcluster_task (id, name, func, args, result, enqueued, started, \
-                 stopped, attempts, grp, cluster, done, success) \
-                 VALUES (?, ?, ?, ?, NULL, ?, ?, 0, 0, ?, ?, 0, 0) \
-                 ON DUPLICATE KEY UPDATE id = id"
+                "INSERT IGNORE INTO qcluster_task (id, name, func, args, result, enqueued, \
+                 started, stopped, attempts, grp, cluster, done, success) \
+                 VALUES (?, ?, ?, ?, NULL, ?, ?, 0, 0, ?, ?, 0, 0)"
             }
             _ => {
                 "INSERT INTO qcluster_task (id, name, func, args, result, enqueued, started, \
@@ -661,14 +682,16 @@ impl Store {
         Ok(taken.rows_affected() == 1)
     }
 
-    /// Gives up the claim of a run that stopped without a result (its lease was lost, it could
-    /// not start): the next delivery may claim it at once.
-    pub async fn release_run(&self, id: TaskId) -> Result<(), Error> {
+    /// Gives up the claim made at `started_us` of a run that stopped without a result (its
+    /// lease was lost, it could not start): the next delivery may claim it at once. A claim
+    /// taken over by someone else since is left alone.
+    pub async fn release_run(&self, id: TaskId, started_us: i64) -> Result<(), Error> {
         sqlx::query(sqlx::AssertSqlSafe(self.render(
             "UPDATE qcluster_task SET stopped = started \
-             WHERE id = ? AND stopped = 0 AND done = 0 AND success = 0",
+             WHERE id = ? AND started = ? AND stopped = 0 AND done = 0 AND success = 0",
         )))
         .bind(id.to_string())
+        .bind(started_us)
         .execute(&self.pool)
         .await
         .map(drop)

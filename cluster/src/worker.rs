@@ -35,6 +35,13 @@ impl Executor {
         }
     }
 
+    /// Stops a run whose future was dropped (its lease was lost): its worker process is killed.
+    async fn abandon(&mut self) {
+        if let Self::Process(p) = self {
+            p.abandon().await;
+        }
+    }
+
     /// Runs one package within `timeout`. `Err`: it could not start (give the package back).
     async fn run(
         &mut self,
@@ -169,10 +176,10 @@ async fn keep_until_settled(
     }
 }
 
-/// Releases the run claim of a follow-up that stopped without a result.
-async fn release(shared: &Shared, job: &Job) {
-    if job.package.flow.is_some()
-        && let Err(e) = shared.store.release_run(job.package.id).await
+/// Releases the run claim (made at `claim`) of a follow-up that stopped without a result.
+async fn release(shared: &Shared, job: &Job, claim: Option<i64>) {
+    if let Some(started) = claim
+        && let Err(e) = shared.store.release_run(job.package.id, started).await
     {
         tracing::warn!(
             "claim of task {} not released ({e}); its next delivery waits for it to go stale",
@@ -182,9 +189,9 @@ async fn release(shared: &Shared, job: &Job) {
 }
 
 /// A job no executor could start (no worker process): back to the broker, its claim released.
-async fn not_started(shared: &Shared, job: &Job, why: &str) {
+async fn not_started(shared: &Shared, job: &Job, claim: Option<i64>, why: &str) {
     tracing::warn!("task {} not started: {why}; given back", job.package.id);
-    release(shared, job).await;
+    release(shared, job, claim).await;
     shared
         .give_back_after(job.seq, &job.ack, Duration::from_secs(1))
         .await;
@@ -274,6 +281,7 @@ pub(crate) async fn run(
             continue;
         }
         // A follow-up (hook, chain link, iterator item) may have been sent twice; one copy runs.
+        let mut claim = None;
         if job.package.flow.is_some() {
             let mut marker = record(
                 &job.package,
@@ -294,7 +302,7 @@ pub(crate) async fn run(
                 .claim_run(&marker, marker.started_us.saturating_sub(stale))
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => claim = Some(marker.started_us),
                 Ok(false) => {
                     // The other copy ends within its timeout; then this one is a duplicate.
                     tracing::debug!(
@@ -345,7 +353,7 @@ pub(crate) async fn run(
             };
             match ran {
                 Ok(Err(e)) => {
-                    not_started(&shared, &job, &e).await;
+                    not_started(&shared, &job, claim, &e).await;
                     continue;
                 }
                 Ok(Ok(ran)) => {
@@ -367,7 +375,9 @@ pub(crate) async fn run(
                     // Not a failure of the task: no attempt is recorded, the package goes back
                     // (a stale give-back is ignored if someone else holds it now).
                     tracing::warn!("task {} stopped: {lost}; given back", job.package.id);
-                    release(&shared, &job).await;
+                    // Its process first: the run must be over before anyone else may claim it.
+                    exec.abandon().await;
+                    release(&shared, &job, claim).await;
                     shared.give_back(job.seq, &job.ack).await;
                     continue;
                 }
@@ -383,7 +393,7 @@ pub(crate) async fn run(
             {
                 Ok(ran) => ran,
                 Err(e) => {
-                    not_started(&shared, &job, &e).await;
+                    not_started(&shared, &job, claim, &e).await;
                     continue;
                 }
             }

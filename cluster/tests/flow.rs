@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cluster::broker_core::{Message, TaskId, TaskPackage, now_us};
-use cluster::flow::hook_id;
+use cluster::flow::{hook_id, item_id};
 use cluster::{Finished, TaskRecord};
 use common::{Guard, World, postgres_url, reachable, signal, wait_exit};
 
@@ -503,15 +503,52 @@ async fn an_iterator_of_1000_items_gives_1000_results_in_order() {
     for (i, v) in results.iter().enumerate() {
         assert_eq!(v["i"], i, "item {i} in its place");
     }
-    // The items are a group under the iterator's id.
+    // Complete, its successful items leave the iterator's group (kept here: save_limit = 0).
     let store = w.store().await;
     assert_eq!(
         store
             .group_count(&iter.to_string(), Some(true))
             .await
             .expect("count"),
-        1000
+        0
     );
+    let items: Vec<TaskId> = (0..1000).map(|i| item_id(iter, i)).collect();
+    assert_eq!(store.known(&items).await.expect("known").len(), 1000);
+}
+
+/// `save_limit` prunes old successes every 2 s, sparing those younger than 2 × `retry`; an
+/// iterator that runs longer than that still completes (its pending items are spared), and its
+/// items are pruned once its row is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iterator_outlasting_the_prune_window_completes_then_its_items_go() {
+    let mut w = World::new("iterprune", None);
+    w.set("QCLUSTER_WORKERS", 2)
+        .set("QCLUSTER_SAVE_LIMIT", 5)
+        .set("QCLUSTER_TIMEOUT", 0.5)
+        .set("QCLUSTER_RETRY", 1);
+    // 200 items of 60 ms on 2 workers: about 6 s, so prunes run (every 2 s) while the first
+    // items are out of the 2 s window.
+    let input: String = (0..200).map(|_| "0.06\n").collect();
+    let iter = enqueue_id(&w, &["enqueue", "sleep", "--iter", "-"], Some(&input));
+    let _run = Guard(w.start());
+    let r = w.json(&["result", "--wait", "60", "--json", &iter.to_string()], 0);
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(r["result"].as_array().map(Vec::len), Some(200));
+    let store = w.store().await;
+    let items: Vec<TaskId> = (0..200).map(|i| item_id(iter, i)).collect();
+    let t = Instant::now();
+    loop {
+        let left = store.known(&items).await.expect("known").len();
+        if left <= 5 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{left} item rows still there after the iterator completed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(store.get(iter).await.expect("get").is_some_and(|r| r.done));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
