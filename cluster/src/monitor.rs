@@ -250,9 +250,28 @@ async fn follow(
     let saved: HashMap<TaskId, &TaskRecord> = records.iter().map(|r| (r.id, r)).collect();
     let mut done: Vec<(&Outcome, TaskRecord)> = Vec::new();
     let mut duplicates: Vec<&Outcome> = Vec::new();
+    let mut stripped: Vec<TaskRecord> = Vec::new();
     for o in batch {
         let p = &o.job.package;
-        if !has_follow_ups(p) || poisoned.contains_key(&p.id) {
+        if !has_follow_ups(p) {
+            continue;
+        }
+        if let Some(reason) = poisoned.get(&p.id) {
+            // Its row was refused for its data (the package is in the dead letters): a bare
+            // failed row takes its place, so that its chain ends and its iterator completes.
+            if p.flow.is_some() && o.ran.is_some() {
+                let now = now_us();
+                let ran = crate::job::Ran {
+                    result: Err(reason.clone()),
+                    permanent: true,
+                    started_us: now,
+                    stopped_us: now,
+                };
+                let mut r = record(p, &ran, o.attempt, &cfg.name);
+                r.args = "null".into();
+                stripped.push(r.clone());
+                done.push((o, r));
+            }
             continue;
         }
         match (&o.ran, saved.get(&p.id)) {
@@ -319,6 +338,7 @@ async fn follow(
         if !messages.is_empty() {
             shared.broker.enqueue_many(messages).await?;
         }
+        next.rows.extend(stripped);
         let mut seen = std::collections::HashSet::new();
         next.rows.retain(|r| seen.insert(r.id));
         shared.store.save(&next.rows).await?;
