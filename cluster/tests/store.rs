@@ -161,6 +161,7 @@ async fn store_semantics(url: &str) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let got = store.statuses(&cluster).await.expect("statuses");
     assert_eq!(got.len(), 1, "the expired status is not read: {got:?}");
+    run_claims_and_iterator_pruning(&store, &cluster).await;
 }
 
 #[tokio::test]
@@ -186,4 +187,88 @@ async fn mariadb() {
     if common::reachable(&url).await {
         store_semantics(&url).await;
     }
+}
+
+/// Run claims (one copy of a follow-up at a time) and the pruning rule for iterator items.
+async fn run_claims_and_iterator_pruning(store: &Store, cluster: &str) {
+    let now = now_us();
+    let marker = |id: TaskId, started: i64| TaskRecord {
+        stopped_us: 0,
+        started_us: started,
+        result: None,
+        ..rec(id, false, false, 0, cluster, started)
+    };
+    let id = TaskId::derived(TaskId::new(), "hook", 0);
+    assert!(
+        store
+            .claim_run(&marker(id, now), now - 1_000_000)
+            .await
+            .expect("claim")
+    );
+    assert!(
+        !store
+            .claim_run(&marker(id, now + 1), now - 1_000_000)
+            .await
+            .expect("claim"),
+        "a second copy while the first runs"
+    );
+    let running = store.get(id).await.expect("get").expect("marker row");
+    assert!(!running.done && running.stopped_us == 0);
+    // Only its owner releases a claim.
+    store.release_run(id, now + 7).await.expect("release");
+    assert!(
+        !store
+            .claim_run(&marker(id, now + 2), now - 1_000_000)
+            .await
+            .expect("claim")
+    );
+    store.release_run(id, now).await.expect("release");
+    assert!(
+        store
+            .claim_run(&marker(id, now + 3), now - 1_000_000)
+            .await
+            .expect("claim"),
+        "released: the next copy claims it"
+    );
+    // A claim older than the stale bound is taken over (its process died).
+    assert!(
+        store
+            .claim_run(&marker(id, now + 4), now + 10)
+            .await
+            .expect("claim")
+    );
+    // Final: never claimed again.
+    store
+        .save(&[rec(id, true, true, 1, cluster, now + 5)])
+        .await
+        .expect("save");
+    assert!(
+        !store
+            .claim_run(&marker(id, now + 6), i64::MAX)
+            .await
+            .expect("claim")
+    );
+
+    // Pruning spares the items of an iterator that is not complete, then lets them go.
+    let iter = TaskId::new();
+    let item = TaskId::derived(iter, "item", 0);
+    let plain = TaskId::new();
+    let mut item_row = rec(item, true, true, 1, cluster, now - 10_000_000);
+    item_row.group = Some(iter.to_string());
+    store
+        .save(&[
+            item_row,
+            rec(plain, true, true, 1, cluster, now - 10_000_000),
+        ])
+        .await
+        .expect("save");
+    store.prune(cluster, 0, now).await.expect("prune");
+    let known = store.known(&[item, plain]).await.expect("known");
+    assert!(
+        known.contains(&item) && !known.contains(&plain),
+        "{known:?}"
+    );
+    assert_eq!(store.release_items(iter).await.expect("release items"), 1);
+    store.prune(cluster, 0, now).await.expect("prune");
+    assert!(store.known(&[item]).await.expect("known").is_empty());
 }
