@@ -86,8 +86,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Run tasks inline at enqueue time instead of through the broker (for tests and debugging).
     pub sync: bool,
-    /// Run missed schedule slots after downtime (scheduler, later).
+    /// Run every missed schedule slot after downtime; false runs the missed ones once.
     pub catch_up: bool,
+    /// Fire due schedules from this cluster (every cluster of a name may: each slot fires once).
+    pub scheduler: bool,
     /// Largest package in bytes; unset takes the broker's own limit (16 MiB, or less where the
     /// server allows less). A value set here that the server cannot take is refused.
     pub max_message_size: Option<usize>,
@@ -217,6 +219,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             sync: false,
             catch_up: true,
+            scheduler: true,
             max_message_size: None,
             secret: None,
             secret_file: None,

@@ -119,6 +119,13 @@ pub(crate) fn has_follow_ups(p: &TaskPackage) -> bool {
     p.flow.is_some() || p.options.hook.is_some()
 }
 
+/// True when the package may exist twice and must run once: a follow-up (hook run, chain link,
+/// iterator item) or a task with a derived id (a schedule's slot). Its run is claimed in the
+/// store first (`Store::claim_run`).
+pub(crate) fn runs_once(p: &TaskPackage) -> bool {
+    p.flow.is_some() || p.id.0.get_version_num() == 8
+}
+
 /// Adds to `next` what follows `p`, whose final result is `r`.
 pub(crate) fn follow_ups(p: &TaskPackage, r: &TaskRecord, cluster: &str, next: &mut Next) {
     let is_hook = matches!(p.flow, Some(Flow::Hook { .. }));

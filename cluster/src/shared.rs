@@ -126,7 +126,10 @@ impl Shared {
     pub async fn prior(&self, job: &Job) -> Prior {
         let deliveries = job.deliveries.unwrap_or(2);
         let first = job.package.attempt.saturating_add(1);
-        if deliveries <= 1 && !crate::flow::has_follow_ups(&job.package) {
+        if deliveries <= 1
+            && !crate::flow::has_follow_ups(&job.package)
+            && !crate::flow::runs_once(&job.package)
+        {
             return Prior::Attempt(first);
         }
         match self.store.get(job.package.id).await {

@@ -18,6 +18,9 @@ use sqlx::{AnyPool, Row};
 
 use crate::error::{Error, StoreFault};
 
+mod schedules;
+pub use schedules::{BadRow, ScheduleRow};
+
 /// The SQL backend behind a store URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dialect {
@@ -336,6 +339,7 @@ impl Store {
         let stmts: Vec<String> = [table, status]
             .into_iter()
             .chain(indexes.iter().map(|s| (*s).to_owned()))
+            .chain(schedules::ddl(self.dialect, text, engine))
             .collect();
         let mut last = None;
         for _ in 0..5 {
@@ -356,7 +360,7 @@ impl Store {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(self.err(format!(
-            "create tables qcluster_task, qcluster_status: {}",
+            "create tables qcluster_task, qcluster_status, qcluster_schedule: {}",
             last.map(|e| e.to_string()).unwrap_or_default()
         )))
     }

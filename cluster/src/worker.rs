@@ -280,9 +280,10 @@ pub(crate) async fn run(
             shared.give_back(job.seq, &job.ack).await;
             continue;
         }
-        // A follow-up (hook, chain link, iterator item) may have been sent twice; one copy runs.
+        // A follow-up (hook, chain link, iterator item) or a schedule's slot may have been sent
+        // twice; one copy runs.
         let mut claim = None;
-        if job.package.flow.is_some() {
+        if crate::flow::runs_once(&job.package) {
             let mut marker = record(
                 &job.package,
                 &Ran {
