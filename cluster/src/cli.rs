@@ -24,6 +24,7 @@ use crate::store::{Store, TaskRecord};
 use crate::{Client, EnqueueOptions, NewTask, Registry};
 
 mod quickstart;
+mod schedule;
 
 /// Exit code for task or runtime failures.
 pub const EXIT_FAILURE: u8 = 1;
@@ -80,6 +81,11 @@ enum Command {
     },
     /// Show, wait for or delete the results of a group.
     Group(GroupArgs),
+    /// Add, list, show, pause, resume, remove or run schedules.
+    Schedule {
+        #[command(subcommand)]
+        cmd: schedule::ScheduleCmd,
+    },
     /// Show the broker, the queue and the running clusters.
     Info {
         #[command(flatten)]
@@ -380,6 +386,7 @@ async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
             show_result(id, r, out.json)
         }
         Command::Group(args) => group(&config, args).await,
+        Command::Schedule { cmd } => schedule::run(&config, registry, &brokers, cmd).await,
         Command::Info { out } => info(&config, &brokers, out.json).await,
         Command::Ping { out } => ping(&config, &brokers, out.json).await,
         Command::Purge { out } => {

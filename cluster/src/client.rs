@@ -10,6 +10,9 @@ use crate::error::Error;
 use crate::store::{Store, TaskRecord};
 use crate::task::{Registry, Task};
 
+mod schedules;
+pub use schedules::{NewSchedule, read_time};
+
 /// Per-task settings given at enqueue time.
 #[derive(Debug, Clone, Default)]
 pub struct EnqueueOptions {
@@ -49,6 +52,8 @@ pub struct Client {
     store: Option<Store>,
     registry: Option<Arc<Registry>>,
     sync: Option<Arc<Config>>,
+    /// The cluster name whose schedules this client manages.
+    name: Option<String>,
 }
 
 impl std::fmt::Debug for Client {
@@ -103,7 +108,9 @@ impl Client {
     pub async fn with_broker(config: &Config, broker: Arc<dyn Broker>) -> Result<Self, Error> {
         let codec = codec_from(config)?;
         let store = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
-        let mut c = Self::new(broker, codec).with_store(store);
+        let mut c = Self::new(broker, codec)
+            .with_store(store)
+            .with_name(&config.name);
         if config.sync {
             c.sync = Some(Arc::new(config.clone()));
         }
@@ -118,7 +125,15 @@ impl Client {
             store: None,
             registry: None,
             sync: None,
+            name: None,
         }
+    }
+
+    /// Manages the schedules of cluster name `name` (set by [`Client::connect`] from the
+    /// configuration).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_owned());
+        self
     }
 
     /// Reads results from `store`.

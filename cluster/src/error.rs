@@ -67,6 +67,14 @@ pub enum Error {
         message: String,
     },
     /// Waiting for a result ran out of time.
+    /// A schedule that cannot be added or changed as asked (bad timing, name taken, unknown).
+    #[error("schedule `{name}`: {message}")]
+    Schedule {
+        /// The schedule's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
     #[error("no result for task {0} yet")]
     NotReady(String),
     /// An I/O failure (signals, files).
@@ -99,7 +107,7 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Error::Config(_) | Error::UnknownTask(_) | Error::Args { .. }
+            Error::Config(_) | Error::UnknownTask(_) | Error::Args { .. } | Error::Schedule { .. }
         ) || matches!(self, Error::Broker(BrokerError::Config { .. }))
     }
 }

@@ -259,6 +259,9 @@ impl Cluster {
             .collect();
         let mut workers: Vec<JoinHandle<()>> = (0..config.workers).map(spawn_worker).collect();
         let mut monitor = spawn_monitor();
+        // Schedules: every cluster of a name may fire them (each slot fires once).
+        let spawn_scheduler = || tokio::spawn(crate::scheduler::run(shared.clone()));
+        let mut scheduler = config.scheduler.then(spawn_scheduler);
         tracing::info!(
             "cluster {} ({}) started: {} {} workers, broker {}, results in {}",
             config.name,
@@ -306,6 +309,13 @@ impl Cluster {
                 restart("monitor");
                 monitor = spawn_monitor();
             }
+            if let Some(sch) = &mut scheduler
+                && sch.is_finished()
+                && !shared.stop.is_cancelled()
+            {
+                restart("scheduler");
+                *sch = spawn_scheduler();
+            }
             if last_publish.is_none_or(|t| t.elapsed() >= publish_every) {
                 last_publish = Some(Instant::now());
                 let state = if shared.running.load(Ordering::Relaxed) > 0 || !jobs_tx.is_empty() {
@@ -319,6 +329,14 @@ impl Cluster {
 
         // Shutdown: stop pulling; queued jobs are given back by the workers.
         shared.stop.cancel();
+        // A cycle under way finishes (a slot it claimed is enqueued and confirmed).
+        if let Some(sch) = scheduler.take()
+            && tokio::time::timeout(Duration::from_secs(5), sch)
+                .await
+                .is_err()
+        {
+            tracing::warn!("the scheduler did not stop in time; other clusters recover its slot");
+        }
         publish(&home, &stat_key, &status("stopping", &jobs_tx), ttl).await;
         let deadline = Instant::now() + config.shutdown_timeout;
         let hard = shared.hard_stop.clone();

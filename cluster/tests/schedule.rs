@@ -1,0 +1,286 @@
+//! The scheduler through the real `qcluster` binary, on SQLite and PostgreSQL: every slot of an
+//! every-second schedule fires exactly once while three clusters are killed (`kill -9`) and
+//! started; `repeats`; `catch_up = false` after an outage; a malformed row is skipped; bad input
+//! is refused naming what is wrong.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use cluster::broker_core::TaskId;
+use cluster::scheduler::slot_task_id;
+use common::{Guard, World, postgres_url, reachable, signal};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    #[cfg_attr(not(feature = "orm-postgres"), allow(dead_code))]
+    Postgres,
+}
+
+/// `None` (with a loud skip) when the backend's server is down.
+async fn world(tag: &str, b: Backend) -> Option<World> {
+    let mut w = match b {
+        Backend::Sqlite => World::new(tag, None),
+        Backend::Postgres => {
+            let url = postgres_url();
+            if !reachable(&url).await {
+                return None;
+            }
+            World::new(tag, Some(url))
+        }
+    };
+    w.set("QCLUSTER_WORKERS", 2);
+    Some(w)
+}
+
+fn ok(w: &World, args: &[&str]) -> String {
+    let out = w.run(args);
+    assert!(
+        out.status.success(),
+        "qcluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn show(w: &World, name: &str) -> serde_json::Value {
+    w.json(&["schedule", "show", name, "--json"], 0)
+}
+
+/// Rows of the tasks a schedule made (their `name` is the schedule's).
+async fn rows_named(w: &World, name: &str) -> Vec<cluster::TaskRecord> {
+    let pool = sqlx::AnyPool::connect(&w.url).await.expect("pool");
+    let sql = if w.url.starts_with("postgres") {
+        "SELECT id FROM qcluster_task WHERE name = $1"
+    } else {
+        "SELECT id FROM qcluster_task WHERE name = ?"
+    };
+    let ids: Vec<String> = sqlx::query_scalar(sql)
+        .bind(name.to_owned())
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+    let ids: Vec<TaskId> = ids.iter().map(|i| i.parse().expect("id")).collect();
+    w.store().await.get_many(&ids).await.expect("records")
+}
+
+fn micros(v: &serde_json::Value) -> i64 {
+    let t = humantime::parse_rfc3339(v.as_str().expect("a time")).expect("rfc3339");
+    t.duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as i64
+}
+
+async fn every_second_fires_each_slot_once_across_three_clusters(b: Backend) {
+    sqlx::any::install_default_drivers();
+    let Some(mut w) = world("sched3", b).await else {
+        return;
+    };
+    w.set("QCLUSTER_GUARD_CYCLE", 0.2);
+    ok(&w, &["schedule", "add", "tick", "echo", "--args", "1", "--cron", "* * * * * *"]);
+    let s = show(&w, "tick");
+    let id: TaskId = s["id"].as_str().expect("id").parse().expect("uuid");
+    let mut clusters: Vec<Guard> = (0..3).map(|_| Guard(w.start())).collect();
+    let t = Instant::now();
+    let mut round = 0;
+    // 20 s: every ~3 s one cluster is killed and a new one started in its place.
+    while t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(2700)).await;
+        let victim = round % 3;
+        signal(&clusters[victim].0, "KILL");
+        let _ = clusters[victim].0.wait();
+        if round % 2 == 0 {
+            // A moment with one cluster fewer.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        clusters[victim] = Guard(w.start());
+        round += 1;
+    }
+    ok(&w, &["schedule", "pause", "tick"]);
+    let s = show(&w, "tick");
+    let last = micros(&s["last_run"]);
+    // Every whole second from the first slot to the last one fired.
+    let slots: Vec<i64> = (0..)
+        .map(|k| micros(&s["anchor"]) + k * 1_000_000)
+        .take_while(|&t| t <= last)
+        .collect();
+    assert!(slots.len() >= 18, "only {} slots in 20 s", slots.len());
+    let expected: Vec<TaskId> = slots.iter().map(|&t| slot_task_id(id, t)).collect();
+    // Every slot has run by now or runs within a few seconds (the clusters keep running).
+    let store = w.store().await;
+    let t = Instant::now();
+    loop {
+        let done = store.done_count(&expected).await.expect("count");
+        if done == expected.len() as u64 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{done} of {} slots ran: a slot was lost",
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows = rows_named(&w, "tick").await;
+    let ids: HashSet<TaskId> = rows.iter().map(|r| r.id).collect();
+    let want: HashSet<TaskId> = expected.iter().copied().collect();
+    assert_eq!(ids, want, "one task per slot, none other");
+    for r in &rows {
+        assert!(r.success && r.attempts == 1, "{r:?}");
+    }
+    drop(clusters);
+}
+
+async fn repeats_three_fires_three_times(b: Backend) {
+    sqlx::any::install_default_drivers();
+    let Some(w) = world("schedrep", b).await else {
+        return;
+    };
+    ok(
+        &w,
+        &[
+            "schedule", "add", "thrice", "echo", "--args", "3", "--cron", "* * * * * *",
+            "--repeats", "3",
+        ],
+    );
+    let _c = Guard(w.start());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let rows = rows_named(&w, "thrice").await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let s = show(&w, "thrice");
+    assert_eq!(s["repeats"], 0, "{s}");
+    assert!(s["next_run"].is_null(), "{s}");
+}
+
+async fn no_catch_up_fires_one_slot_after_an_outage(b: Backend) {
+    sqlx::any::install_default_drivers();
+    let Some(mut w) = world("schedcatch", b).await else {
+        return;
+    };
+    ok(&w, &["schedule", "add", "sec", "echo", "--args", "0", "--cron", "* * * * * *"]);
+    {
+        let _c = Guard(w.start());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let before = rows_named(&w, "sec").await.len();
+    assert!(before >= 2, "{before}");
+    // Ten slots pass with no cluster.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    w.set("QCLUSTER_CATCH_UP", "false");
+    let t = Instant::now();
+    let mut c = Guard(w.start());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(&c.0, "TERM");
+    let _ = c.0.wait();
+    let ran = t.elapsed().as_secs() as usize;
+    let after = rows_named(&w, "sec").await.len();
+    // One run for the ten missed slots, plus the slots of the time it ran.
+    assert!(
+        after - before <= 2 + ran,
+        "{} new runs in {ran} s after the outage: the missed slots were all run",
+        after - before
+    );
+    assert!(after > before, "the missed slots were not run at all");
+}
+
+async fn a_malformed_row_is_skipped_and_the_rest_fire(b: Backend) {
+    sqlx::any::install_default_drivers();
+    let Some(w) = world("schedbad", b).await else {
+        return;
+    };
+    ok(&w, &["schedule", "add", "good", "echo", "--args", "1", "--cron", "* * * * * *"]);
+    ok(&w, &["schedule", "add", "bad", "echo", "--args", "1", "--cron", "* * * * * *"]);
+    let pool = sqlx::AnyPool::connect(&w.url).await.expect("pool");
+    let sql = if w.url.starts_with("postgres") {
+        "UPDATE qcluster_schedule SET kind = 'fortnightly' WHERE name = 'bad' AND cluster = $1"
+    } else {
+        "UPDATE qcluster_schedule SET kind = 'fortnightly' WHERE name = 'bad' AND cluster = ?"
+    };
+    sqlx::query(sql)
+        .bind(w.name.clone())
+        .execute(&pool)
+        .await
+        .expect("edit by hand");
+    let mut c = Guard(w.start());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(c.0.try_wait().expect("wait").is_none(), "the cluster died");
+    assert!(rows_named(&w, "good").await.len() >= 2);
+    assert!(rows_named(&w, "bad").await.is_empty());
+    // `list` still shows both.
+    let list = w.json(&["schedule", "list", "--json"], 0);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+}
+
+#[test]
+fn bad_input_is_refused_naming_it() {
+    let w = World::new("schedcli", None);
+    let refused = |args: &[&str], needle: &str| {
+        let out = w.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
+    };
+    refused(
+        &["schedule", "add", "c", "echo", "--cron", "* * 32 * *"],
+        "day of month",
+    );
+    refused(
+        &["schedule", "add", "z", "echo", "--every", "daily", "--tz", "Mars/Olympus"],
+        "Mars/Olympus",
+    );
+    refused(
+        &["schedule", "add", "t", "echo", "--once", "--next-run", "tomorrow-ish"],
+        "tomorrow-ish",
+    );
+    refused(
+        &["schedule", "add", "k", "echo", "--every", "fortnightly"],
+        "fortnightly",
+    );
+    refused(&["schedule", "add", "u", "nope", "--every", "daily"], "nope");
+    ok(&w, &["schedule", "add", "d", "echo", "--every", "daily"]);
+    refused(&["schedule", "add", "d", "echo", "--every", "daily"], "exists");
+    refused(&["schedule", "pause", "missing"], "no such schedule");
+    // What was added is listed, paused, resumed, run and removed.
+    let list = w.json(&["schedule", "list", "--json"], 0);
+    assert_eq!(list[0]["name"], "d");
+    assert_eq!(list[0]["kind"], "daily");
+    ok(&w, &["schedule", "pause", "d"]);
+    assert_eq!(show(&w, "d")["enabled"], false);
+    ok(&w, &["schedule", "resume", "d"]);
+    assert_eq!(show(&w, "d")["enabled"], true);
+    let run = w.json(&["schedule", "run", "d", "--json"], 0);
+    assert!(run["id"].as_str().is_some());
+    ok(&w, &["schedule", "remove", "d"]);
+    assert_eq!(w.json(&["schedule", "list", "--json"], 0), serde_json::json!([]));
+}
+
+macro_rules! on_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        #[cfg(feature = "orm-postgres")]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_backend!(
+    every_second_fires_each_slot_once_across_three_clusters,
+    repeats_three_fires_three_times,
+    no_catch_up_fires_one_slot_after_an_outage,
+    a_malformed_row_is_skipped_and_the_rest_fire,
+);
