@@ -42,6 +42,9 @@
 //! "compatible" disambiguation (the RFC 5545 rule). Times read by [`parse_time`] in a zone
 //! follow the same rule.
 //!
+//! The wall-clock time kept is the anchor's own: an anchor read as "02:30" on a night
+//! without 02:30 is 03:30 local, and a daily schedule from it then runs at 03:30.
+//!
 //! Cron expressions follow croner's own rules, which differ in the gap: an expression with a
 //! single fixed second, minute and hour (`30 2 * * *`) runs at the first second after the gap
 //! on that day (03:00:00 CEST in the Berlin example, not 03:30), and only at the first
@@ -520,7 +523,7 @@ impl Plan {
         match self.every.step()? {
             Step::Fixed(step) => {
                 let (anchor, step) = (i128::from(anchor_us), i128::from(step));
-                let k = (i128::from(after_us) - anchor) / step + 1;
+                let k = (i128::from(after_us) - anchor).checked_div(step)? + 1;
                 i64::try_from(anchor + k * step)
                     .ok()
                     .filter(|us| *us <= MAX_US)
@@ -626,7 +629,8 @@ fn closest_zone(name: &str) -> Option<String> {
 /// epoch.
 ///
 /// Accepted forms: RFC 3339 with an offset (`2026-03-29T09:00:00+02:00`, `…Z`; fractions of a
-/// second are kept to the microsecond); `YYYY-MM-DD HH:MM[:SS]` or `YYYY-MM-DDTHH:MM[:SS]`, a
+/// second are kept to the microsecond; the ISO 8601 variants jiff reads, such as a space for
+/// `T` or a trailing `[Zone/Name]`, are accepted too); `YYYY-MM-DD HH:MM[:SS]` or `YYYY-MM-DDTHH:MM[:SS]`, a
 /// local time in zone `tz` (UTC when `None`; a time in a DST gap is shifted later by the
 /// gap's length, a repeated time is its first occurrence); `now` (`now_us`); `+N` followed by
 /// `s`, `m`, `h` or `d` (N seconds, minutes, hours or days after `now_us`). Times before 1970
@@ -1379,6 +1383,13 @@ mod tests {
         );
         let err = Plan::parse("daily", None, None, Some("New York")).unwrap_err();
         assert!(err.to_string().contains("America/New_York"), "{err}");
+        for (typo, meant) in [
+            ("berlin", "Europe/Berlin"),
+            ("America/NewYork", "America/New_York"),
+        ] {
+            let err = Plan::parse("daily", None, None, Some(typo)).unwrap_err();
+            assert!(err.to_string().contains(&format!("{meant:?}")), "{err}");
+        }
         let err = Plan::parse("daily", None, None, Some("Qqqqq/Zzzzzz")).unwrap_err();
         assert!(
             matches!(
@@ -1432,6 +1443,10 @@ mod tests {
         assert_eq!(
             parse_time("2026-03-29T07:00:00.123456Z", None, NOW),
             Ok(at("2026-03-29T07:00:00Z") + 123_456)
+        );
+        assert_eq!(
+            parse_time("2026-03-29 09:00:00+02:00[Europe/Berlin]", None, NOW),
+            Ok(at("2026-03-29T07:00:00Z"))
         );
         assert_eq!(parse_time("1970-01-01T00:00:00Z", None, NOW), Ok(0));
         assert_eq!(
