@@ -20,6 +20,7 @@ mod job;
 mod monitor;
 pub mod process;
 mod pusher;
+pub mod schedule;
 pub mod sentinel;
 mod shared;
 pub mod status;
