@@ -66,7 +66,6 @@ pub enum Error {
         /// What is wrong, with the JSON position.
         message: String,
     },
-    /// Waiting for a result ran out of time.
     /// A schedule that cannot be added or changed as asked (bad timing, name taken, unknown).
     #[error("schedule `{name}`: {message}")]
     Schedule {
@@ -75,6 +74,7 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// Waiting for a result ran out of time.
     #[error("no result for task {0} yet")]
     NotReady(String),
     /// An I/O failure (signals, files).

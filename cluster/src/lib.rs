@@ -21,6 +21,7 @@ mod monitor;
 pub mod process;
 mod pusher;
 pub mod schedule;
+pub mod scheduler;
 pub mod sentinel;
 mod shared;
 pub mod status;

@@ -196,10 +196,9 @@ impl Scheduler {
     /// Claims and enqueues the due slots of `s`.
     async fn fire(&mut self, s: &ScheduleRow, now: i64, catch_up: bool) -> Result<usize, Fired> {
         let plan = plan(s).map_err(Fired::Bad)?;
-        let id: TaskId = s
-            .id
-            .parse()
-            .map_err(|e| Fired::Bad(format!("id `{}` is not a UUID: {e}", s.id)))?;
+        let id: TaskId =
+            s.id.parse()
+                .map_err(|e| Fired::Bad(format!("id `{}` is not a UUID: {e}", s.id)))?;
         // Checked before anything is claimed: a row that cannot make a package fires nothing.
         package(s, id).map_err(Fired::Bad)?;
         let store = &self.shared.store;
@@ -221,7 +220,15 @@ impl Scheduler {
             }
             let task = slot_task_id(id, slot);
             let claimed = store
-                .claim_slot(&s.id, expected, next, left, slot, &task.to_string(), now_us())
+                .claim_slot(
+                    &s.id,
+                    expected,
+                    next,
+                    left,
+                    slot,
+                    &task.to_string(),
+                    now_us(),
+                )
                 .await
                 .map_err(Fired::Failed)?;
             if !claimed {

@@ -79,7 +79,19 @@ async fn every_second_fires_each_slot_once_across_three_clusters(b: Backend) {
         return;
     };
     w.set("QCLUSTER_GUARD_CYCLE", 0.2);
-    ok(&w, &["schedule", "add", "tick", "echo", "--args", "1", "--cron", "* * * * * *"]);
+    ok(
+        &w,
+        &[
+            "schedule",
+            "add",
+            "tick",
+            "echo",
+            "--args",
+            "1",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
     let s = show(&w, "tick");
     let id: TaskId = s["id"].as_str().expect("id").parse().expect("uuid");
     let mut clusters: Vec<Guard> = (0..3).map(|_| Guard(w.start())).collect();
@@ -141,8 +153,16 @@ async fn repeats_three_fires_three_times(b: Backend) {
     ok(
         &w,
         &[
-            "schedule", "add", "thrice", "echo", "--args", "3", "--cron", "* * * * * *",
-            "--repeats", "3",
+            "schedule",
+            "add",
+            "thrice",
+            "echo",
+            "--args",
+            "3",
+            "--cron",
+            "* * * * * *",
+            "--repeats",
+            "3",
         ],
     );
     let _c = Guard(w.start());
@@ -159,7 +179,19 @@ async fn no_catch_up_fires_one_slot_after_an_outage(b: Backend) {
     let Some(mut w) = world("schedcatch", b).await else {
         return;
     };
-    ok(&w, &["schedule", "add", "sec", "echo", "--args", "0", "--cron", "* * * * * *"]);
+    ok(
+        &w,
+        &[
+            "schedule",
+            "add",
+            "sec",
+            "echo",
+            "--args",
+            "0",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
     {
         let _c = Guard(w.start());
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -190,8 +222,32 @@ async fn a_malformed_row_is_skipped_and_the_rest_fire(b: Backend) {
     let Some(w) = world("schedbad", b).await else {
         return;
     };
-    ok(&w, &["schedule", "add", "good", "echo", "--args", "1", "--cron", "* * * * * *"]);
-    ok(&w, &["schedule", "add", "bad", "echo", "--args", "1", "--cron", "* * * * * *"]);
+    ok(
+        &w,
+        &[
+            "schedule",
+            "add",
+            "good",
+            "echo",
+            "--args",
+            "1",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
+    ok(
+        &w,
+        &[
+            "schedule",
+            "add",
+            "bad",
+            "echo",
+            "--args",
+            "1",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
     let pool = sqlx::AnyPool::connect(&w.url).await.expect("pool");
     let sql = if w.url.starts_with("postgres") {
         "UPDATE qcluster_schedule SET kind = 'fortnightly' WHERE name = 'bad' AND cluster = $1"
@@ -227,20 +283,43 @@ fn bad_input_is_refused_naming_it() {
         "day of month",
     );
     refused(
-        &["schedule", "add", "z", "echo", "--every", "daily", "--tz", "Mars/Olympus"],
+        &[
+            "schedule",
+            "add",
+            "z",
+            "echo",
+            "--every",
+            "daily",
+            "--tz",
+            "Mars/Olympus",
+        ],
         "Mars/Olympus",
     );
     refused(
-        &["schedule", "add", "t", "echo", "--once", "--next-run", "tomorrow-ish"],
+        &[
+            "schedule",
+            "add",
+            "t",
+            "echo",
+            "--once",
+            "--next-run",
+            "tomorrow-ish",
+        ],
         "tomorrow-ish",
     );
     refused(
         &["schedule", "add", "k", "echo", "--every", "fortnightly"],
         "fortnightly",
     );
-    refused(&["schedule", "add", "u", "nope", "--every", "daily"], "nope");
+    refused(
+        &["schedule", "add", "u", "nope", "--every", "daily"],
+        "nope",
+    );
     ok(&w, &["schedule", "add", "d", "echo", "--every", "daily"]);
-    refused(&["schedule", "add", "d", "echo", "--every", "daily"], "exists");
+    refused(
+        &["schedule", "add", "d", "echo", "--every", "daily"],
+        "exists",
+    );
     refused(&["schedule", "pause", "missing"], "no such schedule");
     // What was added is listed, paused, resumed, run and removed.
     let list = w.json(&["schedule", "list", "--json"], 0);
@@ -253,7 +332,10 @@ fn bad_input_is_refused_naming_it() {
     let run = w.json(&["schedule", "run", "d", "--json"], 0);
     assert!(run["id"].as_str().is_some());
     ok(&w, &["schedule", "remove", "d"]);
-    assert_eq!(w.json(&["schedule", "list", "--json"], 0), serde_json::json!([]));
+    assert_eq!(
+        w.json(&["schedule", "list", "--json"], 0),
+        serde_json::json!([])
+    );
 }
 
 macro_rules! on_each_backend {

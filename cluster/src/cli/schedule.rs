@@ -14,7 +14,7 @@ use crate::{Client, Registry};
 #[derive(Debug, Subcommand)]
 pub(super) enum ScheduleCmd {
     /// Add a schedule: FUNC with --args, --cron EXPR, --every KIND or --once.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List the schedules of this cluster name.
     List {
         #[command(flatten)]
@@ -23,6 +23,7 @@ pub(super) enum ScheduleCmd {
     /// Show one schedule.
     Show {
         /// The schedule's name.
+        #[arg(id = "schedule", value_name = "NAME")]
         name: String,
         #[command(flatten)]
         out: Out,
@@ -30,21 +31,25 @@ pub(super) enum ScheduleCmd {
     /// Pause a schedule: its slots are skipped until it is resumed.
     Pause {
         /// The schedule's name.
+        #[arg(id = "schedule", value_name = "NAME")]
         name: String,
     },
     /// Resume a paused schedule from its next slot after now.
     Resume {
         /// The schedule's name.
+        #[arg(id = "schedule", value_name = "NAME")]
         name: String,
     },
     /// Remove a schedule.
     Remove {
         /// The schedule's name.
+        #[arg(id = "schedule", value_name = "NAME")]
         name: String,
     },
     /// Enqueue one extra run of a schedule now (its slots are unchanged).
     Run {
         /// The schedule's name.
+        #[arg(id = "schedule", value_name = "NAME")]
         name: String,
         #[command(flatten)]
         out: Out,
@@ -55,6 +60,7 @@ pub(super) enum ScheduleCmd {
 #[command(group(ArgGroup::new("when").required(true).args(["cron", "every", "once"])))]
 pub(super) struct AddArgs {
     /// The schedule's name (unique per cluster name).
+    #[arg(id = "schedule", value_name = "NAME")]
     name: String,
     /// The task to enqueue.
     func: String,
@@ -204,7 +210,9 @@ pub(super) async fn run(
                     .iter()
                     .map(|r| match r {
                         Ok(s) => row_json(s),
-                        Err(b) => serde_json::json!({ "name": b.name, "id": b.id, "error": b.error }),
+                        Err(b) => {
+                            serde_json::json!({ "name": b.name, "id": b.id, "error": b.error })
+                        }
                     })
                     .collect();
                 print_json(&serde_json::Value::Array(all));

@@ -106,8 +106,7 @@ impl Client {
             func: s.func.clone(),
             args: String::from_utf8(s.args.clone())
                 .map_err(|_| bad("args are not UTF-8 JSON".into()))?,
-            options: serde_json::to_string(&s.options)
-                .map_err(|e| bad(format!("options: {e}")))?,
+            options: serde_json::to_string(&s.options).map_err(|e| bad(format!("options: {e}")))?,
             kind: plan.kind().to_owned(),
             minutes: plan.minutes().map(i64::from),
             cron: plan.cron().map(str::to_owned),
