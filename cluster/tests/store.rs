@@ -162,6 +162,7 @@ async fn store_semantics(url: &str) {
     let got = store.statuses(&cluster).await.expect("statuses");
     assert_eq!(got.len(), 1, "the expired status is not read: {got:?}");
     run_claims_and_iterator_pruning(&store, &cluster).await;
+    schedule_slots(&store, &cluster).await;
 }
 
 #[tokio::test]
@@ -271,4 +272,120 @@ async fn run_claims_and_iterator_pruning(store: &Store, cluster: &str) {
     assert_eq!(store.release_items(iter).await.expect("release items"), 1);
     store.prune(cluster, 0, now).await.expect("prune");
     assert!(store.known(&[item]).await.expect("known").is_empty());
+}
+
+/// Schedule rows: one per name, slots claimed by one caller only, pending slots recovered.
+async fn schedule_slots(store: &Store, cluster: &str) {
+    let now = now_us();
+    let row = cluster::store::ScheduleRow {
+        id: TaskId::new().to_string(),
+        cluster: cluster.to_owned(),
+        name: "every".into(),
+        func: "echo".into(),
+        args: "1".into(),
+        options: "{}".into(),
+        kind: "minutes".into(),
+        minutes: Some(1),
+        cron: None,
+        tz: None,
+        repeats: -1,
+        anchor: now,
+        next_run: Some(now),
+        last_run: None,
+        last_task: None,
+        pending: None,
+        pending_since: None,
+        enabled: true,
+        created: now,
+        updated: now,
+    };
+    assert!(store.add_schedule(&row).await.expect("add"));
+    assert!(
+        !store.add_schedule(&row).await.expect("add again"),
+        "a name once"
+    );
+    let due = store.due_schedules(cluster, now, 10).await.expect("due");
+    assert_eq!(due.len(), 1);
+    let next = now + 60_000_000;
+    assert!(
+        store
+            .claim_slot(&row.id, now, Some(next), -1, now, "t1", now)
+            .await
+            .expect("claim")
+    );
+    assert!(
+        !store
+            .claim_slot(&row.id, now, Some(next), -1, now, "t2", now)
+            .await
+            .expect("claim"),
+        "a slot is claimed once"
+    );
+    // Pending: not due again, and stuck once old enough.
+    assert!(
+        store
+            .due_schedules(cluster, next, 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .stuck_schedules(cluster, now + 1)
+            .await
+            .expect("stuck")
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .stuck_schedules(cluster, now)
+            .await
+            .expect("stuck")
+            .is_empty()
+    );
+    store.confirm_slot(&row.id, now).await.expect("confirm");
+    assert!(
+        store
+            .stuck_schedules(cluster, now + 1)
+            .await
+            .expect("stuck")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .due_schedules(cluster, next, 10)
+            .await
+            .expect("due")
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .set_schedule_enabled(cluster, "every", false, now)
+            .await
+            .expect("pause")
+    );
+    assert!(
+        store
+            .due_schedules(cluster, next, 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
+    let got = store
+        .schedule(cluster, "every")
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!(
+        (got.next_run, got.last_task.as_deref()),
+        (Some(next), Some("t1"))
+    );
+    assert!(
+        store
+            .remove_schedule(cluster, "every")
+            .await
+            .expect("remove")
+    );
+    assert!(store.schedules(cluster).await.expect("list").is_empty());
 }
