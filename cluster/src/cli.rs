@@ -497,14 +497,19 @@ fn show_result(id: TaskId, r: Option<TaskRecord>, json: bool) -> Res {
         print_json(&r.to_json());
     } else {
         println!("id        {}", r.id);
+        if r.name != r.func {
+            // A schedule's tasks carry its name.
+            println!("name      {}", r.name);
+        }
         println!("func      {}", r.func);
         println!("args      {}", r.args);
         println!(
             "state     {}",
-            match (r.success, r.done) {
-                (true, _) => "success",
-                (false, true) => "failed",
-                (false, false) => "failed, will retry",
+            match (r.success, r.done, r.stopped_us) {
+                (true, _, _) => "success",
+                (false, true, _) => "failed",
+                (false, false, 0) => "running",
+                (false, false, _) => "failed, will retry",
             }
         );
         println!("result    {}", r.result.as_deref().unwrap_or("null"));

@@ -266,18 +266,28 @@ enum Fired {
     Failed(Error),
 }
 
-/// Runs the scheduler every `guard_cycle` until stop.
+/// Runs the scheduler until stop: a cycle every `guard_cycle`, and one at the earliest next slot
+/// when that comes sooner (a slot fires within milliseconds of its time, not up to a cycle late).
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut s = Scheduler::new(shared.clone());
-    let mut tick = tokio::time::interval(shared.config.guard_cycle);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cycle = shared.config.guard_cycle;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shared.stop.cancelled() => return,
-        }
         if let Err(e) = s.cycle().await {
             tracing::warn!("scheduler: {e}; trying again in the next cycle");
+        }
+        let now = now_us();
+        let mut wait = cycle;
+        match shared.store.next_slot_after(&shared.config.name, now).await {
+            Ok(Some(next)) => {
+                let until = Duration::from_micros(u64::try_from(next - now).unwrap_or(0));
+                wait = wait.min(until);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("scheduler: next slot unknown ({e})"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.stop.cancelled() => return,
         }
     }
 }

@@ -49,16 +49,17 @@ fn show(w: &World, name: &str) -> serde_json::Value {
     w.json(&["schedule", "show", name, "--json"], 0)
 }
 
-/// Rows of the tasks a schedule made (their `name` is the schedule's).
+/// Rows of the tasks a schedule of this world's cluster made (their `name` is the schedule's).
 async fn rows_named(w: &World, name: &str) -> Vec<cluster::TaskRecord> {
     let pool = sqlx::AnyPool::connect(&w.url).await.expect("pool");
     let sql = if w.url.starts_with("postgres") {
-        "SELECT id FROM qcluster_task WHERE name = $1"
+        "SELECT id FROM qcluster_task WHERE name = $1 AND cluster = $2"
     } else {
-        "SELECT id FROM qcluster_task WHERE name = ?"
+        "SELECT id FROM qcluster_task WHERE name = ? AND cluster = ?"
     };
     let ids: Vec<String> = sqlx::query_scalar(sql)
         .bind(name.to_owned())
+        .bind(w.name.clone())
         .fetch_all(&pool)
         .await
         .expect("rows");

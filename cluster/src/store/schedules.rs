@@ -66,7 +66,7 @@ const COLUMNS: &str = "id, cluster, name, func, args, options, kind, minutes, cr
 pub(super) fn ddl(dialect: Dialect, text: &str, engine: &str) -> Vec<String> {
     let mysql = dialect == Dialect::MySql;
     let inline = if mysql {
-        ",\n                UNIQUE KEY qcluster_schedule_name (cluster, name),\n                INDEX qcluster_schedule_due (cluster, next_run)"
+        ",\n                UNIQUE KEY qcluster_schedule_name (cluster, name),\n                INDEX qcluster_schedule_due (cluster, next_run),\n                INDEX qcluster_schedule_pending (cluster, pending_since)"
     } else {
         ""
     };
@@ -103,6 +103,13 @@ pub(super) fn ddl(dialect: Dialect, text: &str, engine: &str) -> Vec<String> {
         out.push(
             "CREATE INDEX IF NOT EXISTS qcluster_schedule_due \
              ON qcluster_schedule (cluster, next_run)"
+                .into(),
+        );
+        // Partial: only the few rows with a pending slot, so the planner never mistakes it for
+        // the index of the due query.
+        out.push(
+            "CREATE INDEX IF NOT EXISTS qcluster_schedule_pending \
+             ON qcluster_schedule (cluster, pending_since) WHERE pending IS NOT NULL"
                 .into(),
         );
     }
@@ -261,6 +268,25 @@ impl Store {
             "due schedules",
         )
         .await
+    }
+
+    /// The earliest slot after `after_us` of the enabled schedules of `cluster`, if any.
+    pub async fn next_slot_after(
+        &self,
+        cluster: &str,
+        after_us: i64,
+    ) -> Result<Option<i64>, Error> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(self.render(
+            "SELECT MIN(next_run) FROM qcluster_schedule \
+             WHERE cluster = ? AND next_run > ? AND enabled = 1",
+        )))
+        .bind(cluster.to_owned())
+        .bind(after_us)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.sql_err("next schedule slot"))?;
+        row.try_get::<Option<i64>, _>(0)
+            .map_err(self.sql_err("next schedule slot"))
     }
 
     /// Schedules of `cluster` with a slot claimed before `before_us` and never confirmed (their
