@@ -206,6 +206,14 @@ impl Scheduler {
             return Ok(0);
         };
         let mut repeats = s.repeats;
+        if repeats == 0 {
+            // No run left but a next slot (an edit by hand): done, so it is not due forever.
+            store
+                .set_next_run(&s.id, expected, None)
+                .await
+                .map_err(Fired::Failed)?;
+            return Ok(0);
+        }
         let mut fired = 0;
         while expected <= now && repeats != 0 && fired < MAX_SLOTS_PER_CYCLE {
             let slot = expected;
