@@ -14,6 +14,7 @@ use sqlx::Row;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Sqlite,
+    #[cfg_attr(not(feature = "orm-postgres"), allow(dead_code))]
     Postgres,
     Redis,
 }

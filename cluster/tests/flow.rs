@@ -4,6 +4,7 @@
 //! order; a failing link stops its chain; an iterator of 1,000 items gives 1,000 results in
 //! order.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -11,27 +12,11 @@ use std::time::{Duration, Instant};
 use cluster::broker_core::{Message, TaskId, TaskPackage, now_us};
 use cluster::flow::{hook_id, item_id};
 use cluster::{Finished, TaskRecord};
-use common::{Guard, World, postgres_url, reachable, signal, wait_exit};
+use common::Sql as Backend;
+use common::{Guard, World, signal, sql_world, wait_exit};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    #[cfg_attr(not(feature = "orm-postgres"), allow(dead_code))]
-    Postgres,
-}
-
-/// `None` (with a loud skip) when the backend's server is down.
 async fn world(tag: &str, b: Backend) -> Option<World> {
-    match b {
-        Backend::Sqlite => Some(World::new(tag, None)),
-        Backend::Postgres => {
-            let url = postgres_url();
-            if !reachable(&url).await {
-                return None;
-            }
-            Some(World::new(tag, Some(url)))
-        }
-    }
+    sql_world(tag, b).await
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -632,29 +617,7 @@ fn sync_mode_runs_hooks_chains_and_iterators_at_enqueue() {
     assert_eq!(r["result"], serde_json::json!([1, 2]));
 }
 
-macro_rules! on_each_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        #[cfg(feature = "orm-postgres")]
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_each_backend!(
+on_sqlite_and_postgres!(
     group_cli_reads_waits_for_and_deletes,
     a_failing_link_stops_its_chain
 );

@@ -3,6 +3,7 @@
 //! started; `repeats`; `catch_up = false` after an outage; a malformed row is skipped; bad input
 //! is refused naming what is wrong.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -10,27 +11,12 @@ use std::time::{Duration, Instant};
 
 use cluster::broker_core::TaskId;
 use cluster::scheduler::slot_task_id;
-use common::{Guard, World, postgres_url, reachable, signal};
+use common::Sql as Backend;
+use common::{Guard, World, signal, sql_world};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    #[cfg_attr(not(feature = "orm-postgres"), allow(dead_code))]
-    Postgres,
-}
-
-/// `None` (with a loud skip) when the backend's server is down.
+/// The world of a test on `b`, 2 workers.
 async fn world(tag: &str, b: Backend) -> Option<World> {
-    let mut w = match b {
-        Backend::Sqlite => World::new(tag, None),
-        Backend::Postgres => {
-            let url = postgres_url();
-            if !reachable(&url).await {
-                return None;
-            }
-            World::new(tag, Some(url))
-        }
-    };
+    let mut w = sql_world(tag, b).await?;
     w.set("QCLUSTER_WORKERS", 2);
     Some(w)
 }
@@ -339,29 +325,7 @@ fn bad_input_is_refused_naming_it() {
     );
 }
 
-macro_rules! on_each_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        #[cfg(feature = "orm-postgres")]
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_each_backend!(
+on_sqlite_and_postgres!(
     every_second_fires_each_slot_once_across_three_clusters,
     repeats_three_fires_three_times,
     no_catch_up_fires_one_slot_after_an_outage,

@@ -329,3 +329,51 @@ impl World {
         }
     }
 }
+
+/// The SQL databases a test runs on as broker and store: an SQLite file, or PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sql {
+    Sqlite,
+    Postgres,
+}
+
+/// A world on `db`; `None` (with a loud skip, or a failure under `QCLUSTER_REQUIRE_SERVICES=1`)
+/// when PostgreSQL is down.
+pub async fn sql_world(tag: &str, db: Sql) -> Option<World> {
+    match db {
+        Sql::Sqlite => Some(World::new(tag, None)),
+        Sql::Postgres => {
+            let url = postgres_url();
+            if !reachable(&url).await {
+                return None;
+            }
+            Some(World::new(tag, Some(url)))
+        }
+    }
+}
+
+/// `on_sqlite_and_postgres!(a, b)`: tests `sqlite::a`, `postgres::a` (with the `orm-postgres`
+/// feature), … calling `a(Sql::Sqlite)` and `a(Sql::Postgres)` of the file (which names the type
+/// `Backend`: `use common::Sql as Backend;`).
+#[allow(unused_macros)]
+macro_rules! on_sqlite_and_postgres {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        #[cfg(feature = "orm-postgres")]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
