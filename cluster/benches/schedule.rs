@@ -126,7 +126,7 @@ async fn run(label: &str, url: &str) -> Result<(), String> {
             .stuck_schedules(&name, now_us() - 5_000_000)
             .await
             .map_err(e)?;
-        store.due_schedules(&name, now, 200).await.map_err(e)?;
+        store.due_schedules(&name, now, 200, &[]).await.map_err(e)?;
         store.next_slot_after(&name, now).await.map_err(e)?;
         cycle.push(t.elapsed().as_secs_f64() * 1000.0);
         let t = Instant::now();

@@ -111,26 +111,46 @@ pub(crate) fn package(s: &ScheduleRow, id: TaskId) -> Result<TaskPackage, String
 /// The slot-firing state of one cluster.
 pub(crate) struct Scheduler {
     shared: Arc<Shared>,
-    reported: HashMap<String, Instant>,
+    /// Rows found bad, by id: when they were last reported. They are left out of the due
+    /// query until their report is a minute old, so that bad rows cannot fill every place.
+    bad: HashMap<String, Instant>,
+}
+
+/// Whether an enqueue failure is the package's (it will never go) or the moment's.
+fn classify(e: Error) -> Fired {
+    match e {
+        Error::Codec(_) | Error::Broker(broker_core::BrokerError::TooLarge { .. }) => {
+            Fired::Bad(e.to_string())
+        }
+        e => Fired::Failed(e),
+    }
 }
 
 impl Scheduler {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self {
             shared,
-            reported: HashMap::new(),
+            bad: HashMap::new(),
         }
     }
 
-    fn report(&mut self, name: &str, what: &str) {
-        let due = self
-            .reported
-            .get(name)
-            .is_none_or(|t| t.elapsed() >= REPORT_EVERY);
+    /// Reports a bad row (once a minute at most), by name, or by id when the name is unreadable.
+    fn report(&mut self, id: &str, name: &str, what: &str) {
+        let due = self.bad.get(id).is_none_or(|t| t.elapsed() >= REPORT_EVERY);
         if due {
-            self.reported.insert(name.to_owned(), Instant::now());
-            tracing::error!("schedule `{name}` skipped: {what}");
+            self.bad.insert(id.to_owned(), Instant::now());
+            if name == "?" {
+                tracing::error!("schedule row `{id}` skipped: {what}");
+            } else {
+                tracing::error!("schedule `{name}` skipped: {what}");
+            }
         }
+    }
+
+    /// Ids of rows reported bad within the last minute.
+    fn skipped(&mut self) -> Vec<String> {
+        self.bad.retain(|_, t| t.elapsed() < REPORT_EVERY);
+        self.bad.keys().cloned().collect()
     }
 
     async fn enqueue(&self, p: &TaskPackage) -> Result<(), Error> {
@@ -139,8 +159,28 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Enqueues again the pending slot of `s`, whose claimant died, and confirms it.
+    async fn recover(&self, s: &ScheduleRow, slot: i64) -> Result<(), Fired> {
+        let id: TaskId =
+            s.id.parse()
+                .map_err(|e| Fired::Bad(format!("id `{}` is not a UUID: {e}", s.id)))?;
+        let p = package(s, slot_task_id(id, slot)).map_err(Fired::Bad)?;
+        tracing::warn!(
+            "schedule `{}`: slot {} was claimed but not confirmed; enqueueing it again",
+            s.name,
+            crate::store::rfc3339(slot)
+        );
+        self.enqueue(&p).await.map_err(classify)?;
+        self.shared
+            .store
+            .confirm_slot(&s.id, slot)
+            .await
+            .map_err(Fired::Failed)
+    }
+
     /// One look at the schedules: slots left pending by a dead claimant first, then due ones.
-    /// Returns how many slots it enqueued.
+    /// Returns how many slots it enqueued. A schedule that fails is logged and the others go
+    /// on; only a failing list query ends the cycle early.
     pub async fn cycle(&mut self) -> Result<usize, Error> {
         let cfg = self.shared.config.clone();
         let store = self.shared.store.clone();
@@ -151,43 +191,37 @@ impl Scheduler {
             let s = match row {
                 Ok(s) => s,
                 Err(bad) => {
-                    self.report(&bad.name, &bad.error);
+                    self.report(&bad.id, &bad.name, &bad.error);
                     continue;
                 }
             };
             let Some(slot) = s.pending else { continue };
-            let p = match s.id.parse().map(|id| package(&s, slot_task_id(id, slot))) {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    self.report(&s.name, &e);
-                    continue;
+            match self.recover(&s, slot).await {
+                Ok(()) => fired += 1,
+                Err(Fired::Bad(e)) => self.report(&s.id, &s.name, &e),
+                Err(Fired::Failed(e)) => {
+                    tracing::warn!("schedule `{}`: {e}; trying again in the next cycle", s.name)
                 }
-                Err(e) => {
-                    self.report(&s.name, &format!("id `{}` is not a UUID: {e}", s.id));
-                    continue;
-                }
-            };
-            tracing::warn!(
-                "schedule `{}`: slot {} was claimed but not confirmed; enqueueing it again",
-                s.name,
-                crate::store::rfc3339(slot)
-            );
-            self.enqueue(&p).await?;
-            store.confirm_slot(&s.id, slot).await?;
-            fired += 1;
+            }
         }
-        for row in store.due_schedules(&cfg.name, now, DUE_PER_QUERY).await? {
+        let skip = self.skipped();
+        for row in store
+            .due_schedules(&cfg.name, now, DUE_PER_QUERY, &skip)
+            .await?
+        {
             let s = match row {
                 Ok(s) => s,
                 Err(bad) => {
-                    self.report(&bad.name, &bad.error);
+                    self.report(&bad.id, &bad.name, &bad.error);
                     continue;
                 }
             };
             match self.fire(&s, now, cfg.catch_up).await {
                 Ok(n) => fired += n,
-                Err(Fired::Bad(e)) => self.report(&s.name, &e),
-                Err(Fired::Failed(e)) => return Err(e),
+                Err(Fired::Bad(e)) => self.report(&s.id, &s.name, &e),
+                Err(Fired::Failed(e)) => {
+                    tracing::warn!("schedule `{}`: {e}; trying again in the next cycle", s.name)
+                }
             }
         }
         Ok(fired)
@@ -216,12 +250,13 @@ impl Scheduler {
         }
         let mut fired = 0;
         while expected <= now && repeats != 0 && fired < MAX_SLOTS_PER_CYCLE {
-            let slot = expected;
-            let mut next = if catch_up {
-                plan.next_after(s.anchor, slot)
+            // Without catch-up the missed slots run once, as the latest of them.
+            let slot = if catch_up {
+                expected
             } else {
-                plan.next_after(s.anchor, now.max(slot))
+                latest_due(&plan, s.anchor, expected, now)
             };
+            let mut next = plan.next_after(s.anchor, if catch_up { slot } else { now });
             let left = if repeats > 0 { repeats - 1 } else { repeats };
             if left == 0 {
                 next = None;
@@ -245,7 +280,7 @@ impl Scheduler {
             }
             let p = package(s, task).map_err(Fired::Bad)?;
             // A failure here leaves the slot pending: it is enqueued again after the delay.
-            self.enqueue(&p).await.map_err(Fired::Failed)?;
+            self.enqueue(&p).await.map_err(classify)?;
             store
                 .confirm_slot(&s.id, slot)
                 .await
@@ -264,6 +299,19 @@ impl Scheduler {
         }
         Ok(fired)
     }
+}
+
+/// The latest slot at or before `now`, from the due slot `first` (at most 100,000 steps: an
+/// outage of a day of an every-second cron; past that, the last one reached).
+fn latest_due(plan: &Plan, anchor: i64, first: i64, now: i64) -> i64 {
+    let mut latest = first;
+    for _ in 0..100_000 {
+        match plan.next_after(anchor, latest) {
+            Some(n) if n <= now => latest = n,
+            _ => break,
+        }
+    }
+    latest
 }
 
 /// Why a schedule fired nothing.

@@ -64,6 +64,20 @@ fn fault(dialect: Dialect, e: &sqlx::Error) -> StoreFault {
     }
 }
 
+/// A unique-key violation (the row exists), as opposed to other data errors.
+fn unique_violation(dialect: Dialect, e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(d) = e else {
+        return false;
+    };
+    let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+    match dialect {
+        // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE.
+        Dialect::Sqlite => matches!(code.as_str(), "1555" | "2067"),
+        Dialect::Postgres => code == "23505",
+        Dialect::MySql => code == "23000" && d.message().contains("Duplicate"),
+    }
+}
+
 /// Connection failures and lock conflicts.
 fn transient(dialect: Dialect, e: &sqlx::Error) -> bool {
     match e {
@@ -161,7 +175,12 @@ impl TaskRecord {
 
 /// Formats µs since the epoch as RFC 3339 UTC.
 pub fn rfc3339(us: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
+    // humantime formats years up to 9999 only (and panics past them through `to_string`).
+    const MAX_US: i64 = 253_402_300_799_999_999;
+    if !(0..=MAX_US).contains(&us) {
+        return format!("{us} µs since the epoch");
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_micros(us as u64);
     humantime::format_rfc3339_micros(t).to_string()
 }
 
@@ -438,10 +457,14 @@ impl Store {
             return Ok(0);
         };
         // Items of an iterator not yet complete (a derived, version-8 id with a group) are
-        // spared: the iterator's row is made from them. Its completion clears their group.
+        // spared: the iterator's row is made from them. Its completion clears their group. So
+        // is the task of a schedule slot still pending: the slot may be enqueued again, and
+        // its result is what makes that copy a duplicate.
         let done = sqlx::query(sqlx::AssertSqlSafe(self.render(
             "DELETE FROM qcluster_task WHERE cluster = ? AND success = 1 AND stopped <= ? \
-             AND stopped < ? AND NOT (grp IS NOT NULL AND SUBSTR(id, 15, 1) = '8')",
+             AND stopped < ? AND NOT (grp IS NOT NULL AND SUBSTR(id, 15, 1) = '8') \
+             AND id NOT IN (SELECT last_task FROM qcluster_schedule \
+                            WHERE pending IS NOT NULL AND last_task IS NOT NULL)",
         )))
         .bind(cluster.to_owned())
         .bind(cutoff)

@@ -256,6 +256,66 @@ async fn a_malformed_row_is_skipped_and_the_rest_fire(b: Backend) {
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
 }
 
+/// A cluster that claimed a slot and died before enqueueing it: another cluster enqueues the
+/// slot once the claim is stale, and it runs once.
+async fn a_slot_claimed_by_a_dead_cluster_is_recovered(b: Backend) {
+    sqlx::any::install_default_drivers();
+    let Some(w) = world("schedrecover", b).await else {
+        return;
+    };
+    ok(
+        &w,
+        &[
+            "schedule", "add", "daily", "echo", "--args", "7", "--every", "daily",
+        ],
+    );
+    let s = show(&w, "daily");
+    let id: TaskId = s["id"].as_str().expect("id").parse().expect("uuid");
+    let store = w.store().await;
+    let row = store
+        .schedule(&w.name, "daily")
+        .await
+        .expect("get")
+        .expect("row");
+    let slot = row.next_run.expect("next");
+    let task = slot_task_id(id, slot);
+    // The dead cluster's claim, 10 s ago, never confirmed.
+    let then = cluster::broker_core::now_us() - 10_000_000;
+    assert!(
+        store
+            .claim_slot(
+                &row.id,
+                slot,
+                Some(slot + 86_400_000_000),
+                -1,
+                slot,
+                &task.to_string(),
+                then
+            )
+            .await
+            .expect("claim")
+    );
+    let _c = Guard(w.start());
+    let r = w.wait_record(task, Duration::from_secs(30)).await;
+    assert!(r.success && r.attempts == 1, "{r:?}");
+    let t = Instant::now();
+    while store
+        .schedule(&w.name, "daily")
+        .await
+        .expect("get")
+        .expect("row")
+        .pending
+        .is_some()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the slot stays pending"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows_named(&w, "daily").await.len(), 1);
+}
+
 #[test]
 fn bad_input_is_refused_naming_it() {
     let w = World::new("schedcli", None);
@@ -330,4 +390,5 @@ on_sqlite_and_postgres!(
     repeats_three_fires_three_times,
     no_catch_up_fires_one_slot_after_an_outage,
     a_malformed_row_is_skipped_and_the_rest_fire,
+    a_slot_claimed_by_a_dead_cluster_is_recovered,
 );

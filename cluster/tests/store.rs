@@ -304,7 +304,10 @@ async fn schedule_slots(store: &Store, cluster: &str) {
         !store.add_schedule(&row).await.expect("add again"),
         "a name once"
     );
-    let due = store.due_schedules(cluster, now, 10).await.expect("due");
+    let due = store
+        .due_schedules(cluster, now, 10, &[])
+        .await
+        .expect("due");
     assert_eq!(due.len(), 1);
     let next = now + 60_000_000;
     assert!(
@@ -323,7 +326,7 @@ async fn schedule_slots(store: &Store, cluster: &str) {
     // Pending: not due again, and stuck once old enough.
     assert!(
         store
-            .due_schedules(cluster, next, 10)
+            .due_schedules(cluster, next, 10, &[])
             .await
             .expect("due")
             .is_empty()
@@ -345,6 +348,13 @@ async fn schedule_slots(store: &Store, cluster: &str) {
     );
     store.confirm_slot(&row.id, now).await.expect("confirm");
     assert!(
+        !store
+            .claim_slot(&row.id, now, Some(next), -1, now, "t3", now)
+            .await
+            .expect("claim"),
+        "a slot whose next_run moved on is not claimed again"
+    );
+    assert!(
         store
             .stuck_schedules(cluster, now + 1)
             .await
@@ -353,7 +363,7 @@ async fn schedule_slots(store: &Store, cluster: &str) {
     );
     assert_eq!(
         store
-            .due_schedules(cluster, next, 10)
+            .due_schedules(cluster, next, 10, &[])
             .await
             .expect("due")
             .len(),
@@ -367,7 +377,7 @@ async fn schedule_slots(store: &Store, cluster: &str) {
     );
     assert!(
         store
-            .due_schedules(cluster, next, 10)
+            .due_schedules(cluster, next, 10, &[])
             .await
             .expect("due")
             .is_empty()

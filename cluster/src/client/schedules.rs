@@ -122,8 +122,20 @@ impl Client {
             created: now,
             updated: now,
         };
-        // The whole package is checked (arguments JSON, options) before it is stored.
-        package(&row, TaskId::new()).map_err(bad)?;
+        if !(0..=crate::schedule::when::MAX_US).contains(&first) {
+            return Err(bad("the first run is before 1970 or after 9999".into()));
+        }
+        // The whole package is checked (arguments JSON, options, size) before it is stored: a
+        // schedule whose task cannot be sent would only fail at every slot.
+        let p = package(&row, TaskId::new()).map_err(bad)?;
+        let m = crate::flow::message(&self.codec, &p).map_err(|e| bad(e.to_string()))?;
+        let limit = self.broker.capabilities().max_message_size;
+        if m.payload.len() > limit {
+            return Err(bad(format!(
+                "its task's package is {} bytes, over the broker's limit of {limit} bytes",
+                m.payload.len()
+            )));
+        }
         if !store.add_schedule(&row).await? {
             return Err(bad(format!(
                 "exists already for cluster `{cluster}` (remove it first)"

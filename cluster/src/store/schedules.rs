@@ -212,7 +212,7 @@ impl Store {
         match done {
             Ok(_) => Ok(true),
             // Added by someone else in between: the unique index says so.
-            Err(e) if super::fault(self.dialect, &e) == crate::StoreFault::Row => Ok(false),
+            Err(e) if super::unique_violation(self.dialect, &e) => Ok(false),
             Err(e) => Err(self.sql_err("add schedule")(e)),
         }
     }
@@ -254,20 +254,37 @@ impl Store {
     }
 
     /// Enabled schedules of `cluster` with a slot due at `now_us` and none pending, oldest
-    /// first, at most `limit`.
+    /// first, at most `limit`, leaving out the ids in `skip` (rows found bad a moment ago, so
+    /// that they cannot fill every place).
     pub async fn due_schedules(
         &self,
         cluster: &str,
         now_us: i64,
         limit: i64,
+        skip: &[String],
     ) -> Result<Vec<Result<ScheduleRow, BadRow>>, Error> {
-        self.schedule_rows(
-            " AND enabled = 1 AND next_run <= ? AND pending IS NULL ORDER BY next_run LIMIT ?",
-            &[now_us, limit],
-            cluster,
-            "due schedules",
-        )
-        .await
+        let skip = &skip[..skip.len().min(100)];
+        let not_in = if skip.is_empty() {
+            String::new()
+        } else {
+            format!(" AND id NOT IN ({})", vec!["?"; skip.len()].join(", "))
+        };
+        let sql = self.render(&format!(
+            "SELECT {COLUMNS} FROM qcluster_schedule WHERE cluster = ? AND enabled = 1 \
+             AND next_run <= ? AND pending IS NULL{not_in} ORDER BY next_run LIMIT ?"
+        ));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(cluster.to_owned())
+            .bind(now_us);
+        for id in skip {
+            q = q.bind(id.clone());
+        }
+        let rows = q
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.sql_err("due schedules"))?;
+        Ok(rows.iter().map(|r| self.schedule_row(r)).collect())
     }
 
     /// The earliest slot after `after_us` of the enabled schedules of `cluster`, if any.
@@ -322,7 +339,7 @@ impl Store {
         let done = sqlx::query(sqlx::AssertSqlSafe(self.render(
             "UPDATE qcluster_schedule SET next_run = ?, repeats = ?, last_run = ?, \
              last_task = ?, pending = ?, pending_since = ?, updated = ? \
-             WHERE id = ? AND next_run = ? AND pending IS NULL",
+             WHERE id = ? AND next_run = ? AND pending IS NULL AND enabled = 1",
         )))
         .bind(next)
         .bind(repeats)
