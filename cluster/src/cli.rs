@@ -23,6 +23,7 @@ use crate::status::StatusHome;
 use crate::store::{Store, TaskRecord};
 use crate::{Client, EnqueueOptions, NewTask, Registry};
 
+mod ops;
 mod quickstart;
 mod schedule;
 
@@ -91,6 +92,17 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Healthy (exit 0) when the broker and the result store answer and a cluster of this name
+    /// has published its status recently; else exit 1.
+    Health {
+        /// Longest a cluster's last heartbeat may be ago, seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+        max_age: f64,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Delete stored results older than a duration (successes; failures too with --failures).
+    Prune(ops::PruneArgs),
     /// Check that the broker and the result store answer.
     Ping {
         #[command(flatten)]
@@ -388,6 +400,10 @@ async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
         Command::Group(args) => group(&config, args).await,
         Command::Schedule { cmd } => schedule::run(&config, registry, &brokers, cmd).await,
         Command::Info { out } => info(&config, &brokers, out.json).await,
+        Command::Health { max_age, out } => {
+            ops::health(&config, &brokers, secs("--max-age", max_age)?, out.json).await
+        }
+        Command::Prune(a) => ops::prune(&config, a).await,
         Command::Ping { out } => ping(&config, &brokers, out.json).await,
         Command::Purge { out } => {
             let broker = brokers.connect(&config).await?;
@@ -697,6 +713,20 @@ async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: Enqu
         .with_registry(registry);
     let mut stdout = std::io::stdout().lock();
     let mut ids = Vec::with_capacity(tasks.len());
+    // A bar on a terminal for a long input; nothing extra when stderr is piped.
+    let bar = (a.from.is_some()
+        && tasks.len() > 1000
+        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    .then(|| {
+        let b = indicatif::ProgressBar::new(tasks.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "enqueue {bar:40} {pos}/{len} tasks, {per_sec}, {eta} left",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
     for chunk in tasks.chunks(1000) {
         let got = client.enqueue_many(chunk.to_vec()).await?;
         for id in &got {
@@ -708,7 +738,13 @@ async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: Enqu
                 let _ = writeln!(stdout, "{id}");
             }
         }
+        if let Some(b) = &bar {
+            b.inc(got.len() as u64);
+        }
         ids.extend(got);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     drop(stdout);
     if let (Some(w), [id]) = (a.wait, ids.as_slice()) {

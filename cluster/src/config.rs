@@ -86,6 +86,13 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Run tasks inline at enqueue time instead of through the broker (for tests and debugging).
     pub sync: bool,
+    /// Delete final results older than this many seconds (successes; failures too with
+    /// `prune_failures`), checked every 2 s by every cluster; unset keeps them (only `save_limit`
+    /// applies). Never less than twice `retry`.
+    #[serde(with = "opt_secs")]
+    pub prune_older_than: Option<Duration>,
+    /// `prune_older_than` deletes failures too.
+    pub prune_failures: bool,
     /// Run every missed schedule slot after downtime; false runs the missed ones once.
     pub catch_up: bool,
     /// Fire due schedules from this cluster (every cluster of a name may: each slot fires once).
@@ -220,6 +227,8 @@ impl Default for Config {
             sync: false,
             catch_up: true,
             scheduler: true,
+            prune_older_than: None,
+            prune_failures: false,
             max_message_size: None,
             secret: None,
             secret_file: None,
@@ -790,6 +799,18 @@ impl Config {
                 "must be -1 (keep no successes), 0 (keep all) or a positive count".into(),
             );
         }
+        if let Some(age) = self.prune_older_than
+            && age < self.retry * 2
+        {
+            return err(
+                "prune_older_than",
+                format!(
+                    "must be at least twice retry ({}s): younger results still guard against \
+                     duplicate deliveries",
+                    (self.retry * 2).as_secs_f64()
+                ),
+            );
+        }
         if self.max_rss.is_some_and(|m| m < 1024) {
             return err(
                 "max_rss",
@@ -993,5 +1014,25 @@ mod tests {
         }
         assert!(!format!("{c:?}").contains("pw-xyz"));
         assert!(!format!("{c:?}").contains("tok-xyz"));
+    }
+}
+
+/// `Option<Duration>` as an optional number of seconds.
+mod opt_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => broker_core::secs::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Secs(#[serde(with = "broker_core::secs")] Duration);
+        Ok(Option::<Secs>::deserialize(d)?.map(|s| s.0))
     }
 }

@@ -35,7 +35,7 @@ pub(crate) async fn run(shared: Arc<Shared>, outcomes: Arc<Mutex<mpsc::Receiver<
         let got = match tokio::time::timeout(PRUNE_EVERY, rx.recv_many(&mut batch, BATCH)).await {
             Ok(n) => n,
             Err(_) => {
-                if shared.config.save_limit != 0 && last_prune.elapsed() >= PRUNE_EVERY {
+                if prunes(&shared) && last_prune.elapsed() >= PRUNE_EVERY {
                     last_prune = Instant::now();
                     prune(&shared).await;
                 }
@@ -59,14 +59,19 @@ pub(crate) async fn run(shared: Arc<Shared>, outcomes: Arc<Mutex<mpsc::Receiver<
             .await;
         }
         settle(&shared, std::mem::take(&mut batch)).await;
-        if shared.config.save_limit != 0 && last_prune.elapsed() >= PRUNE_EVERY {
+        if prunes(&shared) && last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
             prune(&shared).await;
         }
     }
-    if shared.config.save_limit != 0 {
+    if prunes(&shared) {
         prune(&shared).await;
     }
+}
+
+/// True when this cluster prunes results at all (`save_limit`, `prune_older_than`).
+fn prunes(shared: &Shared) -> bool {
+    shared.config.save_limit != 0 || shared.config.prune_older_than.is_some()
 }
 
 /// Keeps the newest `save_limit` successes (none with -1), but never prunes one younger than
@@ -75,12 +80,31 @@ async fn prune(shared: &Shared) {
     let window = i64::try_from(shared.config.retry.as_micros() * 2).unwrap_or(i64::MAX);
     let spare_after = now_us().saturating_sub(window);
     let keep = shared.config.save_limit.max(0) as u64;
-    if let Err(e) = shared
-        .store
-        .prune(&shared.config.name, keep, spare_after)
-        .await
+    if shared.config.save_limit != 0
+        && let Err(e) = shared
+            .store
+            .prune(&shared.config.name, keep, spare_after)
+            .await
     {
         tracing::warn!("pruning old results failed: {e}");
+    }
+    if let Some(age) = shared.config.prune_older_than {
+        let before = now_us().saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX));
+        let cfg = &shared.config;
+        match shared
+            .store
+            .prune_older(
+                &cfg.name,
+                before.min(spare_after),
+                cfg.prune_failures,
+                false,
+            )
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("pruned {n} results older than {age:?}"),
+            Err(e) => tracing::warn!("pruning results older than {age:?} failed: {e}"),
+        }
     }
 }
 

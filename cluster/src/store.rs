@@ -475,6 +475,46 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Deletes (or with `dry_run` counts) the final results of `cluster` that stopped before
+    /// `before_us`: successes, and failures too with `failures`. The items of an iterator not
+    /// yet complete and the task of a schedule slot still pending are kept, as by [`Store::prune`].
+    pub async fn prune_older(
+        &self,
+        cluster: &str,
+        before_us: i64,
+        failures: bool,
+        dry_run: bool,
+    ) -> Result<u64, Error> {
+        let which = if failures { "" } else { " AND success = 1" };
+        let condition = format!(
+            "cluster = ? AND done = 1 AND stopped > 0 AND stopped < ?{which} \
+             AND NOT (grp IS NOT NULL AND SUBSTR(id, 15, 1) = '8') \
+             AND id NOT IN (SELECT last_task FROM qcluster_schedule \
+                            WHERE pending IS NOT NULL AND last_task IS NOT NULL)"
+        );
+        if dry_run {
+            let row = sqlx::query(sqlx::AssertSqlSafe(self.render(&format!(
+                "SELECT COUNT(*) FROM qcluster_task WHERE {condition}"
+            ))))
+            .bind(cluster.to_owned())
+            .bind(before_us)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.sql_err("count old results"))?;
+            let n: i64 = row.try_get(0).map_err(self.sql_err("count old results"))?;
+            return Ok(n.max(0) as u64);
+        }
+        let done = sqlx::query(sqlx::AssertSqlSafe(
+            self.render(&format!("DELETE FROM qcluster_task WHERE {condition}")),
+        ))
+        .bind(cluster.to_owned())
+        .bind(before_us)
+        .execute(&self.pool)
+        .await
+        .map_err(self.sql_err("prune old results"))?;
+        Ok(done.rows_affected())
+    }
+
     const SELECT: &str = "SELECT id, name, func, args, result, enqueued, started, stopped, \
                           success, attempts, grp, cluster, done FROM qcluster_task";
 
