@@ -106,6 +106,8 @@ pub struct Config {
     pub secret_file: Option<PathBuf>,
     /// `[store]`: where results are kept.
     pub store: StoreSection,
+    /// `[error_reporter]`: where final failures are reported.
+    pub error_reporter: ReporterSection,
     /// Broker sections (`[orm]`, `[redis]`, …), raw: each adapter reads its own. Set keys in
     /// code with [`Config::set`].
     #[serde(skip)]
@@ -195,7 +197,7 @@ pub(crate) fn mask(key: &str, value: serde_json::Value) -> serde_json::Value {
 /// `*_key` (not `*key_file`), `credentials`.
 fn secret_leaf(key: &str) -> bool {
     let leaf = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
-    ["password", "secret", "token", "credential"]
+    ["password", "secret", "token", "credential", "webhook"]
         .iter()
         .any(|w| leaf.contains(w))
         || (leaf.ends_with("key") && !leaf.ends_with("key_file"))
@@ -233,8 +235,34 @@ impl Default for Config {
             secret: None,
             secret_file: None,
             store: StoreSection::default(),
+            error_reporter: ReporterSection::default(),
             sections: Sections::default(),
             origin: Origin::default(),
+        }
+    }
+}
+
+/// `[error_reporter]`: every final failure is POSTed as JSON to `webhook` (Django Q's
+/// `error_reporter`), off the workers' path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReporterSection {
+    /// The URL to POST each report to (`http://` or `https://`); none reports nothing. Its
+    /// whole value is a secret (webhook URLs carry their token in the path): never shown.
+    pub webhook: Option<Url>,
+    /// Seconds one POST may take.
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// Further tries of a POST that failed (a connection error, or a status other than 2xx).
+    pub retries: u32,
+}
+
+impl Default for ReporterSection {
+    fn default() -> Self {
+        Self {
+            webhook: None,
+            timeout: Duration::from_secs(5),
+            retries: 3,
         }
     }
 }
@@ -364,6 +392,7 @@ fn rank(source: &str) -> u8 {
 fn sensitive(key: &str) -> bool {
     key == "config"
         || key == "store"
+        || key == "error_reporter"
         || (!key.contains('.') && !is_cluster_key(key))
         || key.ends_with("url")
         || key.ends_with("uri")

@@ -20,6 +20,7 @@ mod job;
 mod monitor;
 pub mod process;
 mod pusher;
+pub mod reporter;
 pub mod schedule;
 pub mod scheduler;
 pub mod sentinel;

@@ -208,6 +208,15 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
         batch.iter().filter(|o| o.ran.is_some()).count() as u64,
         Ordering::Relaxed,
     );
+    // Final failures, saved: reported without waiting (`[error_reporter]`).
+    if let Some(reports) = &shared.reports {
+        for r in records
+            .iter()
+            .filter(|r| !r.success && r.done && !poisoned.contains_key(&r.id))
+        {
+            reports.send(r);
+        }
+    }
 
     // What follows done tasks (hooks, next links, chain and iterator ends) is sent and saved
     // before they are acknowledged; if that fails they come back and it is done again.

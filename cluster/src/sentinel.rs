@@ -186,6 +186,13 @@ impl Cluster {
     /// `shutdown_timeout`, gives back what did not finish, saves results and returns the totals.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary, Error> {
         let config = self.config.clone();
+        let host = host_name();
+        let reporting_done = tokio_util::sync::CancellationToken::new();
+        let (reports, reporter) =
+            match crate::reporter::start(&config.error_reporter, &host, reporting_done.clone())? {
+                Some((r, h)) => (Some(r), Some(h)),
+                None => (None, None),
+            };
         let shared = Arc::new(Shared::new(
             config.clone(),
             self.broker.clone(),
@@ -193,6 +200,7 @@ impl Cluster {
             self.store.clone(),
             self.registry.clone(),
             self.counters.clone(),
+            reports,
         ));
         let started = Instant::now();
         let pool = match config.worker_mode {
@@ -212,7 +220,6 @@ impl Cluster {
             }
         };
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let host = host_name();
         let status = |state: &str, jobs: &async_channel::Sender<Job>| Status {
             id: id.clone(),
             name: config.name.clone(),
@@ -381,6 +388,11 @@ impl Cluster {
         {
             tracing::error!("results could not be saved in time; their tasks are given back");
             monitor.abort();
+        }
+        // Reports of the last failures get their chance.
+        reporting_done.cancel();
+        if let Some(r) = reporter {
+            let _ = tokio::time::timeout(crate::reporter::DRAIN + Duration::from_secs(1), r).await;
         }
         // Anything still unsettled goes back to the broker.
         // At once and within a bound: if the broker is down, leases bring them back anyway.

@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub running: AtomicUsize,
     /// The broker can extend leases (`Capabilities::extend`), read once at start.
     pub extend: bool,
+    /// Where final failures are reported (`[error_reporter]`), if anywhere.
+    pub reports: Option<crate::reporter::Reports>,
 }
 
 impl Shared {
@@ -51,6 +53,7 @@ impl Shared {
         store: Store,
         registry: Arc<Registry>,
         counters: Arc<Counters>,
+        reports: Option<crate::reporter::Reports>,
     ) -> Self {
         let room = Arc::new(tokio::sync::Semaphore::new(config.queue_limit()));
         let extend = broker.capabilities().extend;
@@ -68,6 +71,7 @@ impl Shared {
             next_seq: AtomicU64::new(0),
             running: AtomicUsize::new(0),
             extend,
+            reports,
         }
     }
 

@@ -159,3 +159,136 @@ async fn a_cluster_with_prune_older_than_prunes_by_itself() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("prune_older_than"));
 }
+
+/// A webhook for the test: records every request body, answers 500 to the first one, 200 after.
+async fn webhook() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Head, then as much body as Content-Length says.
+                let (head, body_start) = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break (String::from_utf8_lossy(&buf[..i]).into_owned(), i + 4);
+                    }
+                };
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while buf.len() < body_start + len {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = String::from_utf8_lossy(&buf[body_start..]).into_owned();
+                let first = {
+                    let mut l = log.lock().expect("log");
+                    l.push((head.lines().next().unwrap_or("").to_owned(), body));
+                    l.len() == 1
+                };
+                let status = if first {
+                    "500 Internal Server Error"
+                } else {
+                    "200 OK"
+                };
+                let _ = sock
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/hooks/secret-path-token"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_failures_are_posted_to_the_webhook_with_retries() {
+    let (url, seen) = webhook().await;
+    let mut w = World::new("reporter", None);
+    w.set("QCLUSTER_ERROR_REPORTER__WEBHOOK", &url)
+        .set("QCLUSTER_MAX_ATTEMPTS", 2)
+        .set("QCLUSTER_LOG", "info");
+    let ids = w.enqueue_lines(&[
+        r#"{"func": "fail", "args": "it broke"}"#.to_owned(),
+        r#"{"func": "echo", "args": 1}"#.to_owned(),
+    ]);
+    let log = w.dir.path().join("run.log");
+    let mut run = Guard(
+        w.cmd(&["run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("run"),
+    );
+    w.wait_done(&ids, Duration::from_secs(30)).await;
+    // The first POST is answered 500, the second (its retry, 1 s later) 200.
+    let t = Instant::now();
+    while seen.lock().expect("log").len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", seen.lock());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = seen.lock().expect("log").clone();
+    assert_eq!(
+        got.len(),
+        2,
+        "one failure, one retry, no report of the success: {got:?}"
+    );
+    assert_eq!(got[0].1, got[1].1, "the retry posts the same report");
+    assert!(
+        got[0].0.starts_with("POST /hooks/secret-path-token"),
+        "{got:?}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&got[0].1).expect("json");
+    assert_eq!(report["event"], "task_failed");
+    assert_eq!(report["id"], ids[0].to_string());
+    assert_eq!(report["func"], "fail");
+    assert_eq!(report["error"], "it broke");
+    assert_eq!(report["attempts"], 2);
+    assert_eq!(report["cluster"], w.name);
+    common::signal(&run.0, "TERM");
+    assert_eq!(
+        common::wait_exit(&mut run.0, Duration::from_secs(20)),
+        Some(0)
+    );
+    let logs = std::fs::read_to_string(&log).expect("logs");
+    assert!(logs.contains("stopped"), "{logs}");
+    assert!(
+        !logs.contains("secret-path-token"),
+        "the webhook's path in the logs"
+    );
+    // `config` hides the webhook too.
+    let shown = String::from_utf8_lossy(&w.run(&["config"]).stdout).into_owned();
+    assert!(!shown.contains("secret-path-token"), "{shown}");
+}
