@@ -276,7 +276,8 @@ async fn cpu_affinity_pins_each_child_in_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_and_leak_refuse_to_run_in_the_cluster_process() {
     let mut w = World::new("pasync", None);
-    w.set("QCLUSTER_MAX_ATTEMPTS", 1);
+    w.set("QCLUSTER_MAX_ATTEMPTS", 1)
+        .set("QCLUSTER_WORKER_MODE", "async");
     let ids = w.enqueue_lines(&[line("crash", "null"), line("leak", "1")]);
     let _guard = Guard(w.start());
     w.wait_done(&ids, Duration::from_secs(30)).await;
