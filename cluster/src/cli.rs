@@ -489,12 +489,38 @@ fn show_config(loaded: &Loaded, brokers: &Brokers, json: bool) -> Res {
     Ok(())
 }
 
+/// A spinner on stderr saying what is waited for, when stderr is a terminal (nothing when piped).
+pub(crate) fn spinner(what: String) -> Option<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let s = indicatif::ProgressBar::new_spinner();
+    s.enable_steady_tick(Duration::from_millis(120));
+    s.set_message(what);
+    Some(s)
+}
+
 async fn wait_for(store: &Store, id: TaskId, timeout: Duration) -> Res<Option<TaskRecord>> {
     let deadline = Instant::now() + timeout;
+    let spin = spinner(format!(
+        "waiting up to {timeout:?} for task {id}: no result yet"
+    ));
     loop {
         let r = store.get(id).await?;
         if r.as_ref().is_some_and(|r| r.done) || Instant::now() >= deadline {
+            if let Some(s) = spin {
+                s.finish_and_clear();
+            }
             return Ok(r);
+        }
+        if let (Some(s), Some(r)) = (&spin, &r) {
+            let state = if r.stopped_us == 0 {
+                "running".to_owned()
+            } else {
+                format!("attempt {} failed, will retry", r.attempts)
+            };
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+            s.set_message(format!("waiting for task {id}: {state} ({left} s left)"));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -806,7 +832,21 @@ async fn group(config: &Config, a: GroupArgs) -> Res {
         return Ok(());
     }
     let wait = a.wait.map(|w| secs("--wait", w)).transpose()?;
-    let records = crate::client::fetch_group(&store, &a.group, a.failures, wait, a.count).await?;
+    let spin = wait.and_then(|w| {
+        spinner(format!(
+            "waiting up to {w:?} for {} of group `{}`",
+            match a.count {
+                Some(n) => format!("{n} results"),
+                None => "a result".to_owned(),
+            },
+            a.group
+        ))
+    });
+    let records = crate::client::fetch_group(&store, &a.group, a.failures, wait, a.count).await;
+    if let Some(s) = spin {
+        s.finish_and_clear();
+    }
+    let records = records?;
     if a.out.json {
         print_json(&serde_json::Value::Array(
             records.iter().map(TaskRecord::to_json).collect(),

@@ -292,3 +292,32 @@ async fn final_failures_are_posted_to_the_webhook_with_retries() {
     let shown = String::from_utf8_lossy(&w.run(&["config"]).stdout).into_owned();
     assert!(!shown.contains("secret-path-token"), "{shown}");
 }
+
+/// On a terminal `result --wait` says what it waits for; piped, it prints nothing extra.
+/// (`script` from util-linux gives the command a terminal.)
+#[test]
+fn waiting_is_shown_on_a_terminal_only() {
+    let w = World::new("spinner", None);
+    let ids = w.enqueue_lines(&[r#"{"func": "noop"}"#.to_owned()]);
+    let id = ids[0].to_string();
+    let piped = w.run(&["result", &id, "--wait", "0.5"]);
+    assert_eq!(piped.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("waiting"));
+    let line = format!("{} result {id} --wait 0.5", common::BIN);
+    let Ok(shown) = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(w.dir.path())
+        .env("QCLUSTER_SECRET", &w.secret)
+        .env("QCLUSTER_NAME", &w.name)
+        .env("QCLUSTER_ORM__URL", &w.url)
+        .env("TERM", "xterm")
+        .output()
+    else {
+        panic!("`script` (util-linux) is missing");
+    };
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains(&format!("waiting up to 500ms for task {id}")),
+        "{text}"
+    );
+}
