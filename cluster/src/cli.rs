@@ -894,22 +894,30 @@ async fn group(config: &Config, a: GroupArgs) -> Res {
     Ok(())
 }
 
-async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
-    let broker = brokers.connect(config).await?;
-    let info = broker.info().await.map_err(Error::from)?;
-    let queued = broker.queue_size().await.map_err(Error::from)?;
-    let in_flight = broker.lock_size().await.map_err(Error::from)?;
-    let quarantined = broker.dead_letter_size().await.map_err(Error::from)?;
-    // Status lives in the broker when it can hold it, else in the result store.
-    let home = StatusHome::open(&broker, config).await?;
-    let mut clusters: Vec<Status> = home
+/// The published status of every cluster of this name, and where status lives (the broker when
+/// it can hold it, else the result store).
+pub(crate) async fn statuses(
+    broker: &Arc<dyn broker_core::Broker>,
+    config: &Config,
+) -> Result<(Vec<Status>, String), Error> {
+    let home = StatusHome::open(broker, config).await?;
+    let clusters = home
         .read(STATUS_PREFIX)
         .await?
         .iter()
         .filter_map(|v| serde_json::from_slice(v).ok())
         .filter(|s: &Status| s.name == config.name)
         .collect();
-    let status_at = home.describe();
+    Ok((clusters, home.describe()))
+}
+
+async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
+    let broker = brokers.connect(config).await?;
+    let info = broker.info().await.map_err(Error::from)?;
+    let queued = broker.queue_size().await.map_err(Error::from)?;
+    let in_flight = broker.lock_size().await.map_err(Error::from)?;
+    let quarantined = broker.dead_letter_size().await.map_err(Error::from)?;
+    let (mut clusters, status_at) = statuses(&broker, config).await?;
     clusters.sort_by(|a, b| a.host.cmp(&b.host).then(a.pid.cmp(&b.pid)));
     if json {
         print_json(&serde_json::json!({

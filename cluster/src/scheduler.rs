@@ -233,8 +233,8 @@ impl Scheduler {
         let id: TaskId =
             s.id.parse()
                 .map_err(|e| Fired::Bad(format!("id `{}` is not a UUID: {e}", s.id)))?;
-        // Checked before anything is claimed: a row that cannot make a package fires nothing.
-        package(s, id).map_err(Fired::Bad)?;
+        // Made before anything is claimed: a row that cannot make a package fires nothing.
+        let template = package(s, id).map_err(Fired::Bad)?;
         let store = &self.shared.store;
         let Some(mut expected) = s.next_run else {
             return Ok(0);
@@ -278,7 +278,8 @@ impl Scheduler {
                 // Another cluster has it.
                 break;
             }
-            let p = package(s, task).map_err(Fired::Bad)?;
+            let mut p = template.clone();
+            p.id = task;
             // A failure here leaves the slot pending: it is enqueued again after the delay.
             self.enqueue(&p).await.map_err(classify)?;
             store

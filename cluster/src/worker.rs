@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use broker_core::{AckId, now_us};
-
-use broker_core::TaskPackage;
+use broker_core::{AckId, TaskPackage, now_us};
 
 use crate::job::{Job, Outcome, Prior, Ran, execute, record};
 use crate::process::ProcessWorker;
@@ -176,6 +174,46 @@ async fn keep_until_settled(
     }
 }
 
+/// Claims the run of `job` in the store; returns the claim's start, or `None` when the job was
+/// given back (another copy runs now: it comes back once that one's timeout has passed, then as
+/// a duplicate; or the store did not answer).
+async fn claim(shared: &Shared, job: &Job, intended: Duration) -> Option<i64> {
+    let mut marker = record(
+        &job.package,
+        &Ran {
+            result: Ok(String::new()),
+            permanent: false,
+            started_us: now_us(),
+            stopped_us: 0,
+        },
+        0,
+        &shared.config.name,
+    );
+    marker.result = None;
+    // A run older than its timeout and a lease is no longer running anywhere.
+    let stale = i64::try_from((intended + shared.config.retry).as_micros()).unwrap_or(i64::MAX);
+    let wait = match shared
+        .store
+        .claim_run(&marker, marker.started_us.saturating_sub(stale))
+        .await
+    {
+        Ok(true) => return Some(marker.started_us),
+        Ok(false) => {
+            tracing::debug!("task {} runs elsewhere now; given back", job.package.id);
+            intended + Duration::from_secs(1)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "run of task {} not claimed: {e}; given back",
+                job.package.id
+            );
+            Duration::from_secs(5)
+        }
+    };
+    shared.give_back_after(job.seq, &job.ack, wait).await;
+    None
+}
+
 /// Releases the run claim (made at `claim`) of a follow-up that stopped without a result.
 async fn release(shared: &Shared, job: &Job, claim: Option<i64>) {
     if let Some(started) = claim
@@ -282,51 +320,14 @@ pub(crate) async fn run(
         }
         // A follow-up (hook, chain link, iterator item) or a schedule's slot may have been sent
         // twice; one copy runs.
-        let mut claim = None;
-        if crate::flow::runs_once(&job.package) {
-            let mut marker = record(
-                &job.package,
-                &Ran {
-                    result: Ok(String::new()),
-                    permanent: false,
-                    started_us: now_us(),
-                    stopped_us: 0,
-                },
-                0,
-                &cfg.name,
-            );
-            marker.result = None;
-            // A run older than its timeout and a lease is no longer running anywhere.
-            let stale = i64::try_from((intended + cfg.retry).as_micros()).unwrap_or(i64::MAX);
-            match shared
-                .store
-                .claim_run(&marker, marker.started_us.saturating_sub(stale))
-                .await
-            {
-                Ok(true) => claim = Some(marker.started_us),
-                Ok(false) => {
-                    // The other copy ends within its timeout; then this one is a duplicate.
-                    tracing::debug!(
-                        "task {} runs elsewhere now; this copy waits for its result",
-                        job.package.id
-                    );
-                    shared
-                        .give_back_after(job.seq, &job.ack, intended + Duration::from_secs(1))
-                        .await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "run of task {} not claimed: {e}; given back",
-                        job.package.id
-                    );
-                    shared
-                        .give_back_after(job.seq, &job.ack, Duration::from_secs(5))
-                        .await;
-                    continue;
-                }
+        let claim = if crate::flow::runs_once(&job.package) {
+            match claim(&shared, &job, intended).await {
+                Some(started) => Some(started),
+                None => continue,
             }
-        }
+        } else {
+            None
+        };
         let ran = if job.deliveries.unwrap_or(0) > attempt.saturating_add(MAX_UNRECORDED_DELIVERIES)
         {
             let now = now_us();

@@ -9,8 +9,7 @@ use clap::Args;
 use super::{Fail, Out, Res, print_json};
 use crate::broker::Brokers;
 use crate::config::Config;
-use crate::sentinel::{STATUS_PREFIX, Status};
-use crate::status::StatusHome;
+use crate::sentinel::Status;
 use crate::store::Store;
 
 /// Longest each check of `health` may take.
@@ -65,20 +64,13 @@ pub(super) async fn health(
     let mut clusters: Vec<(Status, f64)> = Vec::new();
     let mut status_error = None;
     match &broker {
-        Ok(b) => match StatusHome::open(b, config).await {
-            Ok(home) => match home.read(STATUS_PREFIX).await {
-                Ok(all) => {
-                    for v in all {
-                        if let Ok(s) = serde_json::from_slice::<Status>(&v)
-                            && s.name == config.name
-                        {
-                            let age = (now - s.heartbeat_us) as f64 / 1e6;
-                            clusters.push((s, age));
-                        }
-                    }
+        Ok(b) => match super::statuses(b, config).await {
+            Ok((all, _)) => {
+                for s in all {
+                    let age = (now - s.heartbeat_us) as f64 / 1e6;
+                    clusters.push((s, age));
                 }
-                Err(e) => status_error = Some(e.to_string()),
-            },
+            }
             Err(e) => status_error = Some(e.to_string()),
         },
         Err(_) => status_error = Some("the broker does not answer".into()),

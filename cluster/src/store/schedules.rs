@@ -240,17 +240,8 @@ impl Store {
         &self,
         cluster: &str,
     ) -> Result<Vec<Result<ScheduleRow, BadRow>>, Error> {
-        let mut rows = self
-            .schedule_rows(" ORDER BY name", &[], cluster, "list schedules")
-            .await?;
-        rows.sort_by(|a, b| {
-            let n = |r: &Result<ScheduleRow, BadRow>| match r {
-                Ok(s) => s.name.clone(),
-                Err(b) => b.name.clone(),
-            };
-            n(a).cmp(&n(b))
-        });
-        Ok(rows)
+        self.schedule_rows(" ORDER BY name", &[], cluster, "list schedules")
+            .await
     }
 
     /// Enabled schedules of `cluster` with a slot due at `now_us` and none pending, oldest
