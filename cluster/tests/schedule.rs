@@ -65,7 +65,11 @@ async fn every_second_fires_each_slot_once_across_three_clusters(b: Backend) {
     let Some(mut w) = world("sched3", b).await else {
         return;
     };
-    w.set("QCLUSTER_GUARD_CYCLE", 0.2);
+    // Short leases: a slot's task that a killed cluster held comes back within seconds (its
+    // package after `retry`, its run claim once older than timeout + retry).
+    w.set("QCLUSTER_GUARD_CYCLE", 0.2)
+        .set("QCLUSTER_TIMEOUT", 2)
+        .set("QCLUSTER_RETRY", 5);
     ok(
         &w,
         &[
