@@ -303,6 +303,28 @@ pub trait Broker: Send + Sync + fmt::Debug {
         })
     }
 
+    /// Puts dead letter `id` back in the queue as a fresh package (delivered again from its
+    /// first delivery; priority kept where the broker keeps it). `Ok(false)`: there is no dead
+    /// letter `id` (already requeued or deleted). Never loses the package: it is stored in the
+    /// queue before it leaves the dead-letter place, so a crash in between may leave it in both,
+    /// never in neither. The caller verifies the payload first; the broker does not.
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let _ = id;
+        Err(BrokerError::Unsupported {
+            broker: self.name(),
+            operation: "requeue_dead",
+        })
+    }
+
+    /// Removes dead letter `id` for good. `Ok(false)`: there is no dead letter `id`.
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let _ = id;
+        Err(BrokerError::Unsupported {
+            broker: self.name(),
+            operation: "delete_dead",
+        })
+    }
+
     /// Number of dead letters of this queue; `None` where there is no dead-letter place.
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
         Ok(None)
