@@ -153,6 +153,11 @@ impl Client {
         &self.broker
     }
 
+    /// The codec packages are signed and verified with.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
     /// The result store, if one is attached.
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()

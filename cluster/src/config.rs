@@ -108,6 +108,8 @@ pub struct Config {
     pub store: StoreSection,
     /// `[error_reporter]`: where final failures are reported.
     pub error_reporter: ReporterSection,
+    /// `[http]`: the cluster's metrics, stats, health and dashboard endpoint.
+    pub http: HttpSection,
     /// Broker sections (`[orm]`, `[redis]`, …), raw: each adapter reads its own. Set keys in
     /// code with [`Config::set`].
     #[serde(skip)]
@@ -236,6 +238,7 @@ impl Default for Config {
             secret_file: None,
             store: StoreSection::default(),
             error_reporter: ReporterSection::default(),
+            http: HttpSection::default(),
             sections: Sections::default(),
             origin: Origin::default(),
         }
@@ -255,6 +258,72 @@ pub struct ReporterSection {
     pub timeout: Duration,
     /// Further tries of a POST that failed (a connection error, or a status other than 2xx).
     pub retries: u32,
+    /// A Sentry DSN: each final failure is also sent to Sentry as an event (a secret: never
+    /// shown).
+    pub sentry_dsn: Option<Secret>,
+}
+
+/// `[http]`: what `run` serves over HTTP when `listen` is set, and what `qcluster dashboard`
+/// serves: `/metrics` (Prometheus), `/stats.json`, `/health` and the dashboard pages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// `host:port` to listen on (e.g. `127.0.0.1:9100`); unset serves nothing from `run`.
+    pub listen: Option<String>,
+    /// Bearer token (or dashboard login): required for every state change, for `/metrics` and
+    /// `/stats.json` when set, and for everything when `listen` is beyond loopback (which is
+    /// refused without one). A secret: never shown.
+    pub token: Option<Secret>,
+    /// `run` serves the dashboard pages too (not only metrics, stats and health).
+    pub dashboard: bool,
+    /// Collect per-task metrics (counters and run-time histograms by func, broker call
+    /// latency) for `/metrics`.
+    pub metrics: bool,
+}
+
+impl HttpSection {
+    /// Parses `listen` (`host:port`, `localhost` for 127.0.0.1) and refuses an address beyond
+    /// loopback without a token, or a token shorter than 16 bytes; `key` names the setting.
+    pub fn check(&self, listen: &str, key: &str) -> Result<std::net::SocketAddr, ConfigError> {
+        let addr: std::net::SocketAddr = match listen.strip_prefix("localhost:") {
+            Some(port) => format!("127.0.0.1:{port}").parse(),
+            None => listen.parse(),
+        }
+        .map_err(|_| {
+            ConfigError::new(
+                key,
+                format!("`{listen}` is not host:port (e.g. 127.0.0.1:9100)"),
+            )
+        })?;
+        match &self.token {
+            Some(t) if t.expose().len() < 16 => Err(ConfigError::new(
+                "http.token",
+                format!(
+                    "is {} bytes; it needs at least 16 (make one with `head -c 24 /dev/urandom | base64`)",
+                    t.expose().len()
+                ),
+            )),
+            None if !addr.ip().is_loopback() => Err(ConfigError::new(
+                key,
+                format!(
+                    "{addr} is beyond loopback: set http.token (QCLUSTER_HTTP__TOKEN) so that \
+                     nothing is served without it"
+                ),
+            )),
+            _ => Ok(addr),
+        }
+    }
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token: None,
+            dashboard: true,
+            metrics: true,
+        }
+    }
 }
 
 impl Default for ReporterSection {
@@ -263,6 +332,7 @@ impl Default for ReporterSection {
             webhook: None,
             timeout: Duration::from_secs(5),
             retries: 3,
+            sentry_dsn: None,
         }
     }
 }
@@ -393,6 +463,8 @@ fn sensitive(key: &str) -> bool {
     key == "config"
         || key == "store"
         || key == "error_reporter"
+        || key == "http"
+        || key.ends_with("dsn")
         || (!key.contains('.') && !is_cluster_key(key))
         || key.ends_with("url")
         || key.ends_with("uri")
@@ -858,6 +930,9 @@ impl Config {
                 "max_message_size",
                 format!("must be at most {} bytes", u32::MAX),
             );
+        }
+        if let Some(listen) = &self.http.listen {
+            self.http.check(listen, "http.listen")?;
         }
         Ok(())
     }

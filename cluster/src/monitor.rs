@@ -208,6 +208,21 @@ async fn settle(shared: &Shared, batch: Vec<Outcome>) {
         batch.iter().filter(|o| o.ran.is_some()).count() as u64,
         Ordering::Relaxed,
     );
+    if let Some(m) = &shared.metrics {
+        let retried: std::collections::HashSet<u64> =
+            retries.iter().map(|(seq, _, _)| *seq).collect();
+        m.record(batch.iter().filter_map(|o| {
+            let ran = o.ran.as_ref()?;
+            Some(crate::metrics::Finished {
+                func: &o.job.package.func,
+                success: ran.result.is_ok(),
+                retried: retried.contains(&o.job.seq),
+                run: Duration::from_micros(
+                    u64::try_from(ran.stopped_us - ran.started_us).unwrap_or(0),
+                ),
+            })
+        }));
+    }
     // Final failures, saved: reported without waiting (`[error_reporter]`).
     if let Some(reports) = &shared.reports {
         for r in records

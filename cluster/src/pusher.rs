@@ -97,6 +97,9 @@ async fn verify(shared: &Shared, seq: u64, d: Delivery, claimed: Instant) -> Opt
             let reason = format!("quarantined: {e}");
             tracing::error!("package {} {reason}", d.message_id);
             shared.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &shared.metrics {
+                m.quarantined();
+            }
             let done = if shared.broker.capabilities().dead_letter {
                 shared.broker.dead_letter(&d.ack, &reason).await
             } else {

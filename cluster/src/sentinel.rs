@@ -193,16 +193,57 @@ impl Cluster {
                 Some((r, h)) => (Some(r), Some(h)),
                 None => (None, None),
             };
-        let shared = Arc::new(Shared::new(
+        // `[http]`: bound before any role starts, so a taken port stops the start.
+        let http = match &config.http.listen {
+            Some(listen) => Some(crate::http::bind(&config, listen, "http.listen").await?),
+            None => None,
+        };
+        let metrics = (http.is_some() && config.http.metrics)
+            .then(|| Arc::new(crate::metrics::Metrics::new()));
+        let broker: Arc<dyn Broker> = match &metrics {
+            Some(m) => Arc::new(crate::metrics::Metered::new(self.broker.clone(), m.clone())),
+            None => self.broker.clone(),
+        };
+        let mut shared = Shared::new(
             config.clone(),
-            self.broker.clone(),
+            broker,
             self.codec.clone(),
             self.store.clone(),
             self.registry.clone(),
             self.counters.clone(),
             reports,
-        ));
+        );
+        shared.metrics = metrics.clone();
+        let shared = Arc::new(shared);
         let started = Instant::now();
+        let http_done = tokio_util::sync::CancellationToken::new();
+        let http_task = http.map(|(listener, addr)| {
+            tracing::info!(
+                "serving /metrics, /stats.json, /health{} on http://{addr}",
+                if config.http.dashboard {
+                    " and the dashboard"
+                } else {
+                    ""
+                }
+            );
+            let client = crate::Client::new(shared.broker.clone(), (*self.codec).clone())
+                .with_store(self.store.clone())
+                .with_name(&config.name);
+            let web = crate::http::Web::new(
+                config.clone(),
+                client,
+                self.store.clone(),
+                addr,
+                config.http.dashboard,
+                Some(crate::http::Live {
+                    shared: shared.clone(),
+                    metrics,
+                    started,
+                    host: host.clone(),
+                }),
+            );
+            tokio::spawn(crate::http::serve(listener, web, http_done.clone()))
+        });
         let pool = match config.worker_mode {
             WorkerMode::Process => Some(Pool::new(config.clone(), shared.counters.clone())),
             WorkerMode::Async => {
@@ -407,6 +448,10 @@ impl Cluster {
             tracing::error!(
                 "{n} deliveries could not all be given back; their leases bring them back"
             );
+        }
+        http_done.cancel();
+        if let Some(h) = http_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
         }
         let summary = shared.counters.summary();
         let (tx, _) = async_channel::bounded::<Job>(1);

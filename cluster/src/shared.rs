@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub extend: bool,
     /// Where final failures are reported (`[error_reporter]`), if anywhere.
     pub reports: Option<crate::reporter::Reports>,
+    /// Per-task figures for `/metrics` (`[http]` with metrics on), if collected.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ impl Shared {
             running: AtomicUsize::new(0),
             extend,
             reports,
+            metrics: None,
         }
     }
 

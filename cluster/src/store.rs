@@ -18,7 +18,10 @@ use sqlx::{AnyPool, Row};
 
 use crate::error::{Error, StoreFault};
 
+mod browse;
 mod schedules;
+
+pub use browse::{Browse, Outcome};
 pub use schedules::{BadRow, ScheduleRow};
 
 /// The SQL backend behind a store URL.
@@ -374,7 +377,7 @@ impl Store {
                 }
             }
             if ok {
-                return Ok(());
+                return self.create_browse_indexes().await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

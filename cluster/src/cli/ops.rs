@@ -1,27 +1,14 @@
 //! Operators' commands: `health` (for probes: exit 0 or 1) and `prune` (old results).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use broker_core::{Broker, now_us};
+use broker_core::now_us;
 use clap::Args;
 
 use super::{Fail, Out, Res, print_json};
 use crate::broker::Brokers;
 use crate::config::Config;
-use crate::sentinel::Status;
 use crate::store::Store;
-
-/// Longest each check of `health` may take.
-const CHECK_LIMIT: Duration = Duration::from_secs(5);
-
-/// One check's outcome: its time, or what failed.
-fn check_json(r: &Result<f64, String>) -> serde_json::Value {
-    match r {
-        Ok(ms) => serde_json::json!({ "ok": true, "ms": ms }),
-        Err(e) => serde_json::json!({ "ok": false, "error": e }),
-    }
-}
 
 /// `qcluster health`: the broker and the store answer, and a cluster of this name published
 /// its status within `max_age`.
@@ -31,93 +18,29 @@ pub(super) async fn health(
     max_age: Duration,
     json: bool,
 ) -> Res {
-    let limited = |what: &str| format!("{what}: no answer within {}s", CHECK_LIMIT.as_secs());
-    let t = Instant::now();
-    let broker: Result<Arc<dyn Broker>, String> =
-        match tokio::time::timeout(CHECK_LIMIT, brokers.connect(config)).await {
-            Ok(Ok(b)) => match tokio::time::timeout(CHECK_LIMIT, b.ping()).await {
-                Ok(Ok(())) => Ok(b),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(limited("ping")),
-            },
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(limited("connect")),
-        };
-    let broker_check = broker
-        .as_ref()
-        .map(|_| t.elapsed().as_secs_f64() * 1000.0)
-        .map_err(Clone::clone);
-    let t = Instant::now();
-    let store_check =
-        match tokio::time::timeout(CHECK_LIMIT + config.store.connect_timeout, async {
-            let s = Store::connect(&config.store_url(), config.store.connect_timeout).await?;
-            s.ping().await
-        })
-        .await
-        {
-            Ok(Ok(())) => Ok(t.elapsed().as_secs_f64() * 1000.0),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(limited("store")),
-        };
-    // Heartbeats: where the status lives (the broker, or the store when the broker cannot).
-    let now = now_us();
-    let mut clusters: Vec<(Status, f64)> = Vec::new();
-    let mut status_error = None;
-    match &broker {
-        Ok(b) => match super::statuses(b, config).await {
-            Ok((all, _)) => {
-                for s in all {
-                    let age = (now - s.heartbeat_us) as f64 / 1e6;
-                    clusters.push((s, age));
-                }
-            }
-            Err(e) => status_error = Some(e.to_string()),
-        },
-        Err(_) => status_error = Some("the broker does not answer".into()),
-    }
-    let fresh = clusters
-        .iter()
-        .filter(|(s, age)| *age <= max_age.as_secs_f64() && s.state != "stopped")
-        .count();
-    let healthy = broker_check.is_ok() && store_check.is_ok() && fresh > 0;
+    let h = crate::health::connect_and_assess(config, brokers, max_age).await;
     if json {
-        let list: Vec<serde_json::Value> = clusters
-            .iter()
-            .map(|(s, age)| {
-                serde_json::json!({
-                    "id": s.id, "host": s.host, "pid": s.pid, "state": s.state,
-                    "heartbeat_age_s": age, "fresh": *age <= max_age.as_secs_f64() && s.state != "stopped",
-                })
-            })
-            .collect();
-        print_json(&serde_json::json!({
-            "healthy": healthy,
-            "broker": check_json(&broker_check),
-            "store": check_json(&store_check),
-            "clusters": list,
-            "fresh_clusters": fresh,
-            "max_age_s": max_age.as_secs_f64(),
-            "status_error": status_error,
-        }));
+        print_json(&serde_json::to_value(&h).unwrap_or_default());
     } else {
-        let line = |what: &str, r: &Result<f64, String>| match r {
-            Ok(ms) => println!("{what:<8} ok ({ms:.1} ms)"),
-            Err(e) => println!("{what:<8} FAILED: {e}"),
+        let line = |what: &str, c: &crate::health::Check| match (&c.ms, &c.error) {
+            (Some(ms), _) => println!("{what:<8} ok ({ms:.1} ms)"),
+            (None, e) => println!("{what:<8} FAILED: {}", e.as_deref().unwrap_or("")),
         };
-        line("broker", &broker_check);
-        line("store", &store_check);
-        match &status_error {
+        line("broker", &h.broker);
+        line("store", &h.store);
+        match &h.status_error {
             Some(e) => println!("clusters unknown: {e}"),
-            None if clusters.is_empty() => println!("clusters none running"),
+            None if h.clusters.is_empty() => println!("clusters none running"),
             None => {
-                for (s, age) in &clusters {
+                for b in &h.clusters {
                     println!(
-                        "cluster  {} {}@{} pid {}: heartbeat {age:.1} s ago{}",
-                        s.state,
-                        s.label,
-                        s.host,
-                        s.pid,
-                        if *age > max_age.as_secs_f64() {
+                        "cluster  {} {}@{} pid {}: heartbeat {:.1} s ago{}",
+                        b.state,
+                        b.label,
+                        b.host,
+                        b.pid,
+                        b.age_secs,
+                        if b.age_secs > max_age.as_secs_f64() {
                             " (stale)"
                         } else {
                             ""
@@ -126,9 +49,9 @@ pub(super) async fn health(
                 }
             }
         }
-        println!("{}", if healthy { "healthy" } else { "UNHEALTHY" });
+        println!("{}", if h.healthy { "healthy" } else { "UNHEALTHY" });
     }
-    if healthy {
+    if h.healthy {
         Ok(())
     } else {
         Err(Fail::runtime(String::new()))

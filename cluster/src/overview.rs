@@ -1,0 +1,92 @@
+//! One look at a cluster name, for the dashboard and `qcluster monitor`: the running clusters,
+//! the queue, the latest failures.
+//!
+//! The promise: gathering never fails and never hangs. Each source (broker, status home, result
+//! store) is asked within a bound; what does not answer is reported as an error beside whatever
+//! did, so a view degrades instead of disappearing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_core::Broker;
+
+use crate::config::Config;
+use crate::sentinel::Status;
+use crate::store::{Browse, Outcome, Store, TaskRecord};
+
+/// Longest each source may take.
+const LIMIT: Duration = Duration::from_secs(3);
+
+/// What a view shows.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    /// Every running cluster of this name, by host then pid.
+    pub clusters: Vec<Status>,
+    /// Where status lives.
+    pub status_at: String,
+    /// Packages waiting.
+    pub waiting: Option<u64>,
+    /// Packages delivered and unsettled, where the broker tracks them.
+    pub in_flight: Option<u64>,
+    /// Dead letters, where the broker keeps them.
+    pub dead_letters: Option<u64>,
+    /// The broker's failure, if it did not answer.
+    pub broker_error: Option<String>,
+    /// The latest failed runs, newest first.
+    pub failures: Vec<TaskRecord>,
+    /// The store's failure, if it did not answer.
+    pub store_error: Option<String>,
+}
+
+async fn bounded<T, E: ToString>(f: impl Future<Output = Result<T, E>>) -> Result<T, String> {
+    match tokio::time::timeout(LIMIT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", LIMIT.as_secs())),
+    }
+}
+
+/// Gathers the view of `config.name`, with up to `failures` latest failures.
+pub async fn gather(
+    broker: &Arc<dyn Broker>,
+    store: &Store,
+    config: &Config,
+    failures: usize,
+) -> Overview {
+    let mut o = Overview::default();
+    let mut errors = Vec::new();
+    match bounded(broker.queue_size()).await {
+        Ok(n) => o.waiting = Some(n),
+        Err(e) => errors.push(e),
+    }
+    if errors.is_empty() {
+        match bounded(broker.lock_size()).await {
+            Ok(n) => o.in_flight = n,
+            Err(e) => errors.push(e),
+        }
+        match bounded(broker.dead_letter_size()).await {
+            Ok(n) => o.dead_letters = n,
+            Err(e) => errors.push(e),
+        }
+        match bounded(crate::cli::statuses(broker, config)).await {
+            Ok((mut all, at)) => {
+                all.sort_by(|a, b| a.host.cmp(&b.host).then(a.pid.cmp(&b.pid)));
+                o.clusters = all;
+                o.status_at = at;
+            }
+            Err(e) => errors.push(format!("status: {e}")),
+        }
+    }
+    o.broker_error = (!errors.is_empty()).then(|| errors.join("; "));
+    if failures > 0 {
+        let b = Browse {
+            outcome: Outcome::Failure,
+            limit: failures,
+            ..Browse::default()
+        };
+        match bounded(store.browse(&config.name, &b)).await {
+            Ok(rows) => o.failures = rows,
+            Err(e) => o.store_error = Some(e),
+        }
+    }
+    o
+}
