@@ -23,6 +23,7 @@ use crate::status::StatusHome;
 use crate::store::{Store, TaskRecord};
 use crate::{Client, EnqueueOptions, NewTask, Registry};
 
+mod monitor;
 mod ops;
 mod quickstart;
 mod schedule;
@@ -100,6 +101,19 @@ enum Command {
         max_age: f64,
         #[command(flatten)]
         out: Out,
+    },
+    /// Serve the web dashboard and /health until SIGTERM or SIGINT (state changes need
+    /// [http] token).
+    Dashboard {
+        /// Address to listen on (default: [http] listen, else 127.0.0.1:9180; port 0 picks one).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
+    /// A live view of the clusters, the queue and the latest failures (q quits).
+    Monitor {
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        every: f64,
     },
     /// Delete stored results older than a duration (successes; failures too with --failures).
     Prune(ops::PruneArgs),
@@ -404,6 +418,10 @@ async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
             ops::health(&config, &brokers, secs("--max-age", max_age)?, out.json).await
         }
         Command::Prune(a) => ops::prune(&config, a).await,
+        Command::Dashboard { listen } => ops::dashboard(&config, &brokers, listen).await,
+        Command::Monitor { every } => {
+            monitor::run(&config, &brokers, secs("--every", every)?).await
+        }
         Command::Ping { out } => ping(&config, &brokers, out.json).await,
         Command::Purge { out } => {
             let broker = brokers.connect(&config).await?;

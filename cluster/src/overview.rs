@@ -52,6 +52,23 @@ pub async fn gather(
     config: &Config,
     failures: usize,
 ) -> Overview {
+    let mut o = gather_broker(broker, config).await;
+    if failures > 0 {
+        let b = Browse {
+            outcome: Outcome::Failure,
+            limit: failures,
+            ..Browse::default()
+        };
+        match bounded(store.browse(&config.name, &b)).await {
+            Ok(rows) => o.failures = rows,
+            Err(e) => o.store_error = Some(e),
+        }
+    }
+    o
+}
+
+/// The broker's part of the view: queue figures and cluster statuses (no failures).
+pub async fn gather_broker(broker: &Arc<dyn Broker>, config: &Config) -> Overview {
     let mut o = Overview::default();
     let mut errors = Vec::new();
     match bounded(broker.queue_size()).await {
@@ -77,16 +94,5 @@ pub async fn gather(
         }
     }
     o.broker_error = (!errors.is_empty()).then(|| errors.join("; "));
-    if failures > 0 {
-        let b = Browse {
-            outcome: Outcome::Failure,
-            limit: failures,
-            ..Browse::default()
-        };
-        match bounded(store.browse(&config.name, &b)).await {
-            Ok(rows) => o.failures = rows,
-            Err(e) => o.store_error = Some(e),
-        }
-    }
     o
 }

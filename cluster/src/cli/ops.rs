@@ -122,3 +122,40 @@ pub(super) async fn prune(config: &Config, a: PruneArgs) -> Res {
     }
     Ok(())
 }
+
+/// Where `qcluster dashboard` listens without `--listen` or `[http] listen`.
+const DASHBOARD_DEFAULT: &str = "127.0.0.1:9180";
+
+/// `qcluster dashboard`: the dashboard pages and `/health` until SIGTERM or SIGINT.
+pub(super) async fn dashboard(config: &Config, brokers: &Brokers, listen: Option<String>) -> Res {
+    let (key, listen) = match listen {
+        Some(l) => ("--listen", l),
+        None => match &config.http.listen {
+            Some(l) => ("http.listen", l.clone()),
+            None => ("--listen", DASHBOARD_DEFAULT.to_owned()),
+        },
+    };
+    let (listener, addr) = crate::http::bind(config, &listen, key).await?;
+    let broker = brokers.connect(config).await?;
+    let client = crate::Client::with_broker(config, broker).await?;
+    let store = client
+        .store()
+        .cloned()
+        .ok_or_else(|| Fail::runtime("no result store"))?;
+    let web = crate::http::Web::new(
+        std::sync::Arc::new(config.clone()),
+        client,
+        store,
+        addr,
+        true,
+        None,
+    );
+    println!("dashboard of `{}` on http://{addr}/", config.name);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(crate::http::serve(listener, web, stop.clone()));
+    let signal = crate::shutdown_signal().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    signal.map_err(|e| Fail::runtime(e.to_string()))
+}
