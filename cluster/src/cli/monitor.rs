@@ -175,22 +175,23 @@ fn draw(f: &mut Frame, config: &Config, view: &View) {
     ])
     .areas(f.area());
 
-    let mut title = vec![
-        Span::styled(
-            format!(" qcluster monitor: {} ", config.name),
-            Style::new().bold().reversed(),
-        ),
-        Span::raw(format!("  {}", view.endpoint)),
-    ];
-    if let Some(p) = &view.problem {
-        let stale = view
-            .fresh_at
-            .map(|t| format!(" (figures {:.0}s old)", t.elapsed().as_secs_f64()))
-            .unwrap_or_default();
-        title.push(Span::styled(
-            format!("  {p}; retrying{stale}"),
-            Style::new().fg(Color::Red).bold(),
-        ));
+    let mut title = vec![Span::styled(
+        format!(" qcluster monitor: {} ", config.name),
+        Style::new().bold().reversed(),
+    )];
+    // A problem comes first: it must not be cut off by a long endpoint.
+    match &view.problem {
+        Some(p) => {
+            let stale = view
+                .fresh_at
+                .map(|t| format!(", figures {:.0}s old", t.elapsed().as_secs_f64()))
+                .unwrap_or_default();
+            title.push(Span::styled(
+                format!("  {p}; retrying{stale}"),
+                Style::new().fg(Color::Red).bold(),
+            ));
+        }
+        None => title.push(Span::raw(format!("  {}", view.endpoint))),
     }
     f.render_widget(Paragraph::new(Line::from(title)), top);
 
