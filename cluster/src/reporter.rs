@@ -1,5 +1,5 @@
 //! Error reporting (Django Q's `error_reporter`): every final failure is POSTed as a JSON document
-//! to `[error_reporter] webhook`.
+//! to `[error_reporter] webhook`, and sent to Sentry as an error event with `sentry_dsn`.
 //!
 //! ## The promise
 //! A report never delays a task or its settlement: the monitor hands it to a bounded queue
@@ -7,7 +7,10 @@
 //! reporter posts each within `timeout`, and tries a failed POST (no answer, or a status other
 //! than 2xx) again `retries` times, 1 s, 2 s, 4 s … apart. At shutdown the reports still queued get
 //! one try each within [`DRAIN`]. The webhook URL is a secret (its path often is the token): logs
-//! name its host only, and errors are stripped of it.
+//! name its host only, and errors are stripped of it. The Sentry DSN is a secret too (it holds
+//! the project's key); the `sentry` crate queues events on a thread of its own and retries on
+//! its own terms, and gets [`DRAIN`] to flush at shutdown. Its event carries the function, cluster
+//! and host as tags (one issue per function), the task id, arguments and attempts as extra data.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,33 +123,46 @@ pub(crate) fn start(
     host: &str,
     done: CancellationToken,
 ) -> Result<Option<(Reports, tokio::task::JoinHandle<()>)>, Error> {
-    let Some(url) = &section.webhook else {
+    if section.webhook.is_none() && section.sentry_dsn.is_none() {
         return Ok(None);
-    };
-    let bad = |m: &str| ConfigError::new("error_reporter.webhook", m.to_owned());
-    let url = reqwest::Url::parse(&url.0).map_err(|_| bad("is not a URL"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad("must be an http:// or https:// URL").into());
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad(&format!("TLS setup: {e}")))?
-    .with_root_certificates(rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    })
-    .with_no_client_auth();
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(section.timeout)
-        .user_agent(concat!("qcluster/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| bad(&format!("HTTP client: {}", e.without_url())))?;
+    let webhook = match &section.webhook {
+        Some(url) => {
+            let bad = |m: &str| ConfigError::new("error_reporter.webhook", m.to_owned());
+            let url = reqwest::Url::parse(&url.0).map_err(|_| bad("is not a URL"))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(bad("must be an http:// or https:// URL").into());
+            }
+            Some((http_client(section.timeout, "error_reporter.webhook")?, url))
+        }
+        None => None,
+    };
+    let sentry = match &section.sentry_dsn {
+        Some(dsn) => {
+            let key = "error_reporter.sentry_dsn";
+            // The DSN holds the project's key: never echoed, not even in the error.
+            let dsn: sentry::types::Dsn =
+                String::from_utf8_lossy(dsn.expose()).parse().map_err(|_| {
+                    ConfigError::new(
+                        key,
+                        "is not a Sentry DSN (https://KEY@HOST/PROJECT_ID)".to_owned(),
+                    )
+                })?;
+            let http = http_client(section.timeout, key)?;
+            let mut options = sentry::ClientOptions::default();
+            options.dsn = Some(dsn);
+            options.release = Some(concat!("qcluster@", env!("CARGO_PKG_VERSION")).into());
+            options.server_name = Some(host.to_owned().into());
+            options.shutdown_timeout = DRAIN;
+            options.transport = Some(Arc::new(Via(http)));
+            Some(Arc::new(sentry::Client::from(options)))
+        }
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(QUEUE);
     let post = Poster {
-        http,
-        url,
+        webhook,
+        sentry,
         retries: section.retries,
     };
     let handle = tokio::spawn(post.run(rx, done));
@@ -160,16 +176,80 @@ pub(crate) fn start(
     )))
 }
 
+/// An HTTP client on rustls (ring, the webpki roots) with `timeout`; `key` names the setting
+/// in errors.
+fn http_client(timeout: Duration, key: &str) -> Result<reqwest::Client, ConfigError> {
+    let bad = |m: String| ConfigError::new(key, m);
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(format!("TLS setup: {e}")))?
+    .with_root_certificates(rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    })
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(timeout)
+        .user_agent(concat!("qcluster/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| bad(format!("HTTP client: {}", e.without_url())))
+}
+
+/// Sentry's transport on our HTTP client.
+struct Via(reqwest::Client);
+
+impl sentry::TransportFactory for Via {
+    fn create_transport_with_options(
+        &self,
+        options: sentry::TransportOptions,
+    ) -> Arc<dyn sentry::Transport> {
+        Arc::new(
+            sentry::transports::ReqwestHttpTransportOptions::from(options)
+                .with_client(self.0.clone())
+                .build(),
+        )
+    }
+}
+
+/// The Sentry event of a final failure.
+fn sentry_event(r: &Report) -> sentry::protocol::Event<'static> {
+    let mut e = sentry::protocol::Event {
+        level: sentry::Level::Error,
+        message: Some(format!("task {} failed: {}", r.func, r.error)),
+        logger: Some("qcluster".into()),
+        server_name: Some(r.host.clone().into()),
+        // One issue per function, whatever the message.
+        fingerprint: vec!["qcluster-task-failed".into(), r.func.clone().into()].into(),
+        ..Default::default()
+    };
+    e.tags.insert("func".into(), r.func.clone());
+    e.tags.insert("cluster".into(), r.cluster.clone());
+    if let Some(g) = &r.group {
+        e.tags.insert("group".into(), g.clone());
+    }
+    e.extra.insert("task_id".into(), r.id.clone().into());
+    e.extra.insert("args".into(), r.args.clone());
+    e.extra.insert("attempts".into(), r.attempts.into());
+    e.extra.insert("started".into(), r.started.clone().into());
+    e.extra.insert("stopped".into(), r.stopped.clone().into());
+    e
+}
+
 struct Poster {
-    http: reqwest::Client,
-    url: reqwest::Url,
+    webhook: Option<(reqwest::Client, reqwest::Url)>,
+    sentry: Option<Arc<sentry::Client>>,
     retries: u32,
 }
 
 impl Poster {
-    /// One POST: `Ok` on a 2xx answer.
+    /// One POST: `Ok` on a 2xx answer (or no webhook).
     async fn post(&self, r: &Report) -> Result<(), String> {
-        match self.http.post(self.url.clone()).json(r).send().await {
+        let Some((http, url)) = &self.webhook else {
+            return Ok(());
+        };
+        match http.post(url.clone()).json(r).send().await {
             Ok(a) if a.status().is_success() => Ok(()),
             Ok(a) => Err(format!("answered {}", a.status())),
             Err(e) => Err(e.without_url().to_string()),
@@ -178,6 +258,14 @@ impl Poster {
 
     /// Posts `r`, with `tries` tries, `pause` doubling in between unless `done` is cancelled.
     async fn deliver(&self, r: &Report, tries: u32, done: &CancellationToken) {
+        if let Some(client) = &self.sentry {
+            // Queued on the sentry client's own thread: never waits for the network.
+            let hub = sentry::Hub::new(Some(client.clone()), Arc::new(sentry::Scope::default()));
+            hub.capture_event(sentry_event(r));
+        }
+        let Some((_, url)) = &self.webhook else {
+            return;
+        };
         let mut pause = Duration::from_secs(1);
         for n in 1..=tries {
             match self.post(r).await {
@@ -185,7 +273,7 @@ impl Poster {
                 Err(e) if n == tries => tracing::warn!(
                     "error reporter: report of task {} not delivered to {} after {n} tries: {e}",
                     r.id,
-                    where_to(&self.url)
+                    where_to(url)
                 ),
                 Err(e) => {
                     tracing::debug!("error reporter: {e}; trying again in {pause:?}");
@@ -217,6 +305,15 @@ impl Poster {
         };
         if tokio::time::timeout(DRAIN, left).await.is_err() {
             tracing::warn!("error reporter: reports still queued at shutdown were dropped");
+        }
+        if let Some(client) = self.sentry {
+            // Flushes what the sentry client still holds, within its shutdown timeout.
+            let closed = tokio::task::spawn_blocking(move || client.close(Some(DRAIN))).await;
+            if !matches!(closed, Ok(true)) {
+                tracing::warn!(
+                    "error reporter: Sentry events still queued at shutdown were dropped"
+                );
+            }
         }
     }
 }

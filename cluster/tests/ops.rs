@@ -165,6 +165,17 @@ async fn webhook() -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 ) {
+    recorder(true).await
+}
+
+/// An HTTP server recording (request line, body) of every request; answers 500 to the first
+/// when `fail_first`, else 200.
+async fn recorder(
+    fail_first: bool,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -213,7 +224,7 @@ async fn webhook() -> (
                     l.push((head.lines().next().unwrap_or("").to_owned(), body));
                     l.len() == 1
                 };
-                let status = if first {
+                let status = if first && fail_first {
                     "500 Internal Server Error"
                 } else {
                     "200 OK"
@@ -319,5 +330,92 @@ fn waiting_is_shown_on_a_terminal_only() {
     assert!(
         text.contains(&format!("waiting up to 500ms for task {id}")),
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_failures_go_to_sentry_with_the_dsn_kept_secret() {
+    let (url, seen) = recorder(false).await;
+    // http://KEY@HOST/PROJECT: the recorder plays Sentry's ingest endpoint.
+    let addr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .expect("addr")
+        .to_owned();
+    let dsn = format!("http://sentrykeysecret0123@{addr}/42");
+    let mut w = World::new("sentry", None);
+    w.set("QCLUSTER_ERROR_REPORTER__SENTRY_DSN", &dsn)
+        .set("QCLUSTER_MAX_ATTEMPTS", 1)
+        .set("QCLUSTER_LOG", "debug");
+    let ids = w.enqueue_lines(&[
+        r#"{"func": "fail", "args": "sensor offline"}"#.to_owned(),
+        r#"{"func": "echo", "args": 1}"#.to_owned(),
+    ]);
+    let log = w.dir.path().join("run.log");
+    let mut run = Guard(
+        w.cmd(&["run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("run"),
+    );
+    w.wait_done(&ids, Duration::from_secs(30)).await;
+    let t = Instant::now();
+    while seen.lock().expect("log").is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "nothing reached Sentry"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    common::signal(&run.0, "TERM");
+    assert_eq!(
+        common::wait_exit(&mut run.0, Duration::from_secs(20)),
+        Some(0)
+    );
+    let got = seen.lock().expect("log").clone();
+    assert_eq!(got.len(), 1, "one final failure, one event: {got:?}");
+    assert!(got[0].0.starts_with("POST /api/42/envelope/"), "{got:?}");
+    let body = &got[0].1;
+    let event: serde_json::Value = body
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("message").is_some() || v.get("logentry").is_some())
+        .unwrap_or_else(|| panic!("no event in the envelope: {body}"));
+    let text = event.to_string();
+    assert!(text.contains("task fail failed: sensor offline"), "{text}");
+    assert_eq!(event["tags"]["func"], "fail", "{text}");
+    assert_eq!(event["tags"]["cluster"], w.name.as_str(), "{text}");
+    assert_eq!(event["extra"]["task_id"], ids[0].to_string(), "{text}");
+    // Sentry leaves out the level when it is the default, error.
+    assert!(
+        matches!(
+            event.get("level"),
+            None | Some(serde_json::Value::String(_))
+        ),
+        "{text}"
+    );
+    assert_ne!(event["level"], "warning", "{text}");
+    // The DSN's key appears in no log line and not in `config`.
+    let logs = std::fs::read_to_string(&log).expect("logs");
+    assert!(!logs.contains("sentrykeysecret0123"), "{logs}");
+    let shown = String::from_utf8_lossy(&w.run(&["config"]).stdout).into_owned();
+    assert!(shown.contains("sentry_dsn"), "{shown}");
+    assert!(!shown.contains("sentrykeysecret0123"), "{shown}");
+    // A DSN that is not one is refused at start, without echoing it.
+    let out = w
+        .cmd(&["run"])
+        .env(
+            "QCLUSTER_ERROR_REPORTER__SENTRY_DSN",
+            "not-a-dsn-secretvalue",
+        )
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error_reporter.sentry_dsn") && !err.contains("secretvalue"),
+        "{err}"
     );
 }
