@@ -21,6 +21,9 @@
 //! `worker_mode = "async"` and `"process"`, on `noop` and on a task that blocks for 1 ms, and
 //! prints tasks/s for both and the cost of the process hop per task (per worker: the difference
 //! of `workers / rate` between the two modes).
+//! `metrics` (in the default list) runs the memory-broker cluster with `[http]` metrics off and
+//! on, three times each, alternating, and prints the best rate of each and their ratio: what
+//! collecting `/metrics` costs on the cluster's own ceiling, where it weighs most.
 //! Env: `BENCH_N` (default 20000), `QCLUSTER_TEST_POSTGRES_URL`.
 
 use std::sync::atomic::Ordering;
@@ -75,10 +78,12 @@ async fn bench() {
             "sqlite".into(),
             "postgres".into(),
             "modes".into(),
+            "metrics".into(),
         ];
     }
     let modes = wanted.iter().any(|w| w == "modes");
-    wanted.retain(|w| w != "modes");
+    let metrics = wanted.iter().any(|w| w == "metrics");
+    wanted.retain(|w| w != "modes" && w != "metrics");
     let dir = tempfile::tempdir().expect("temp dir");
     println!("qcluster end-to-end bench: N = {n} noop tasks, {WORKERS} workers, default settings");
     println!(
@@ -122,6 +127,9 @@ async fn bench() {
     }
     if modes {
         worker_modes(dir.path(), n).await;
+    }
+    if metrics {
+        metrics_cost(dir.path(), n).await;
     }
     match idle_rss(dir.path()) {
         Ok(kib) => println!(
@@ -289,7 +297,7 @@ async fn worker_modes(dir: &std::path::Path, n: usize) {
             .into_iter()
             .enumerate()
         {
-            match run_mode(dir, mode, func, count).await {
+            match run_mode(dir, mode, func, count, false).await {
                 Ok(r) => rates[i] = r,
                 Err(e) => {
                     println!("{func:<10} {mode} skipped: {e}");
@@ -306,18 +314,53 @@ async fn worker_modes(dir: &std::path::Path, n: usize) {
     }
 }
 
-/// Tasks/s of `count` `func` tasks from a backlog on the memory broker in `mode`.
+/// The cost of `[http]` metrics: the memory-broker cluster with them off and on.
+async fn metrics_cost(dir: &std::path::Path, n: usize) {
+    println!();
+    println!("metrics (memory broker, {WORKERS} workers, noop, N = {n}; best of 3 each, alternating)");
+    let mut best = [0.0f64; 2];
+    for _ in 0..3 {
+        for (i, on) in [false, true].into_iter().enumerate() {
+            match run_mode(dir, WorkerMode::Async, "noop", n, on).await {
+                Ok(r) => best[i] = best[i].max(r),
+                Err(e) => {
+                    println!("metrics {}: skipped: {e}", if on { "on" } else { "off" });
+                    return;
+                }
+            }
+        }
+    }
+    let [off, on] = best;
+    println!(
+        "{:>12} {:>12} {:>8} {:>10}",
+        "off tasks/s", "on tasks/s", "ratio", "cost"
+    );
+    println!(
+        "{off:>12.0} {on:>12.0} {:>7.1}% {:>9.1}%",
+        100.0 * on / off,
+        100.0 * (1.0 - on / off)
+    );
+}
+
+/// Tasks/s of `count` `func` tasks from a backlog on the memory broker in `mode` (with `[http]`
+/// metrics collected when `metrics`).
 async fn run_mode(
     dir: &std::path::Path,
     mode: WorkerMode,
     func: &str,
     count: usize,
+    metrics: bool,
 ) -> Result<f64, String> {
     let tag = &uuid::Uuid::now_v7().simple().to_string()[16..];
     let name = format!("modes_{tag}");
     let mut cfg = config("memory", &name);
     cfg.broker = "memory".into();
     cfg.worker_mode = mode;
+    if metrics {
+        cfg.http.listen = Some("127.0.0.1:0".into());
+        cfg.http.metrics = true;
+        cfg.http.dashboard = false;
+    }
     cfg.store.url = Some(Url(format!(
         "sqlite://{}/modes-{tag}.sqlite3",
         dir.display()
