@@ -14,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod counters;
+pub mod dead;
 mod error;
 pub mod flow;
 mod job;
