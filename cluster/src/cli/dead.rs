@@ -9,7 +9,6 @@ use crate::broker::Brokers;
 use crate::client::codec_from;
 use crate::config::Config;
 use crate::dead::{self, Requeue};
-use crate::error::Error;
 use crate::store::rfc3339;
 
 #[derive(Debug, Subcommand)]
@@ -160,7 +159,7 @@ async fn delete(config: &Config, brokers: &Brokers, t: Target) -> Res {
         return Ok(());
     };
     let id = MessageId(id);
-    let deleted = dead::delete(&*broker, &id).await.map_err(Error::from)?;
+    let deleted = dead::delete(&*broker, &id).await?;
     if t.out.json {
         print_json(&serde_json::json!({ "message_id": id.to_string(), "deleted": deleted }));
     } else if deleted {
