@@ -1570,14 +1570,14 @@ impl Broker for AmqpBroker {
         result.map(|()| out)
     }
 
-    /// Scans `<queue>.dead` for `id` (see [`Inner::settle_dead`]), publishes the package to
+    /// Scans `<queue>.dead` for `id` (see the module docs), publishes the package to
     /// `<queue>` as a fresh message (a new `message_id`, confirmed) and only then acknowledges
     /// the dead letter.
     async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
         self.inner.settle_dead(id, true).await
     }
 
-    /// Scans `<queue>.dead` for `id` (see [`Inner::settle_dead`]) and acknowledges it.
+    /// Scans `<queue>.dead` for `id` (see the module docs) and acknowledges it.
     async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
         self.inner.settle_dead(id, false).await
     }
