@@ -9,6 +9,13 @@
 //!   with the headers `x-qcluster-reason` and `x-qcluster-dead-at-us`;
 //! - `Q.delay.<ms>`: holding queues of delayed packages, one per delay (see below).
 //!
+//! `requeue_dead` and `delete_dead` **scan `Q.dead`** for the id (AMQP cannot fetch a message
+//! by id): `basic.get` one message at a time on a channel of their own, holding those passed over
+//! unacknowledged until the search ends and closing the channel then, which puts them back at
+//! once (their order in `Q.dead` may change). The cost is one round trip per dead letter before
+//! the one wanted. `requeue_dead` publishes the package to `Q` as a fresh message (a new
+//! `message_id`, confirmed) before it acknowledges the dead letter.
+//!
 //! # Delays
 //!
 //! A package enqueued with `Message::delay`, or given back with `fail_after(delay)`, is
@@ -108,6 +115,8 @@ pub const SERVER_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
 pub const MAX_BULK: usize = 10_000;
 /// RabbitMQ's default `consumer_timeout` (3.10): an `extend` beyond it does not hold.
 pub const SERVER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Most dead letters `requeue_dead` / `delete_dead` look through for one id.
+const MAX_DEAD_SCAN: usize = 100_000;
 /// How long a `dequeue` that has part of a batch waits for the rest to arrive.
 const LINGER: Duration = Duration::from_millis(5);
 const REASON_HEADER: &str = "x-qcluster-reason";
@@ -943,6 +952,73 @@ impl Inner {
         }
     }
 
+    /// Finds dead letter `id` with `basic.get` on a channel of its own (at most
+    /// [`MAX_DEAD_SCAN`] messages); those passed over stay unacknowledged on that channel until
+    /// the search ends, then closing it puts them all back at once. With `requeue`, the one
+    /// found is first published to the queue as a fresh package (confirmed); then it is
+    /// acknowledged, which removes it from the dead letters. A failure before the acknowledge
+    /// leaves it a dead letter (perhaps also requeued: in both places, never in neither).
+    async fn settle_dead(
+        self: &Arc<Self>,
+        id: &MessageId,
+        requeue: bool,
+    ) -> Result<bool, BrokerError> {
+        let conn = self.conn().await?;
+        let ch = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.err("open channel", &e))?;
+        let mut total = None;
+        let result = async {
+            for _ in 0..MAX_DEAD_SCAN {
+                let got = ch
+                    .basic_get(self.dead.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(|e| self.err("basic.get", &e))?;
+                let Some(m) = got else {
+                    return Ok(false);
+                };
+                total.get_or_insert(u64::from(m.message_count) + 1);
+                let d = m.delivery;
+                let mine = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .is_some_and(|s| s.as_str() == id.0);
+                if !mine {
+                    continue; // held by this channel until it closes
+                }
+                if requeue {
+                    let fresh = uuid::Uuid::now_v7().simple().to_string();
+                    let props = self.props(&Message::new(Vec::new()), &fresh);
+                    self.publish_all(&conn, vec![(Target::Main, d.data, props)])
+                        .await?;
+                    info!(queue = %self.settings.queue, message_id = %id, new_id = %fresh, "amqp: dead letter requeued");
+                }
+                ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: false })
+                    .await
+                    .map_err(|e| self.err("basic.ack", &e))?;
+                return Ok(true);
+            }
+            Ok(false)
+        }
+        .await;
+        // Closing the channel puts back every dead letter it passed over; wait (briefly) until
+        // the server counts them again, as `dead_letters` does.
+        let _ = ch.close(200, "searched".into()).await;
+        if let Some(total) = total {
+            let want = total - u64::from(matches!(result, Ok(true)));
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until
+                && self.declare_one(&conn, false).await.unwrap_or(want) < want
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        result
+    }
+
     /// Takes up to `bulk` buffered deliveries and leases them.
     fn take(&self, generation: u64) -> Vec<Delivery> {
         let mut st = self.lock();
@@ -1494,6 +1570,18 @@ impl Broker for AmqpBroker {
         result.map(|()| out)
     }
 
+    /// Scans `<queue>.dead` for `id` (see the module docs), publishes the package to
+    /// `<queue>` as a fresh message (a new `message_id`, confirmed) and only then acknowledges
+    /// the dead letter.
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        self.inner.settle_dead(id, true).await
+    }
+
+    /// Scans `<queue>.dead` for `id` (see the module docs) and acknowledges it.
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        self.inner.settle_dead(id, false).await
+    }
+
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
         let i = &self.inner;
         let conn = i.conn().await?;
@@ -1720,6 +1808,10 @@ impl Broker for AmqpBroker {
                 ),
                 "enqueue returns after the publisher confirm; messages are persistent in a \
                  durable queue"
+                    .into(),
+                "requeue_dead and delete_dead scan <queue>.dead with basic.get (one round trip \
+                 per dead letter before the one wanted; those passed over are put back when the \
+                 search ends)"
                     .into(),
                 "in-flight packages are not counted: AMQP does not tell how many deliveries \
                  consumers hold unacknowledged (the management API would); queue_size counts \

@@ -58,6 +58,12 @@
 //!   concurrent `enqueue` and is dropped at varying points (timeouts of a few milliseconds,
 //!   after a few polls). Every package enqueued must still be delivered: at once, or after its
 //!   lease when a dropped future had claimed it; and none is delivered again once acknowledged.
+//! - **`requeue_and_delete_dead`** (needs a dead-letter place): two packages are dead-lettered;
+//!   [`Broker::requeue_dead`] of one answers `true`, and it is delivered again with the same
+//!   bytes (as a first delivery, where the broker counts) and no longer listed;
+//!   [`Broker::delete_dead`] of the other answers `true`, and it is gone from
+//!   [`Broker::dead_letters`] and [`Broker::dead_letter_size`]; both operations on an unknown,
+//!   already requeued or already deleted id answer `false`.
 //! - **`extend_keeps_the_lease`**: where [`Capabilities::extend`] holds, a package whose lease
 //!   handle A extends (`extend(ack, 2 × retry)`, twice) is not delivered to handle B after the
 //!   original lease, nor after the first extension, would have run out; A's `acknowledge` then
@@ -86,7 +92,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{Broker, BrokerError, Delivery, Message, QueueSettings};
+use crate::{Broker, BrokerError, Delivery, Message, MessageId, QueueSettings};
 
 /// What a factory returns.
 pub type BrokerFuture = Pin<Box<dyn Future<Output = Result<Arc<dyn Broker>, BrokerError>> + Send>>;
@@ -151,6 +157,7 @@ pub const CHECKS: &[&str] = &[
     "priority",
     "delay",
     "dead_letter",
+    "requeue_and_delete_dead",
     "stats",
     "concurrent_dequeue_one_handle",
     "dropped_dequeue_loses_nothing",
@@ -288,6 +295,7 @@ impl Kit {
             "priority" => self.priority().await,
             "delay" => self.delay().await,
             "dead_letter" => self.dead_letter().await,
+            "requeue_and_delete_dead" => self.requeue_and_delete_dead().await,
             "stats" => self.stats().await,
             "concurrent_dequeue_one_handle" => self.concurrent_dequeue_one_handle().await,
             "dropped_dequeue_loses_nothing" => self.dropped_dequeue().await,
@@ -1058,6 +1066,107 @@ impl Kit {
             return Err("delete_queue left dead letters behind".into());
         }
         Ok(Outcome::Passed)
+    }
+
+    /// Two dead letters: one requeued (delivered again, same bytes, no longer listed), one
+    /// deleted (gone from the list and the size); unknown and already-handled ids answer `false`.
+    async fn requeue_and_delete_dead(&self) -> CheckResult {
+        let b = self.open(self.settings("redead")).await?;
+        if !b.capabilities().dead_letter {
+            return Ok(Outcome::Skipped(
+                "broker declares no dead-letter place".into(),
+            ));
+        }
+        b.enqueue(Message::new(payload(1)))
+            .await
+            .map_err(err("enqueue"))?;
+        b.enqueue(Message::new(payload(2)))
+            .await
+            .map_err(err("enqueue"))?;
+        let got = drain(&*b, 2, Duration::from_secs(10)).await?;
+        for d in &got {
+            b.dead_letter(&d.ack, "given up")
+                .await
+                .map_err(err("dead_letter"))?;
+        }
+        let dead = b.dead_letters(10).await.map_err(err("dead_letters"))?;
+        if dead.len() != 2 {
+            return Err(format!(
+                "dead_letters lists {} packages, expected 2",
+                dead.len()
+            ));
+        }
+        let find = |p: &[u8]| dead.iter().find(|d| d.payload == p).cloned();
+        let (Some(back), Some(gone)) = (find(&got[0].payload), find(&got[1].payload)) else {
+            return Err("dead_letters does not list both packages byte for byte".into());
+        };
+
+        if !b
+            .requeue_dead(&back.message_id)
+            .await
+            .map_err(err("requeue_dead"))?
+        {
+            return Err(format!("requeue_dead({}) answered false", back.message_id));
+        }
+        let again = drain(&*b, 1, Duration::from_secs(10)).await?;
+        if again[0].payload != back.payload {
+            return Err("the requeued package came back with other bytes".into());
+        }
+        if let Some(n) = again[0].deliveries
+            && n != 1
+        {
+            return Err(format!(
+                "the requeued package counts {n} deliveries, expected a fresh first delivery"
+            ));
+        }
+        ack_all(&*b, &again).await?;
+        let dead = b.dead_letters(10).await.map_err(err("dead_letters"))?;
+        if dead.len() != 1 || dead[0].message_id != gone.message_id {
+            return Err(format!(
+                "after requeue dead_letters lists {:?}, expected only {}",
+                dead.iter().map(|d| &d.message_id).collect::<Vec<_>>(),
+                gone.message_id
+            ));
+        }
+
+        if !b
+            .delete_dead(&gone.message_id)
+            .await
+            .map_err(err("delete_dead"))?
+        {
+            return Err(format!("delete_dead({}) answered false", gone.message_id));
+        }
+        let dead = b.dead_letters(10).await.map_err(err("dead_letters"))?;
+        if !dead.is_empty() {
+            return Err(format!("after delete dead_letters lists {dead:?}"));
+        }
+        let size = b
+            .dead_letter_size()
+            .await
+            .map_err(err("dead_letter_size"))?;
+        if size != Some(0) {
+            return Err(format!(
+                "after delete dead_letter_size is {size:?}, expected 0"
+            ));
+        }
+
+        let unknown = MessageId(format!("{}-no-such-dead-letter", self.prefix));
+        for (what, id) in [
+            ("an already requeued", &back.message_id),
+            ("an already deleted", &gone.message_id),
+            ("an unknown", &unknown),
+        ] {
+            if b.requeue_dead(id).await.map_err(err("requeue_dead"))? {
+                return Err(format!("requeue_dead of {what} id ({id}) answered true"));
+            }
+            if b.delete_dead(id).await.map_err(err("delete_dead"))? {
+                return Err(format!("delete_dead of {what} id ({id}) answered true"));
+            }
+        }
+        if !b.dequeue().await.map_err(err("dequeue"))?.is_empty() {
+            return Err("a package came back after requeue/delete of handled ids".into());
+        }
+        expect_empty(&*b).await
     }
 
     async fn stats(&self) -> CheckResult {

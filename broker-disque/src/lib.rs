@@ -17,6 +17,13 @@
 //! `ttl` below 4 × the retry it sends (or above 10 years, where Disque's 32-bit expiry wraps);
 //! sizing it for the longest backlog and dead-letter retention is the operator's job.
 //!
+//! `requeue_dead` and `delete_dead` **scan the dead letters** for the id (`QPEEK <queue>:dead`
+//! on every known node, up to 100,000 per node: Disque cannot find a job by a field of its
+//! body); `requeue_dead` adds the package to the queue as a new job (synchronous replication,
+//! first delivery again) before it acknowledges the dead-letter job (`ACKJOB`, cluster-wide), so
+//! a crash in between leaves it in both places. Disque has no compare-and-set, so two concurrent
+//! requeues of one id may both add it.
+//!
 //! What Disque imposes, and what this adapter does about it:
 //! - **Whole seconds.** `RETRY` is whole seconds and Disque adds up to ±0.25 s of jitter, so the
 //!   adapter sends `ceil(retry + 0.25 s)`: a lease lasts at least `retry`, at most about
@@ -85,6 +92,8 @@ pub const MAX_MESSAGE_SIZE: usize = 512 * 1024 * 1024 - 64 * 1024;
 const MAX_REASON: usize = 4096;
 /// Disque's jitter on requeue times is below this (±250 ms, `DISQUE_TIME_ERR / 2`).
 const JITTER: Duration = Duration::from_millis(250);
+/// Most dead letters per node `requeue_dead` / `delete_dead` look through (`QPEEK`) for one id.
+const MAX_DEAD_SCAN: usize = 100_000;
 /// Jobs read per `JSCAN` / `QPEEK` round.
 const SCAN_BATCH: usize = 1000;
 /// Longest `disque.ttl`: Disque keeps a job's expiry as 32-bit Unix seconds, so a TTL that
@@ -825,6 +834,20 @@ impl DisqueBroker {
         Ok(out)
     }
 
+    /// The dead-letter job listed as `id` (the original job id of the frame, or the dead-letter
+    /// job's own id for a body that is not a frame), with its dead letter.
+    async fn find_dead(
+        &self,
+        id: &MessageId,
+        op: &'static str,
+    ) -> Result<Option<(String, DeadLetter)>, BrokerError> {
+        Ok(self
+            .dead_jobs(op, MAX_DEAD_SCAN)
+            .await?
+            .into_iter()
+            .find(|(job, d)| d.message_id == *id || job == &id.0))
+    }
+
     /// Cluster-wide (waiting incl. delayed, in flight) of the queue: `JSCAN` on every node; a
     /// job queued (or delayed) on any node is waiting, an active one queued nowhere is in flight.
     async fn cluster_counts(&self, op: &'static str) -> Result<(u64, u64), BrokerError> {
@@ -1199,6 +1222,40 @@ impl Broker for DisqueBroker {
         Ok(all.into_iter().map(|(_, d)| d).collect())
     }
 
+    /// Finds the dead letter (`QPEEK` of `<queue>:dead` on every known node, up to
+    /// [`MAX_DEAD_SCAN`] per node), adds the package to the queue as a new job (replicated
+    /// synchronously: a new job id, first delivery again), and only once `ADDJOB` answered
+    /// acknowledges the dead-letter job, which removes it cluster-wide. Disque has no
+    /// compare-and-set: two concurrent requeues of one id may both add it (a duplicate, never a
+    /// loss).
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Some((job, d)) = self.find_dead(id, "requeue_dead").await? else {
+            return Ok(false);
+        };
+        let added: String = self
+            .cmd(
+                "requeue_dead",
+                &self.addjob(&self.inner.settings.queue, &d.payload, None, true)?,
+            )
+            .await?;
+        let _: Value = self
+            .cmd("requeue_dead", redis::cmd("ACKJOB").arg(&job))
+            .await?;
+        tracing::info!(message_id = %id, dead_job = %job, new_job = %added, "disque: dead letter requeued");
+        Ok(true)
+    }
+
+    /// Finds the dead letter like `requeue_dead` and acknowledges its job (`ACKJOB`).
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Some((job, _)) = self.find_dead(id, "delete_dead").await? else {
+            return Ok(false);
+        };
+        let _: Value = self
+            .cmd("delete_dead", redis::cmd("ACKJOB").arg(&job))
+            .await?;
+        Ok(true)
+    }
+
     /// The dead letters queued on any known node.
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
         if self.single_node().await? {
@@ -1415,6 +1472,8 @@ impl Broker for DisqueBroker {
                 i.config.ttl
             ),
             "an enqueue retried on another node after a lost reply may store the package twice"
+                .to_owned(),
+            "requeue_dead and delete_dead scan <queue>:dead (QPEEK on every node) for the id"
                 .to_owned(),
         ];
         notes.push(if single {

@@ -6,6 +6,14 @@
 //! body (IronMQ carries text only). Dead letters are JSON envelopes (reason, deliveries, time,
 //! original id, body) since IronMQ messages have no attributes.
 //!
+//! `requeue_dead` and `delete_dead` **scan `<queue>--dead`** for the id (IronMQ finds messages
+//! by their own id only, and a dead letter is listed by its original one): they reserve it 100
+//! messages at a time (30 s reservations) until the id shows, the queue has none left, or 10,000
+//! were seen, then release every message passed over at once (one release call each: the cost
+//! grows with the dead letters before the one wanted). `requeue_dead` posts the package to the
+//! queue as a new message before it deletes the dead letter, so a crash in between leaves it in
+//! both places, never in neither.
+//!
 //! The promise: a delivered package is reserved for `retry` (IronMQ's reservation `timeout`)
 //! and delivered again unless acknowledged; `fail` releases it at once (`fail_after` with a
 //! delay); nothing is dropped silently. IronMQ itself refuses a stale reservation (403/404),
@@ -57,6 +65,11 @@ const DEAD_HEADROOM: usize = 2048;
 const MAX_REASON: usize = 256;
 /// Longest long poll IronMQ allows, in seconds.
 const MAX_WAIT_SECS: u64 = 30;
+/// Most dead letters `requeue_dead` / `delete_dead` look through for one id.
+const MAX_DEAD_SCAN: usize = 10_000;
+/// Reservation timeout of the dead letters reserved while searching (IronMQ's minimum), in
+/// seconds: how long they stay hidden if this process dies before releasing them.
+const SCAN_TIMEOUT_SECS: u64 = 30;
 /// Suffix of the dead-letter queue's name.
 const DEAD_SUFFIX: &str = "--dead";
 /// Marker field of a dead-letter envelope.
@@ -814,6 +827,131 @@ impl IronMqBroker {
         .await
     }
 
+    /// Finds dead letter `id` (the original message id of a qcluster envelope, else the
+    /// dead-letter message's own id) by reserving `<queue>--dead` 100 messages at a time (for
+    /// [`SCAN_TIMEOUT_SECS`]) until it shows, the queue has none left, or [`MAX_DEAD_SCAN`] were
+    /// seen. Every message passed over is released again as soon as the search ends; the one
+    /// found stays reserved. Returns its own id, reservation id and the package's body text.
+    async fn find_dead(
+        &self,
+        id: &MessageId,
+        op: &'static str,
+    ) -> Result<Option<(String, String, String)>, BrokerError> {
+        let dead = self.inner.dead.clone();
+        let mut passed: Vec<(String, String)> = Vec::new();
+        let mut found = None;
+        let mut failure = None;
+        while found.is_none() && passed.len() < MAX_DEAD_SCAN {
+            let body =
+                json!({ "n": MAX_BULK, "timeout": SCAN_TIMEOUT_SECS, "wait": 0, "delete": false });
+            let a = match self
+                .call(
+                    op,
+                    Method::POST,
+                    self.url(&dead, &["reservations"]),
+                    Some(&body),
+                    Duration::ZERO,
+                )
+                .await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            if a.status == StatusCode::NOT_FOUND {
+                break;
+            }
+            if !a.ok() {
+                failure = Some(self.unexpected(op, &a));
+                break;
+            }
+            let Some(listed) = a.body.get("messages").and_then(Value::as_array) else {
+                failure = Some(self.malformed(op, "a messages list", &a));
+                break;
+            };
+            if listed.is_empty() {
+                break;
+            }
+            for m in listed {
+                let (Some(own), Some(rid)) = (
+                    m.get("id").and_then(id_text),
+                    m.get("reservation_id").and_then(id_text),
+                ) else {
+                    continue; // unreadable: its reservation runs out by itself
+                };
+                let text = m.get("body").and_then(Value::as_str).unwrap_or_default();
+                let env: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+                let (listed_id, package) = if env.get(DEAD_MARK).is_some() {
+                    (
+                        env.get("message_id").and_then(id_text).unwrap_or_default(),
+                        env.get("body")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    )
+                } else {
+                    (own.clone(), text.to_owned())
+                };
+                if found.is_none() && listed_id == id.0 {
+                    found = Some((own, rid, package));
+                } else {
+                    passed.push((own, rid));
+                }
+            }
+        }
+        for (own, rid) in &passed {
+            self.release_dead(own, rid, op).await;
+        }
+        match failure {
+            Some(e) => {
+                if let Some((own, rid, _)) = &found {
+                    self.release_dead(own, rid, op).await;
+                }
+                Err(e)
+            }
+            None => Ok(found),
+        }
+    }
+
+    /// Releases a reserved dead-letter message at once (best effort: otherwise its reservation
+    /// runs out after [`SCAN_TIMEOUT_SECS`]).
+    async fn release_dead(&self, own: &str, rid: &str, op: &'static str) {
+        let body = json!({ "reservation_id": rid, "delay": 0 });
+        let url = self.url(&self.inner.dead, &["messages", own, "release"]);
+        match self
+            .call(op, Method::POST, url, Some(&body), Duration::ZERO)
+            .await
+        {
+            Ok(a) if a.ok() || a.gone() => {}
+            Ok(a) => tracing::warn!(
+                message_id = own,
+                status = a.status.as_u16(),
+                "{op}: could not release a dead letter (it comes back when its reservation runs out)"
+            ),
+            Err(e) => {
+                tracing::warn!(message_id = own, error = %e, "{op}: could not release a dead letter (it comes back when its reservation runs out)")
+            }
+        }
+    }
+
+    /// Deletes a reserved dead-letter message.
+    async fn delete_dead_message(
+        &self,
+        own: &str,
+        rid: &str,
+        op: &'static str,
+    ) -> Result<(), BrokerError> {
+        let d = self
+            .delete_message(&self.inner.dead, own, Some(rid), op)
+            .await?;
+        if d.ok() {
+            return Ok(());
+        }
+        Err(self.unexpected(op, &d))
+    }
+
     async fn release(
         &self,
         ack: &AckId,
@@ -1192,6 +1330,35 @@ impl Broker for IronMqBroker {
         Ok(out)
     }
 
+    /// Scans `<queue>--dead` for `id` (see the module docs), posts the package to the queue as a
+    /// new message (first delivery again) and only once IronMQ stored it deletes the dead letter.
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Some((own, rid, package)) = self.find_dead(id, "requeue_dead").await? else {
+            return Ok(false);
+        };
+        let i = &self.inner;
+        let posted = match self.post(&i.queue, &[(package, 0)], "requeue_dead").await {
+            Ok(p) => p,
+            Err(e) => {
+                self.release_dead(&own, &rid, "requeue_dead").await;
+                return Err(e);
+            }
+        };
+        self.delete_dead_message(&own, &rid, "requeue_dead (delete the dead letter)")
+            .await?;
+        tracing::info!(message_id = %id, new_id = ?posted.first(), "ironmq: dead letter requeued");
+        Ok(true)
+    }
+
+    /// Scans `<queue>--dead` for `id` like `requeue_dead`, then deletes it.
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Some((own, rid, _)) = self.find_dead(id, "delete_dead").await? else {
+            return Ok(false);
+        };
+        self.delete_dead_message(&own, &rid, "delete_dead").await?;
+        Ok(true)
+    }
+
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
         let info = self.queue_info(&self.inner.dead).await?;
         Ok(Some(info.map_or(0, |q| {
@@ -1321,6 +1488,9 @@ impl Broker for IronMqBroker {
              receipt settles on the handle that extended it (and its clones) only"
                 .into(),
             "lock_size is unknown on IronMQ (its queue info has no reserved count)".into(),
+            "requeue_dead and delete_dead scan <queue>--dead for the id (1 reserve per 100 dead \
+             letters, then 1 release per dead letter passed over)"
+                .into(),
         ];
         Ok(BrokerInfo {
             broker: NAME.into(),

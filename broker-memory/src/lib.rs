@@ -30,6 +30,11 @@
 //!   anything; `enqueue_many` checks every size first, then stores all in order (all or nothing).
 //!   A malformed receipt gives [`BrokerError::InvalidReceipt`].
 //!
+//! Dead letters are kept in the queue, oldest first, with the package's priority:
+//! `requeue_dead` moves one back as a fresh package (a new id, first delivery again, the same
+//! priority) under the queue's lock, `delete_dead` drops one; both find the id by a linear scan
+//! of the dead letters.
+//!
 //! Limits: packages live in this process only and are lost when it exits; other processes cannot
 //! see the queue. Nothing bounds how many packages or dead letters a queue holds but memory; a
 //! queue, once opened, stays in its hub (empty after `delete_queue`) as long as the hub lives.
@@ -310,7 +315,8 @@ impl Index {
 struct State {
     entries: HashMap<u64, Entry>,
     index: Index,
-    dead: VecDeque<DeadLetter>,
+    /// Dead letters, oldest first, with the priority each package had.
+    dead: VecDeque<(DeadLetter, i16)>,
 }
 
 impl State {
@@ -583,20 +589,56 @@ impl Broker for MemoryBroker {
     async fn dead_letter(&self, ack: &AckId, reason: &str) -> Result<(), BrokerError> {
         self.settle(ack, false, |st, id, _| {
             if let Some(e) = st.take(id) {
-                st.dead.push_back(DeadLetter {
-                    message_id: MessageId(id.to_string()),
-                    payload: e.payload,
-                    reason: reason.to_owned(),
-                    deliveries: Some(e.deliveries),
-                    dead_at_us: now_us(),
-                });
+                st.dead.push_back((
+                    DeadLetter {
+                        message_id: MessageId(id.to_string()),
+                        payload: e.payload,
+                        reason: reason.to_owned(),
+                        deliveries: Some(e.deliveries),
+                        dead_at_us: now_us(),
+                    },
+                    e.priority,
+                ));
             }
         })
         .map(drop)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
-        Ok(self.state().dead.iter().take(limit).cloned().collect())
+        Ok(self
+            .state()
+            .dead
+            .iter()
+            .take(limit)
+            .map(|(d, _)| d.clone())
+            .collect())
+    }
+
+    /// Moves the dead letter back under the queue's lock (never in both places, never in none),
+    /// as a fresh package with a new id and its former priority.
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        {
+            let mut st = self.state();
+            let Some(at) = st.dead.iter().position(|(d, _)| d.message_id == *id) else {
+                return Ok(false);
+            };
+            let Some((dead, priority)) = st.dead.remove(at) else {
+                return Ok(false);
+            };
+            let fresh = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            let m = Message::new(dead.payload).with_priority(priority);
+            st.store(fresh, m, Instant::now());
+        }
+        self.queue.notify.notify_waiters();
+        Ok(true)
+    }
+
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let mut st = self.state();
+        let Some(at) = st.dead.iter().position(|(d, _)| d.message_id == *id) else {
+            return Ok(false);
+        };
+        Ok(st.dead.remove(at).is_some())
     }
 
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {

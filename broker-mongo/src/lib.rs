@@ -9,6 +9,12 @@
 //! Dead letters live in `<collection>.dead` (`reason`, `deliveries`, `dead_at` added), monitoring
 //! values in the database-wide `qcluster.stats` (`{ _id: key, value, expires }`, TTL-indexed).
 //!
+//! `requeue_dead` puts a dead letter back as a fresh package (a new `_id`, no delivery yet, due
+//! now, its priority kept) without a transaction: the dead letter is first marked with the new
+//! `_id`, then the package is inserted under it, then the dead letter is deleted, so a crash
+//! leaves it in both places (a retry finishes the job, never storing it twice), never in
+//! neither. `delete_dead` deletes one. Both find the dead letter by `_id` (one indexed lookup).
+//!
 //! The promise: at least once. A claim leases a document atomically (a conditional update on
 //! `due <= now`, so two consumers never both take it) until `now + retry`; unless acknowledged
 //! by then it is claimed again. Receipts are `<_id>:<lease token>` and every settle matches both,
@@ -193,6 +199,15 @@ fn delivery(mut d: Document, token: ObjectId) -> Option<(i32, ObjectId, Delivery
 }
 
 /// Escapes the regular-expression metacharacters of `s`, so that it matches itself.
+/// A duplicate-key error (E11000) of a single-document write.
+fn duplicate_key(e: &mongodb::error::Error) -> bool {
+    match &*e.kind {
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => false,
+    }
+}
+
 fn regex_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 2);
     for c in s.chars() {
@@ -830,6 +845,78 @@ impl Broker for MongoBroker {
                 })
             })
             .collect())
+    }
+
+    /// Without transactions, in three idempotent steps: (1) mark the dead letter with the `_id`
+    /// its requeued copy will get (`requeue`, set once; a retry after a crash reuses it), (2)
+    /// insert the fresh package (no delivery yet, due now, priority kept) under that `_id` (a
+    /// duplicate key means an earlier attempt stored it already), (3) delete the dead letter.
+    /// A crash in between leaves the package in both places, never in neither, and never twice
+    /// in the queue; of two concurrent requeues of one id, one answers `true`.
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Ok(id) = ObjectId::parse_str(&id.0) else {
+            return Ok(false);
+        };
+        let i = &self.inner;
+        let ctx = self.ctx();
+        let err = ctx.err("requeue_dead");
+        i.dead
+            .update_one(
+                doc! { "_id": id, "requeue": { "$exists": false } },
+                doc! { "$set": { "requeue": ObjectId::new() } },
+            )
+            .await
+            .map_err(&err)?;
+        let Some(mut d) = i.dead.find_one(doc! { "_id": id }).await.map_err(&err)? else {
+            return Ok(false);
+        };
+        let Ok(fresh) = d.get_object_id("requeue") else {
+            return Err(BrokerError::Backend {
+                broker: NAME,
+                message: format!("requeue_dead: dead letter {id} lost its requeue mark"),
+            });
+        };
+        let payload = match d.remove("payload") {
+            Some(Bson::Binary(b)) => b.bytes,
+            _ => Vec::new(),
+        };
+        let priority = d
+            .get_i32("priority")
+            .ok()
+            .and_then(|p| i16::try_from(p).ok())
+            .unwrap_or(0);
+        let fresh_doc = self.document(
+            fresh,
+            Message::new(payload).with_priority(priority),
+            self.now(),
+        );
+        match i.queue.insert_one(fresh_doc).await {
+            Ok(_) => {}
+            Err(e) if duplicate_key(&e) => {
+                tracing::debug!(queue = %i.settings.queue, message_id = %id, "requeue_dead: stored by an earlier attempt");
+            }
+            Err(e) => return Err(err(e)),
+        }
+        i.wake.notify_waiters();
+        let gone = i.dead.delete_one(doc! { "_id": id }).await.map_err(&err)?;
+        if gone.deleted_count == 1 {
+            tracing::info!(queue = %i.settings.queue, message_id = %id, new_id = %fresh, "dead letter requeued");
+        }
+        Ok(gone.deleted_count == 1)
+    }
+
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Ok(id) = ObjectId::parse_str(&id.0) else {
+            return Ok(false);
+        };
+        let ctx = self.ctx();
+        let gone = self
+            .inner
+            .dead
+            .delete_one(doc! { "_id": id })
+            .await
+            .map_err(ctx.err("delete_dead"))?;
+        Ok(gone.deleted_count == 1)
     }
 
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {

@@ -473,3 +473,47 @@ async fn replica_set_and_misencoded_urls_keep_the_password_out() {
     assert!(!text.contains("Pw4x") && !text.contains("Tail9"), "{text}");
     assert!(text.contains("mongo.url"), "{text}");
 }
+
+/// Concurrent `requeue_dead` of one dead letter on four handles: exactly one answers `true`,
+/// the package is in the queue once (the `requeue` mark names its copy), with its priority and
+/// as a first delivery; the dead letter is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requeue_dead_stores_once() {
+    let Some(db) = Db::new().await else { return };
+    let s = Db::settings("redead", 1, 30_000);
+    let b = db.open(s.clone()).await;
+    b.enqueue(Message::new(b"once".to_vec()).with_priority(3))
+        .await
+        .expect("enqueue");
+    let got = b.dequeue().await.expect("dequeue");
+    b.dead_letter(&got[0].ack, "given up")
+        .await
+        .expect("dead_letter");
+    let id = b.dead_letters(10).await.expect("list")[0]
+        .message_id
+        .clone();
+    let mut joins = Vec::new();
+    for _ in 0..4 {
+        let h = db.join(s.clone()).await;
+        let id = id.clone();
+        joins.push(tokio::spawn(async move { h.requeue_dead(&id).await }));
+    }
+    let mut yes = 0;
+    for j in joins {
+        if j.await.expect("join").expect("requeue_dead") {
+            yes += 1;
+        }
+    }
+    assert_eq!(yes, 1, "exactly one requeue succeeds");
+    assert_eq!(b.queue_size().await.expect("size"), 1, "stored once");
+    assert_eq!(b.dead_letter_size().await.expect("dead"), Some(0));
+    assert!(!b.requeue_dead(&id).await.expect("again"));
+    // Its priority is kept: it comes before a later package of priority 0.
+    b.enqueue(Message::new(b"later".to_vec()))
+        .await
+        .expect("enqueue");
+    let again = b.dequeue().await.expect("dequeue");
+    assert_eq!(again[0].payload, b"once");
+    assert_eq!(again[0].deliveries, Some(1));
+    db.drop().await;
+}

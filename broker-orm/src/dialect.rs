@@ -89,6 +89,11 @@ pub struct Statements {
     pub dead_delete: Arc<str>,
     pub dead_list: Arc<str>,
     pub dead_size: Arc<str>,
+    /// Locks the dead letter to requeue (PostgreSQL, MySQL); `None` on SQLite, whose first
+    /// write statement takes the database's write lock.
+    pub dead_lock: Option<Arc<str>>,
+    pub dead_requeue: Arc<str>,
+    pub dead_remove: Arc<str>,
     pub purge: Arc<str>,
     pub drop_queue: Arc<str>,
     pub drop_dead: Arc<str>,
@@ -189,6 +194,20 @@ impl Statements {
                  WHERE queue = ? ORDER BY id LIMIT ?",
             ),
             dead_size: r("SELECT COUNT(*) FROM qcluster_dead WHERE queue = ?"),
+            dead_lock: match d {
+                Dialect::Sqlite => None,
+                _ => Some(r(
+                    "SELECT id FROM qcluster_dead WHERE queue = ? AND message_id = ? FOR UPDATE",
+                )),
+            },
+            // A fresh package: never delivered, visible now, default priority (the dead-letter
+            // table keeps no priority).
+            dead_requeue: r(
+                "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
+                 SELECT queue, payload, 0, NOW_US, 0, 0, NOW_US FROM qcluster_dead \
+                 WHERE queue = ? AND message_id = ?",
+            ),
+            dead_remove: r("DELETE FROM qcluster_dead WHERE queue = ? AND message_id = ?"),
             purge: r(
                 "DELETE FROM qcluster_queue WHERE queue = ? AND NOT (leased = 1 AND visible_at > NOW_US)",
             ),

@@ -9,6 +9,12 @@
 //! whose lease ran out never touches the lease of the consumer that holds the row now.
 //! Time is the database's clock, so clusters on machines with skewed clocks agree on leases.
 //!
+//! Dead letters live in `qcluster_dead` (listed by the id the package had in the queue).
+//! `requeue_dead` inserts the package back into `qcluster_queue` as a fresh row (a new id, first
+//! delivery again, priority 0: the dead-letter table keeps no priority) and deletes the dead
+//! letter in the same transaction; `delete_dead` deletes it. Both look the id up in the queue's
+//! dead letters (no index on it: a scan of that queue's dead letters).
+//!
 //! On PostgreSQL, `LISTEN/NOTIFY` wakes waiting consumers as soon as a package is enqueued;
 //! elsewhere (and as a fallback) a waiting `dequeue` looks again every `poll`.
 #![warn(missing_docs)]
@@ -771,6 +777,92 @@ impl Broker for OrmBroker {
         })
     }
 
+    /// One transaction: lock the dead letter (PostgreSQL, MySQL), insert it into the queue as a
+    /// fresh package, delete the dead letter; commit only if both touched the same rows. A
+    /// concurrent requeue of the same id waits for the lock and then finds nothing (`false`).
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Ok(mid) = id.0.parse::<i64>() else {
+            return Ok(false);
+        };
+        let i = &self.inner;
+        let err = i.ctx.err("requeue_dead");
+        let queue = i.settings.queue.as_str();
+        let moved = on_db!(&i.db, p => {
+            let mut tx = p.begin().await.map_err(&err)?;
+            let present = match &i.sql.dead_lock {
+                Some(sql) => !sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                    .bind(queue)
+                    .bind(mid)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(&err)?
+                    .is_empty(),
+                None => true,
+            };
+            let mut moved = false;
+            if present {
+                let inserted = sqlx::query(sqlx::AssertSqlSafe(i.sql.dead_requeue.clone()))
+                    .bind(queue)
+                    .bind(mid)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&err)?
+                    .rows_affected();
+                let removed = sqlx::query(sqlx::AssertSqlSafe(i.sql.dead_remove.clone()))
+                    .bind(queue)
+                    .bind(mid)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&err)?
+                    .rows_affected();
+                moved = inserted > 0 && inserted == removed;
+            }
+            #[cfg(feature = "postgres")]
+            if moved && i.ctx.dialect == Dialect::Postgres {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(LISTEN_CHANNEL)
+                    .bind(queue)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&err)?;
+            }
+            if moved {
+                tx.commit().await.map_err(&err)?;
+            } else {
+                tx.rollback().await.map_err(&err)?;
+            }
+            moved
+        });
+        if moved {
+            i.wake.notify_waiters();
+            tracing::info!(queue, message_id = mid, "dead letter requeued");
+        }
+        Ok(moved)
+    }
+
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Ok(mid) = id.0.parse::<i64>() else {
+            return Ok(false);
+        };
+        let i = &self.inner;
+        let sql = sqlx::AssertSqlSafe(i.sql.dead_remove.clone());
+        let n = on_db!(&i.db, p => sqlx::query(sql)
+            .bind(i.settings.queue.as_str())
+            .bind(mid)
+            .execute(p)
+            .await
+            .map_err(i.ctx.err("delete_dead"))?
+            .rows_affected());
+        if n > 0 {
+            tracing::info!(
+                queue = i.settings.queue.as_str(),
+                message_id = mid,
+                "dead letter deleted"
+            );
+        }
+        Ok(n > 0)
+    }
+
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
         let n = self
             .count(
@@ -871,6 +963,7 @@ impl Broker for OrmBroker {
                 "at least once: a package not acknowledged within `retry` is delivered again".into(),
                 "acknowledge deletes the row; fail makes it visible again with its delivery count raised".into(),
                 "claims are atomic: a package is leased to one consumer at a time".into(),
+                "a requeued dead letter comes back at priority 0 (qcluster_dead keeps no priority)".into(),
             ],
             details,
         })

@@ -312,3 +312,64 @@ async fn postgres_notify_wakes_a_waiting_consumer() {
         "woke after {took:?}: notification not used"
     );
 }
+
+/// Eight concurrent `requeue_dead` of one dead letter (each on a handle of its own): exactly one
+/// answers `true`, the package is in the queue exactly once, and the dead letter is gone.
+async fn concurrent_requeue_of_one_dead_letter(url: &str) {
+    let s = queue("redead");
+    let b = open(url, s.clone()).await;
+    b.enqueue(Message::new(b"only once".to_vec()))
+        .await
+        .expect("enqueue");
+    let got = b.dequeue().await.expect("dequeue");
+    b.dead_letter(&got[0].ack, "given up")
+        .await
+        .expect("dead_letter");
+    let id = b.dead_letters(10).await.expect("list")[0]
+        .message_id
+        .clone();
+    let mut joins = Vec::new();
+    for _ in 0..8 {
+        let h = open(url, s.clone()).await;
+        let id = id.clone();
+        joins.push(tokio::spawn(async move { h.requeue_dead(&id).await }));
+    }
+    let mut yes = 0;
+    for j in joins {
+        if j.await.expect("join").expect("requeue_dead") {
+            yes += 1;
+        }
+    }
+    assert_eq!(yes, 1, "exactly one requeue succeeds");
+    assert_eq!(b.queue_size().await.expect("size"), 1, "stored once");
+    assert_eq!(b.dead_letter_size().await.expect("dead"), Some(0));
+    let again = b.dequeue().await.expect("dequeue");
+    assert_eq!(again[0].payload, b"only once");
+    assert_eq!(again[0].deliveries, Some(1), "a fresh first delivery");
+    b.delete_queue().await.expect("delete_queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_concurrent_requeue_dead() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/redead.sqlite3", dir.path().display());
+    concurrent_requeue_of_one_dead_letter(&url).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_concurrent_requeue_dead() {
+    let url = postgres_url();
+    if reachable(&url).await {
+        concurrent_requeue_of_one_dead_letter(&url).await;
+    }
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_concurrent_requeue_dead() {
+    let url = mysql_url();
+    if reachable(&url).await {
+        concurrent_requeue_of_one_dead_letter(&url).await;
+    }
+}

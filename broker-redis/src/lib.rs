@@ -8,6 +8,10 @@
 //! to the front of the queue atomically on the next dequeue. A package is never in two places or
 //! in none. See `scripts.rs` for the layout.
 //!
+//! Dead letters (reliable mode): `requeue_dead` is one script that puts the package back at the
+//! end of priority band 0 as a fresh package (a new id, first delivery again; dead letters keep
+//! no priority) and then drops the dead letter; `delete_dead` drops one. Both are O(1).
+//!
 //! **Fast mode** (`reliable = false`): Django Q's semantics. A dequeue pops and forgets; a worker
 //! or cluster that dies loses what it held. `info` says so.
 //!
@@ -189,6 +193,8 @@ struct Scripts {
     acknowledge: Script,
     fail: Script,
     dead_letter: Script,
+    requeue_dead: Script,
+    delete_dead: Script,
     delete: Script,
     purge: Script,
     size: Script,
@@ -349,6 +355,8 @@ impl RedisBroker {
                     acknowledge: Script::new(&scripts::acknowledge()),
                     fail: Script::new(&scripts::fail()),
                     dead_letter: Script::new(&scripts::dead_letter()),
+                    requeue_dead: Script::new(&scripts::requeue_dead()),
+                    delete_dead: Script::new(scripts::DELETE_DEAD),
                     delete: Script::new(&scripts::delete()),
                     purge: Script::new(scripts::PURGE),
                     size: Script::new(scripts::SIZE),
@@ -751,6 +759,52 @@ impl Broker for RedisBroker {
             });
         }
         Ok(out)
+    }
+
+    /// One script: the package goes to the end of band 0 with a new id, then leaves the dead
+    /// letters (reliable mode only, like `dead_letter`).
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let i = &self.inner;
+        if !i.config.reliable {
+            return Err(BrokerError::Unsupported {
+                broker: name(false),
+                operation: "requeue_dead",
+            });
+        }
+        let k = &i.keys;
+        let mut inv = Self::call(
+            &i.scripts.requeue_dead,
+            &[
+                &k.seq,
+                &k.ready,
+                &k.bands,
+                &k.signal,
+                &k.dead,
+                &k.deadinfo,
+                &k.deaddata,
+            ],
+        );
+        inv.arg(&id.0);
+        let n: u64 = self.run(&inv, "requeue_dead").await?;
+        if n > 0 {
+            tracing::info!(queue = i.settings.queue.as_str(), message_id = %id, "dead letter requeued");
+        }
+        Ok(n > 0)
+    }
+
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let i = &self.inner;
+        if !i.config.reliable {
+            return Err(BrokerError::Unsupported {
+                broker: name(false),
+                operation: "delete_dead",
+            });
+        }
+        let k = &i.keys;
+        let mut inv = Self::call(&i.scripts.delete_dead, &[&k.dead, &k.deadinfo, &k.deaddata]);
+        inv.arg(&id.0);
+        let n: u64 = self.run(&inv, "delete_dead").await?;
+        Ok(n > 0)
     }
 
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {

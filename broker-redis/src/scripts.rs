@@ -295,6 +295,37 @@ return 1
     )
 }
 
+/// KEYS: seq, ready base, bands, signal, dead, deadinfo, deaddata. ARGV: id (as `dead` lists
+/// it). Puts dead letter `id` back at the end of band 0 as a fresh package (a new id, no
+/// delivery yet; dead letters keep no priority) and removes it from `dead`, `deadinfo` and
+/// `deaddata`, in one step. Returns 1, or 0 when there is no such dead letter.
+pub fn requeue_dead() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r#"
+if not redis.call('ZSCORE', KEYS[5], ARGV[1]) then return 0 end
+local payload = redis.call('HGET', KEYS[7], ARGV[1]) or ''
+local id = redis.call('INCR', KEYS[1])
+push(KEYS[2], KEYS[3], string.format('%d', id) .. ':0:0:' .. payload, false)
+redis.call('LPUSH', KEYS[4], 1)
+redis.call('LTRIM', KEYS[4], 0, 63)
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
+return 1
+"#
+    )
+}
+
+/// KEYS: dead, deadinfo, deaddata. ARGV: id. Removes dead letter `id` for good; returns 1, or 0
+/// when there is no such dead letter.
+pub const DELETE_DEAD: &str = r#"
+local n = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return n
+"#;
+
 /// KEYS: ready base, bands, delayed, inflight base, acked base, leases. ARGV: batch, index, id.
 ///
 /// Removes the package whatever its lease. With the current receipt that is one step; a stale

@@ -31,6 +31,17 @@
 //! on another after the original deadline is ignored there; the cluster settles on the handle
 //! that extends. Handles on other machines rely on clocks agreeing to within the margin.
 //!
+//! # Dead letters: requeue and delete
+//!
+//! SQS cannot fetch a message by id, so `requeue_dead` and `delete_dead` **scan the dead-letter
+//! queue**: they receive it 10 messages at a time (each hidden for 30 s meanwhile) until the id
+//! shows, the queue answers empty, or 10,000 messages were looked at; every message passed over
+//! is made visible again as soon as the search ends. The cost is one `ReceiveMessage` per 10
+//! dead letters (plus a 1 s long poll at the end when the id is not found). `requeue_dead` then
+//! sends the body to the queue as a new message (first delivery again, default group on FIFO)
+//! and deletes the dead letter only after SQS stored it. Two concurrent searches may hide each
+//! other's target: the losing one answers `false` (not found) although the letter exists.
+//!
 //! # Purge
 //!
 //! SQS's `PurgeQueue` deletes messages in flight too, which the trait forbids; so it is used
@@ -82,6 +93,11 @@ const ATTR_REASON: &str = "qcluster-reason";
 const ATTR_DELIVERIES: &str = "qcluster-deliveries";
 const ATTR_DEAD_AT: &str = "qcluster-dead-at-us";
 const ATTR_MESSAGE_ID: &str = "qcluster-message-id";
+/// Most dead-letter-queue messages `requeue_dead` / `delete_dead` look through for one id.
+const MAX_SCAN: usize = 10_000;
+/// How long a message received while searching the dead-letter queue stays hidden if this
+/// process dies before making it visible again (seconds).
+const SCAN_VISIBILITY: i32 = 30;
 
 /// `[sqs]` settings. Unknown keys are refused; `Debug` masks the secret key and session token.
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -925,6 +941,128 @@ impl SqsBroker {
         Ok(url)
     }
 
+    /// Makes received dead-letter-queue messages visible again at once (best effort: if this
+    /// fails they come back by themselves when their visibility timeout runs out).
+    async fn release(&self, url: &str, msgs: &[aws_sdk_sqs::types::Message], op: &str) {
+        let c = &self.inner.client;
+        for chunk in msgs.chunks(MAX_BULK) {
+            let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(n, m)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(n.to_string())
+                        .set_receipt_handle(m.receipt_handle().map(str::to_owned))
+                        .visibility_timeout(0)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            self.count(1);
+            if let Err(e) = c
+                .change_message_visibility_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                tracing::warn!(
+                    error = %self.scrub(&Fail::from_sdk(e).message),
+                    "{op}: could not make dead letters visible again (they will be after their \
+                     visibility timeout)"
+                );
+            }
+        }
+    }
+
+    /// Finds dead letter `id` (the id `dead_letters` lists: the original message's id, else the
+    /// dead-letter message's own) by receiving the dead-letter queue 10 at a time, each message
+    /// hidden for [`SCAN_VISIBILITY`] meanwhile, until it shows, the queue answers empty or
+    /// [`MAX_SCAN`] were seen. Every message passed over is made visible again before this
+    /// returns; the one found stays hidden (its receipt handle is in the answer) for the caller
+    /// to delete. `None`: not found (or no dead-letter queue).
+    async fn find_dead(
+        &self,
+        id: &MessageId,
+        op: &'static str,
+    ) -> Result<Option<(String, aws_sdk_sqs::types::Message)>, BrokerError> {
+        let Some(url) = self.dead_url(false).await? else {
+            return Ok(None);
+        };
+        let c = &self.inner.client;
+        let mut passed: Vec<aws_sdk_sqs::types::Message> = Vec::new();
+        let mut found = None;
+        let mut failure = None;
+        while found.is_none() && passed.len() < MAX_SCAN {
+            self.count(1);
+            let res = c
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(MAX_BULK as i32)
+                .visibility_timeout(SCAN_VISIBILITY)
+                .wait_time_seconds(1)
+                .message_attribute_names(ATTR_MESSAGE_ID)
+                .send()
+                .await
+                .map_err(Fail::from_sdk);
+            let batch = match res {
+                Ok(o) => o.messages().to_vec(),
+                Err(f) if f.missing_queue() => {
+                    self.forget_dead_url().await;
+                    break;
+                }
+                Err(f) => {
+                    failure = Some(self.err(op, f));
+                    break;
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                let listed = m
+                    .message_attributes()
+                    .and_then(|a| a.get(ATTR_MESSAGE_ID))
+                    .and_then(|v| v.string_value())
+                    .or(m.message_id());
+                if found.is_none() && listed == Some(id.0.as_str()) {
+                    found = Some(m);
+                } else {
+                    passed.push(m);
+                }
+            }
+        }
+        self.release(&url, &passed, op).await;
+        match failure {
+            Some(e) => {
+                if let Some(m) = &found {
+                    self.release(&url, std::slice::from_ref(m), op).await;
+                }
+                Err(e)
+            }
+            None => Ok(found.map(|m| (url, m))),
+        }
+    }
+
+    /// Deletes a received dead-letter-queue message by its receipt handle.
+    async fn delete_dead_message(
+        &self,
+        url: &str,
+        m: &aws_sdk_sqs::types::Message,
+        op: &'static str,
+    ) -> Result<(), BrokerError> {
+        self.count(1);
+        self.inner
+            .client
+            .delete_message()
+            .queue_url(url)
+            .set_receipt_handle(m.receipt_handle().map(str::to_owned))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|f| self.err(op, Fail::from_sdk(f)))
+    }
+
     async fn forget_dead_url(&self) {
         *self.inner.dead_url.lock().await = None;
     }
@@ -1543,34 +1681,7 @@ impl Broker for SqsBroker {
             got.extend(batch);
         }
         // Visible again at once: listing does not consume.
-        for chunk in got.chunks(MAX_BULK) {
-            let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
-                .iter()
-                .enumerate()
-                .filter_map(|(n, m)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(n.to_string())
-                        .set_receipt_handle(m.receipt_handle().map(str::to_owned))
-                        .visibility_timeout(0)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            self.count(1);
-            if let Err(e) = c
-                .change_message_visibility_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-            {
-                tracing::warn!(
-                    error = %self.scrub(&Fail::from_sdk(e).message),
-                    "dead_letters: could not make listed dead letters visible again (they \
-                     will be after 10 s)"
-                );
-            }
-        }
+        self.release(&url, &got, "dead_letters").await;
         let mut out: Vec<DeadLetter> = got
             .iter()
             .map(|m| {
@@ -1606,6 +1717,36 @@ impl Broker for SqsBroker {
         out.sort_by_key(|d| d.dead_at_us);
         out.truncate(limit);
         Ok(out)
+    }
+
+    /// Scans the dead-letter queue for `id` (see the module docs: up to 10,000 messages, those
+    /// passed over made visible again at once), sends its body to the queue as a new message
+    /// (first delivery again; on a FIFO queue in the queue's default group with a fresh
+    /// deduplication id), and only once SQS has stored it deletes the dead letter. A failure
+    /// between the two leaves the package in both places, never in neither.
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Some((url, m)) = self.find_dead(id, "requeue_dead").await? else {
+            return Ok(false);
+        };
+        let payload = decode_body(m.body().unwrap_or_default());
+        if let Err(e) = self.enqueue(Message::new(payload)).await {
+            self.release(&url, std::slice::from_ref(&m), "requeue_dead")
+                .await;
+            return Err(e);
+        }
+        self.delete_dead_message(&url, &m, "requeue_dead (delete the dead letter)")
+            .await?;
+        tracing::info!(message_id = %id, "dead letter requeued");
+        Ok(true)
+    }
+
+    /// Scans the dead-letter queue for `id` like `requeue_dead`, then deletes it.
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Some((url, m)) = self.find_dead(id, "delete_dead").await? else {
+            return Ok(false);
+        };
+        self.delete_dead_message(&url, &m, "delete_dead").await?;
+        Ok(true)
     }
 
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
@@ -1834,6 +1975,10 @@ impl Broker for SqsBroker {
             ),
             "a receipt whose lease ran out is ignored, even if SQS would still take it".into(),
             "dead_letter must be called on the handle that dequeued the package".into(),
+            "requeue_dead and delete_dead scan the dead-letter queue for the id (1 \
+             ReceiveMessage per 10 dead letters, up to 10,000; those passed over are made \
+             visible again at once)"
+                .into(),
         ];
         if i.fifo {
             notes.push(

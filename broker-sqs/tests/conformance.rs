@@ -159,6 +159,7 @@ const NOT_ON_FIFO: &[&str] = &[
     "queue_size_counts_waiting",
     "purge_queue",
     "dead_letter",
+    "requeue_and_delete_dead",
     "concurrent_dequeue_one_handle",
     "concurrent_consumers",
 ];

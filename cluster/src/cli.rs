@@ -23,6 +23,7 @@ use crate::status::StatusHome;
 use crate::store::{Store, TaskRecord};
 use crate::{Client, EnqueueOptions, NewTask, Registry};
 
+mod dead;
 mod monitor;
 mod ops;
 mod quickstart;
@@ -133,13 +134,12 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// List quarantined packages (failed verification).
-    Quarantine {
-        /// Most entries shown.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-        #[command(flatten)]
-        out: Out,
+    /// List dead letters (the same as `dead list`).
+    Quarantine(dead::ListArgs),
+    /// List, requeue (verified again) or delete dead letters.
+    Dead {
+        #[command(subcommand)]
+        cmd: dead::DeadCmd,
     },
     /// Print the effective configuration and where each value came from.
     Config {
@@ -446,37 +446,8 @@ async fn dispatch(cli: Cli, registry: Registry, brokers: Brokers) -> Res {
             println!("deleted queue `{}`", config.name);
             Ok(())
         }
-        Command::Quarantine { limit, out } => {
-            let broker = brokers.connect(&config).await?;
-            let dead = broker.dead_letters(limit).await.map_err(Error::from)?;
-            let rows: Vec<serde_json::Value> = dead
-                .iter()
-                .map(|d| {
-                    serde_json::json!({
-                        "message_id": d.message_id.to_string(),
-                        "reason": d.reason,
-                        "bytes": d.payload.len(),
-                        "deliveries": d.deliveries,
-                        "at": crate::store::rfc3339(d.dead_at_us),
-                    })
-                })
-                .collect();
-            if out.json {
-                print_json(&serde_json::Value::Array(rows));
-            } else if rows.is_empty() {
-                println!("nothing quarantined in queue `{}`", config.name);
-            } else {
-                for d in &dead {
-                    println!(
-                        "{}  {}  {}",
-                        crate::store::rfc3339(d.dead_at_us),
-                        d.message_id,
-                        d.reason
-                    );
-                }
-            }
-            Ok(())
-        }
+        Command::Quarantine(a) => dead::list(&config, &brokers, a).await,
+        Command::Dead { cmd } => dead::run(&config, &brokers, cmd).await,
     }
 }
 

@@ -14,7 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod counters;
-mod dead;
+pub mod dead;
 mod error;
 pub mod flow;
 pub mod health;

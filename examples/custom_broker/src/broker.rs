@@ -46,7 +46,9 @@ const H_EXPIRES: &str = "Qcluster-Expires-Ms";
 ///   A package's id is its stream sequence.
 /// - durable pull consumer `workers` on it, shared by every handle: explicit acks,
 ///   `ack_wait` = `retry` (the lease), unlimited deliveries.
-/// - stream `<prefix>-d-<q>`: dead letters, each with its reason in a header.
+/// - stream `<prefix>-d-<q>`: dead letters, each with its reason in a header; `requeue_dead`
+///   and `delete_dead` read it in order to find an id, and a requeued package is published to
+///   the work stream (a new sequence) before its dead letter is deleted.
 /// - stream `<prefix>-l-<q>`: the redelivery ledger (see below).
 /// - stream `<prefix>-stats`: monitoring values of every queue under the prefix.
 ///
@@ -467,6 +469,24 @@ impl NatsBroker {
             Ok(m) => Ok(Some(m)),
             Err(e) => self.absent(e),
         }
+    }
+
+    /// The dead letter listed as `id` (its `Qcluster-Message-Id` header): its sequence in the
+    /// dead-letter stream and its package. Reads the stream in order, one direct get per dead
+    /// letter, until it shows.
+    async fn find_dead(&self, id: &MessageId) -> Result<Option<(u64, Bytes)>, BrokerError> {
+        let n = &self.inner.names;
+        let mut seq = 1;
+        while let Some(m) = self
+            .get_message(&n.dead_stream, seq, Some(&n.dead_subject))
+            .await?
+        {
+            seq = m.sequence + 1;
+            if header(&m.headers, H_MESSAGE) == Some(id.0.as_str()) {
+                return Ok(Some((m.sequence, m.payload)));
+            }
+        }
+        Ok(None)
     }
 
     /// The last message on `subject` of `stream`, if any.
@@ -1083,6 +1103,38 @@ impl Broker for NatsBroker {
         Ok(out)
     }
 
+    /// Reads the dead-letter stream in order until the dead letter listed as `id` shows (one
+    /// direct get per dead letter before it), publishes its package to the work stream
+    /// (acknowledged by JetStream: a new sequence, first delivery again), then deletes the dead
+    /// letter. If a concurrent requeue deleted it first, the copy made here is withdrawn again
+    /// (when not yet delivered) and the answer is `false`.
+    async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let n = &self.inner.names;
+        let Some((seq, payload)) = self.find_dead(id).await? else {
+            return Ok(false);
+        };
+        let copies = self
+            .publish_all(&n.work_subject, vec![(None, payload)])
+            .await?;
+        if self.delete_message(&n.dead_stream, seq).await? {
+            tracing::info!(message_id = %id, new_id = ?copies.first(), "nats: dead letter requeued");
+            return Ok(true);
+        }
+        for copy in copies {
+            self.delete_message(&n.work_stream, copy).await?;
+        }
+        Ok(false)
+    }
+
+    /// Finds the dead letter like `requeue_dead` and deletes it from the dead-letter stream.
+    async fn delete_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
+        let Some((seq, _)) = self.find_dead(id).await? else {
+            return Ok(false);
+        };
+        self.delete_message(&self.inner.names.dead_stream, seq)
+            .await
+    }
+
     async fn dead_letter_size(&self) -> Result<Option<u64>, BrokerError> {
         let state = self
             .stream_state(&self.inner.names.dead_stream, None)
@@ -1214,6 +1266,7 @@ impl Broker for NatsBroker {
                 "at least once: a package not settled within its lease (retry = the consumer's ack wait) is delivered again".into(),
                 "extend: NATS restarts a lease at retry only; a longer extension is kept by the extending handle (repeated +WPI)".into(),
                 "receipts settle on any handle; stale ones are recognised after their lease".into(),
+                "requeue_dead and delete_dead read the dead-letter stream in order until the id shows (one get per dead letter before it)".into(),
                 "first in, first out: no priorities; no enqueue delay (fail_after delays work)".into(),
                 "packages given back (fail, lease ran out) count as in flight until delivered again, and purge leaves them".into(),
             ],
