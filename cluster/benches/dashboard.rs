@@ -6,7 +6,7 @@
 //!
 //! `cargo bench -p cluster --features orm-postgres --bench dashboard [-- sqlite postgres]`
 //! Env: `BENCH_RESULTS` (default 1000000), `QCLUSTER_TEST_POSTGRES_URL` (the bench makes and
-//! drops its own database `qcluster_bench_dashboard` on that server).
+//! (re)creates its own database `qcluster_bench_dashboard` on that server, left for inspection).
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -40,7 +40,9 @@ async fn bench() {
         wanted = vec!["sqlite".into(), "postgres".into()];
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    println!("qcluster dashboard bench: {n} results, {FUNCS} funcs, 10% failures; {SAMPLES} fetches each");
+    println!(
+        "qcluster dashboard bench: {n} results, {FUNCS} funcs, 10% failures; {SAMPLES} fetches each"
+    );
     for backend in wanted {
         let url = match backend.as_str() {
             "sqlite" => format!("sqlite://{}/dash.sqlite3", dir.path().display()),
@@ -89,7 +91,9 @@ async fn postgres_db() -> Result<String, String> {
 
 async fn run(backend: &str, url: &str, n: usize) -> Result<(), String> {
     let e = |e: cluster::Error| e.to_string();
-    let store = Store::connect(url, Duration::from_secs(5)).await.map_err(e)?;
+    let store = Store::connect(url, Duration::from_secs(5))
+        .await
+        .map_err(e)?;
     let name = "dash_bench";
     let t = Instant::now();
     let now = broker_core::now_us();
@@ -169,7 +173,13 @@ async fn run(backend: &str, url: &str, n: usize) -> Result<(), String> {
     }
     // The second page starts after the last row of the first.
     let first = store
-        .browse(name, &Browse { limit: 50, ..Browse::default() })
+        .browse(
+            name,
+            &Browse {
+                limit: 50,
+                ..Browse::default()
+            },
+        )
         .await
         .map_err(e)?;
     let last = first.last().ok_or("empty first page")?;
@@ -180,23 +190,38 @@ async fn run(backend: &str, url: &str, n: usize) -> Result<(), String> {
         "page", "p50 ms", "p95 ms", "raw p50 ms", "ratio"
     );
     let cases: Vec<(&str, String, Browse)> = vec![
-        ("task list", "/tasks".into(), Browse { limit: 50, ..Browse::default() }),
+        (
+            "task list",
+            "/tasks".into(),
+            Browse {
+                limit: 50,
+                ..Browse::default()
+            },
+        ),
         (
             "filter by func",
             "/tasks?func=func7".into(),
-            Browse { func: Some("func7".into()), limit: 50, ..Browse::default() },
+            Browse {
+                func: Some("func7".into()),
+                limit: 50,
+                ..Browse::default()
+            },
         ),
         (
             "failures only",
             "/tasks?outcome=failure".into(),
-            Browse { outcome: Outcome::Failure, limit: 50, ..Browse::default() },
+            Browse {
+                outcome: Outcome::Failure,
+                limit: 50,
+                ..Browse::default()
+            },
         ),
         (
             "func + failures",
-            "/tasks?outcome=failure&func=func3".into(),
+            "/tasks?outcome=failure&func=func10".into(),
             Browse {
                 outcome: Outcome::Failure,
-                func: Some("func3".into()),
+                func: Some("func10".into()),
                 limit: 50,
                 ..Browse::default()
             },
@@ -213,8 +238,9 @@ async fn run(backend: &str, url: &str, n: usize) -> Result<(), String> {
     ];
     for (label, path, browse) in cases {
         let page = sample(|| {
-            let (status, len) = get(port, &path);
-            assert!(status == 200 && len > 1000, "{path}: {status}, {len} bytes");
+            let (status, body) = get(port, &path);
+            let rows = body.matches("href=\"/tasks/").count();
+            assert!(status == 200 && rows == 50, "{path}: {status}, {rows} rows");
         });
         let mut raw = Vec::with_capacity(SAMPLES);
         for _ in 0..SAMPLES {
@@ -268,14 +294,14 @@ fn print_row(label: &str, page: &[Duration], raw: &[Duration]) {
     );
 }
 
-/// GET over a plain socket: (status, body bytes).
-fn get(port: u16, path: &str) -> (u16, usize) {
+/// GET over a plain socket: (status, the whole answer).
+fn get(port: u16, path: &str) -> (u16, String) {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, 0);
+        return (0, String::new());
     };
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     if s.write_all(req.as_bytes()).is_err() {
-        return (0, 0);
+        return (0, String::new());
     }
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
@@ -285,5 +311,5 @@ fn get(port: u16, path: &str) -> (u16, usize) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (status, raw.len())
+    (status, text.into_owned())
 }

@@ -317,7 +317,9 @@ async fn worker_modes(dir: &std::path::Path, n: usize) {
 /// The cost of `[http]` metrics: the memory-broker cluster with them off and on.
 async fn metrics_cost(dir: &std::path::Path, n: usize) {
     println!();
-    println!("metrics (memory broker, {WORKERS} workers, noop, N = {n}; best of 3 each, alternating)");
+    println!(
+        "metrics (memory broker, {WORKERS} workers, noop, N = {n}; best of 3 each, alternating)"
+    );
     let mut best = [0.0f64; 2];
     for _ in 0..3 {
         for (i, on) in [false, true].into_iter().enumerate() {

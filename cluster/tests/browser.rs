@@ -3,7 +3,7 @@
 //! arguments renders as text, a failed task's page shows its error, a state change without the
 //! token is refused, and after logging in a requeue from the dead-letter page brings a package
 //! back (it runs) while a package with a bad signature stays out. Screenshots go to the test's
-//! temp dir (and to `QCLUSTER_SCREENSHOT_DIR` when set, which is how `docs/` got its picture).
+//! temp dir (and to `TEST_SCREENSHOT_DIR` when set, which is how `docs/` got its picture).
 #[macro_use]
 mod common;
 
@@ -74,15 +74,39 @@ async fn browser(driver_port: u16) -> Client {
 async fn shot(c: &Client, w: &World, name: &str) {
     let png = c.screenshot().await.expect("screenshot");
     std::fs::write(w.dir.path().join(name), &png).expect("save screenshot");
-    if let Ok(dir) = std::env::var("QCLUSTER_SCREENSHOT_DIR") {
+    if let Ok(dir) = std::env::var("TEST_SCREENSHOT_DIR") {
         std::fs::write(std::path::Path::new(&dir).join(name), &png).expect("save screenshot");
     }
 }
 
-async fn body_text(c: &Client) -> String {
-    c.find(Locator::Css("body"))
+async fn wait_for(c: &Client, what: Locator<'_>) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(what)
         .await
-        .expect("body")
+        .unwrap_or_else(|e| panic!("not on the page: {e}"))
+}
+
+/// The page's text, once its `main` element is there.
+async fn body_text(c: &Client) -> String {
+    wait_for(c, Locator::Css("main"))
+        .await
+        .text()
+        .await
+        .expect("text")
+}
+
+/// Clicks the button `xpath` finds on a freshly loaded `url` (which shows no message), then
+/// waits for the message of the page the click leads to and returns it.
+async fn act(c: &Client, url: &str, xpath: &str) -> String {
+    c.goto(url).await.expect("goto");
+    wait_for(c, Locator::XPath(xpath))
+        .await
+        .click()
+        .await
+        .expect("click");
+    wait_for(c, Locator::Css("div.msg"))
+        .await
         .text()
         .await
         .expect("text")
@@ -181,16 +205,15 @@ async fn the_dashboard_in_chromium() {
     c.goto(&format!("{base}/tasks?outcome=failure"))
         .await
         .expect("goto");
-    c.find(Locator::LinkText(&ids[1].to_string()))
+    let href = wait_for(&c, Locator::LinkText(&ids[1].to_string()))
         .await
-        .expect("link to the failed task")
-        .click()
+        .attr("href")
         .await
-        .expect("click");
-    let result = c
-        .find(Locator::Id("result"))
+        .expect("href")
+        .expect("a link");
+    c.goto(&format!("{base}{href}")).await.expect("goto");
+    let result = wait_for(&c, Locator::Id("result"))
         .await
-        .expect("result")
         .text()
         .await
         .expect("text");
@@ -198,25 +221,21 @@ async fn the_dashboard_in_chromium() {
     assert!(body_text(&c).await.contains("failed"));
 
     // Without the token, requeue is refused and the dead letter stays.
-    c.goto(&format!("{base}/dead")).await.expect("goto");
+    let dead = format!("{base}/dead");
+    c.goto(&dead).await.expect("goto");
     let text = body_text(&c).await;
     assert!(
         text.contains("result store was down") && text.contains("quarantined"),
         "{text}"
     );
     let requeue_parked = "//tr[td[contains(., 'result store was down')]]//button[text()='Requeue']";
-    c.find(Locator::XPath(requeue_parked))
-        .await
-        .expect("requeue button")
-        .click()
-        .await
-        .expect("click");
-    let text = body_text(&c).await;
-    assert!(text.contains("needs the token"), "{text}");
+    let msg = act(&c, &dead, requeue_parked).await;
+    assert!(msg.contains("needs the token"), "{msg}");
     assert_eq!(broker.dead_letter_size().await.expect("size"), Some(2));
 
     // Log in, then requeue both: the parked package runs; the bad one is refused and stays.
     c.goto(&format!("{base}/login")).await.expect("goto");
+    wait_for(&c, Locator::Css("form[action='/login']")).await;
     c.form(Locator::Css("form[action='/login']"))
         .await
         .expect("login form")
@@ -226,28 +245,22 @@ async fn the_dashboard_in_chromium() {
         .submit()
         .await
         .expect("submit");
-    c.goto(&format!("{base}/dead")).await.expect("goto");
+    // The login lands on the overview, logged in.
+    wait_for(&c, Locator::XPath("//button[text()='Log out']")).await;
+    c.goto(&dead).await.expect("goto");
+    body_text(&c).await;
     shot(&c, &w, "dashboard-dead.png").await;
-    c.find(Locator::XPath(requeue_parked))
-        .await
-        .expect("requeue button")
-        .click()
-        .await
-        .expect("click");
-    let text = body_text(&c).await;
-    assert!(text.contains("Requeued"), "{text}");
+    let msg = act(&c, &dead, requeue_parked).await;
+    assert!(msg.contains("Requeued"), "{msg}");
     let r = w.wait_record(parked, Duration::from_secs(30)).await;
     assert!(r.success, "{r:?}");
-    c.find(Locator::XPath(
+    let msg = act(
+        &c,
+        &dead,
         "//tr[td[contains(., 'quarantined')]]//button[text()='Requeue']",
-    ))
-    .await
-    .expect("requeue button of the bad package")
-    .click()
-    .await
-    .expect("click");
-    let text = body_text(&c).await;
-    assert!(text.contains("Refused"), "{text}");
+    )
+    .await;
+    assert!(msg.contains("Refused"), "{msg}");
     assert_eq!(broker.dead_letter_size().await.expect("size"), Some(1));
 
     // The overview shows the running cluster.

@@ -1,7 +1,7 @@
 //! `qcluster monitor` in a real terminal (tmux): the running cluster and its figures appear, the
 //! failure filter works, `q` quits and gives the terminal back (no alternate screen left), and a
 //! broker that stops answering is shown as such and recovers. The last screen is saved as text
-//! in the test's temp dir (and in `QCLUSTER_SCREENSHOT_DIR` when set, which is how `docs/` got
+//! in the test's temp dir (and in `TEST_SCREENSHOT_DIR` when set, which is how `docs/` got
 //! its picture).
 #[macro_use]
 mod common;
@@ -148,7 +148,7 @@ async fn the_monitor_in_tmux() {
         &session,
         "the filtered failures",
         Duration::from_secs(10),
-        |t| t.contains("latest failures: 1"),
+        |t| t.contains("latest failures: 1 (filter: quota)"),
     );
     assert!(
         text.contains("disk quota exceeded") && !text.contains("printer on fire"),
@@ -191,7 +191,7 @@ async fn the_monitor_in_tmux() {
         tmux(&["display", "-p", "-t", &session.0, "#{alternate_on}"]).trim(),
         "0"
     );
-    if let Ok(dir) = std::env::var("QCLUSTER_SCREENSHOT_DIR") {
+    if let Ok(dir) = std::env::var("TEST_SCREENSHOT_DIR") {
         std::fs::write(std::path::Path::new(&dir).join("monitor.txt"), &saved)
             .expect("save screen");
     }
