@@ -889,7 +889,20 @@ pub(crate) async fn statuses(
     broker: &Arc<dyn broker_core::Broker>,
     config: &Config,
 ) -> Result<(Vec<Status>, String), Error> {
-    let home = StatusHome::open(broker, config).await?;
+    statuses_with(broker, None, config).await
+}
+
+/// [`statuses`], reading from `store` (when given) instead of connecting one where the broker
+/// cannot hold status: long-running readers (the dashboard, the monitor) keep one pool.
+pub(crate) async fn statuses_with(
+    broker: &Arc<dyn broker_core::Broker>,
+    store: Option<&Store>,
+    config: &Config,
+) -> Result<(Vec<Status>, String), Error> {
+    let home = match store {
+        Some(s) => StatusHome::pick(broker, s),
+        None => StatusHome::open(broker, config).await?,
+    };
     let clusters = home
         .read(STATUS_PREFIX)
         .await?

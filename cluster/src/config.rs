@@ -296,6 +296,17 @@ impl HttpSection {
             )
         })?;
         match &self.token {
+            Some(t)
+                if t.expose().iter().any(|b| {
+                    b.is_ascii_whitespace() || b.is_ascii_control() || b";,\"\\".contains(b)
+                }) =>
+            {
+                Err(ConfigError::new(
+                    "http.token",
+                    "holds whitespace or one of ; , \" \\ (it travels in a header and a cookie); \
+                     base64 or hex is fine",
+                ))
+            }
             Some(t) if t.expose().len() < 16 => Err(ConfigError::new(
                 "http.token",
                 format!(

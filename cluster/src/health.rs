@@ -152,12 +152,13 @@ async fn assess_with(
         Err(e) => Err(e),
     };
     let t = Instant::now();
-    let store_check = match store {
+    let store_check = match &store {
         Ok((s, took)) => bounded("store", CHECK_LIMIT, s.ping())
             .await
-            .map(|()| (took + t.elapsed()).as_secs_f64() * 1000.0),
-        Err(e) => Err(e),
+            .map(|()| (*took + t.elapsed()).as_secs_f64() * 1000.0),
+        Err(e) => Err(e.clone()),
     };
+    let store = store.ok().map(|(s, _)| s);
     let broker_check = broker
         .as_ref()
         .map(|(_, took)| took.as_secs_f64() * 1000.0)
@@ -168,7 +169,13 @@ async fn assess_with(
     let mut clusters = Vec::new();
     let mut status_error = None;
     match &broker {
-        Ok((b, _)) => match bounded("status", CHECK_LIMIT, crate::cli::statuses(b, config)).await {
+        Ok((b, _)) => match bounded(
+            "status",
+            CHECK_LIMIT,
+            crate::cli::statuses_with(b, store.as_ref(), config),
+        )
+        .await
+        {
             Ok((all, _)) => {
                 for s in all {
                     let s: Status = s;

@@ -42,6 +42,8 @@ pub(crate) struct Web {
     token: Option<Arc<str>>,
     /// Reads need no token (the address is loopback).
     open_reads: bool,
+    /// The port served, for the `Host` check on loopback.
+    port: u16,
     dashboard: bool,
     /// The running cluster's own figures (`run` only; `qcluster dashboard` has none).
     pub live: Option<Live>,
@@ -74,6 +76,7 @@ impl Web {
                 .as_ref()
                 .map(|t| String::from_utf8_lossy(t.expose()).into()),
             open_reads: addr.ip().is_loopback(),
+            port: addr.port(),
             config,
             store,
             client,
@@ -104,9 +107,12 @@ impl Web {
                 .any(|v| same(v.as_bytes(), token.as_bytes()))
     }
 
-    /// A state change may go ahead.
+    /// A state change may go ahead: the token, and (for a browser) a request from our own
+    /// pages. `SameSite=Strict` keeps other sites' forms from carrying the cookie, but a page on
+    /// another port of the same host is the same site: the browser's `Sec-Fetch-Site` and
+    /// `Origin` headers tell it apart.
     pub fn may_change(&self, headers: &HeaderMap) -> bool {
-        self.token.is_some() && self.authorized(headers)
+        self.token.is_some() && self.authorized(headers) && same_origin(headers)
     }
 
     /// Pages may be read.
@@ -135,6 +141,52 @@ impl Web {
         ))
         .ok()
     }
+}
+
+/// False when a browser says the request comes from another origin (tools such as curl send
+/// neither header and pass).
+fn same_origin(headers: &HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return false;
+    }
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host)),
+        (Some(_), None) => false,
+        _ => true,
+    }
+}
+
+/// On a loopback address, answers only requests whose `Host` is a loopback name with our port:
+/// a page of another site whose name was made to resolve to 127.0.0.1 (DNS rebinding) cannot
+/// read what loopback serves without the token.
+async fn loopback_host(State(web): State<Web>, req: Request, next: Next) -> Response {
+    if web.open_reads {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let port = web.port;
+        let ok = [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            format!("[::1]:{port}"),
+        ]
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(host));
+        if !ok {
+            return refused(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this server answers to 127.0.0.1, localhost or [::1] with its port only",
+            );
+        }
+    }
+    next.run(req).await
 }
 
 /// The dashboard's login cookie.
@@ -172,6 +224,10 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, web: Web, stop: Can
         app = app.merge(pages::routes());
     }
     let app = app
+        .layer(axum::middleware::from_fn_with_state(
+            web.clone(),
+            loopback_host,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(web);
     if let Err(e) = axum::serve(listener, app)

@@ -52,7 +52,7 @@ pub async fn gather(
     config: &Config,
     failures: usize,
 ) -> Overview {
-    let mut o = gather_broker(broker, config).await;
+    let mut o = gather_with(broker, Some(store), config).await;
     if failures > 0 {
         let b = Browse {
             outcome: Outcome::Failure,
@@ -69,6 +69,10 @@ pub async fn gather(
 
 /// The broker's part of the view: queue figures and cluster statuses (no failures).
 pub async fn gather_broker(broker: &Arc<dyn Broker>, config: &Config) -> Overview {
+    gather_with(broker, None, config).await
+}
+
+async fn gather_with(broker: &Arc<dyn Broker>, store: Option<&Store>, config: &Config) -> Overview {
     let mut o = Overview::default();
     let mut errors = Vec::new();
     match bounded(broker.queue_size()).await {
@@ -84,7 +88,7 @@ pub async fn gather_broker(broker: &Arc<dyn Broker>, config: &Config) -> Overvie
             Ok(n) => o.dead_letters = n,
             Err(e) => errors.push(e),
         }
-        match bounded(crate::cli::statuses(broker, config)).await {
+        match bounded(crate::cli::statuses_with(broker, store, config)).await {
             Ok((mut all, at)) => {
                 all.sort_by(|a, b| a.host.cmp(&b.host).then(a.pid.cmp(&b.pid)));
                 o.clusters = all;

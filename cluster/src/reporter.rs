@@ -154,6 +154,8 @@ pub(crate) fn start(
             options.release = Some(concat!("qcluster@", env!("CARGO_PKG_VERSION")).into());
             options.server_name = Some(host.to_owned().into());
             options.shutdown_timeout = DRAIN;
+            // Room for a burst of failures (the crate's default holds 30, then drops).
+            options.transport_channel_capacity = std::num::NonZeroUsize::new(QUEUE);
             options.transport = Some(Arc::new(Via(http)));
             Some(Arc::new(sentry::Client::from(options)))
         }
@@ -256,13 +258,19 @@ impl Poster {
         }
     }
 
-    /// Posts `r`, with `tries` tries, `pause` doubling in between unless `done` is cancelled.
+    /// Sends `r` to Sentry (if set) and posts it to the webhook (if set) with `tries` tries.
     async fn deliver(&self, r: &Report, tries: u32, done: &CancellationToken) {
         if let Some(client) = &self.sentry {
             // Queued on the sentry client's own thread: never waits for the network.
             let hub = sentry::Hub::new(Some(client.clone()), Arc::new(sentry::Scope::default()));
             hub.capture_event(sentry_event(r));
         }
+        self.post_with_retries(r, tries, done).await;
+    }
+
+    /// Posts `r` to the webhook (if any), with `tries` tries, `pause` doubling in between unless
+    /// `done` is cancelled.
+    async fn post_with_retries(&self, r: &Report, tries: u32, done: &CancellationToken) {
         let Some((_, url)) = &self.webhook else {
             return;
         };
@@ -297,18 +305,30 @@ impl Poster {
             self.deliver(&r, self.retries.saturating_add(1), &done)
                 .await;
         }
-        // Shutdown: what is queued gets one try each, within the drain time.
-        let left = async {
-            while let Ok(r) = rx.try_recv() {
-                self.deliver(&r, 1, &CancellationToken::new()).await;
+        // Shutdown: every queued report goes to Sentry's queue first; then Sentry flushes while
+        // the webhook gets one try per report, both within the drain time.
+        let mut left = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            left.push(r);
+        }
+        let sentry = self.sentry.clone().map(|client| {
+            let hub = sentry::Hub::new(Some(client.clone()), Arc::new(sentry::Scope::default()));
+            for r in &left {
+                hub.capture_event(sentry_event(r));
+            }
+            tokio::task::spawn_blocking(move || client.close(Some(DRAIN)))
+        });
+        let posts = async {
+            for r in &left {
+                self.post_with_retries(r, 1, &CancellationToken::new())
+                    .await;
             }
         };
-        if tokio::time::timeout(DRAIN, left).await.is_err() {
+        if tokio::time::timeout(DRAIN, posts).await.is_err() {
             tracing::warn!("error reporter: reports still queued at shutdown were dropped");
         }
-        if let Some(client) = self.sentry {
-            // Flushes what the sentry client still holds, within its shutdown timeout.
-            let closed = tokio::task::spawn_blocking(move || client.close(Some(DRAIN))).await;
+        if let Some(closing) = sentry {
+            let closed = closing.await;
             if !matches!(closed, Ok(true)) {
                 tracing::warn!(
                     "error reporter: Sentry events still queued at shutdown were dropped"

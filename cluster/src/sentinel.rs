@@ -187,17 +187,17 @@ impl Cluster {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary, Error> {
         let config = self.config.clone();
         let host = host_name();
+        // `[http]`: bound before any role starts, so a taken port stops the start.
+        let http = match &config.http.listen {
+            Some(listen) => Some(crate::http::bind(&config, listen, "http.listen").await?),
+            None => None,
+        };
         let reporting_done = tokio_util::sync::CancellationToken::new();
         let (reports, reporter) =
             match crate::reporter::start(&config.error_reporter, &host, reporting_done.clone())? {
                 Some((r, h)) => (Some(r), Some(h)),
                 None => (None, None),
             };
-        // `[http]`: bound before any role starts, so a taken port stops the start.
-        let http = match &config.http.listen {
-            Some(listen) => Some(crate::http::bind(&config, listen, "http.listen").await?),
-            None => None,
-        };
         let metrics = (http.is_some() && config.http.metrics)
             .then(|| Arc::new(crate::metrics::Metrics::new()));
         let broker: Arc<dyn Broker> = match &metrics {
@@ -450,8 +450,12 @@ impl Cluster {
             );
         }
         http_done.cancel();
-        if let Some(h) = http_task {
-            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+        if let Some(mut h) = http_task
+            && tokio::time::timeout(Duration::from_secs(2), &mut h)
+                .await
+                .is_err()
+        {
+            h.abort();
         }
         let summary = shared.counters.summary();
         let (tx, _) = async_channel::bounded::<Job>(1);

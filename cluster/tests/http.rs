@@ -187,6 +187,18 @@ async fn dashboard_pages_escape_and_guard_state_changes(db: Backend) {
         .expect("dashboard");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("http.token"));
+    // So is one with a character that cannot travel in a header or a cookie.
+    let out = w
+        .cmd(&["dashboard", "--listen", "127.0.0.1:0"])
+        .env("QCLUSTER_HTTP__TOKEN", "long-enough-token but-with-a-space")
+        .output()
+        .expect("dashboard");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("http.token") && !err.contains("with-a-space"),
+        "{err}"
+    );
 
     // With a token: the wrong one is refused, the right one (bearer) may act.
     let port2 = free_port();
@@ -221,6 +233,49 @@ async fn dashboard_pages_escape_and_guard_state_changes(db: Backend) {
         headers["location"].starts_with("/schedules?msg="),
         "{headers:?}"
     );
+    // A page of another origin (another port of this host, which SameSite counts as the same
+    // site) cannot post with the user's credentials.
+    let host = format!("127.0.0.1:{port2}");
+    for extra in [
+        ("Origin", "http://127.0.0.1:8888"),
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Site", "same-site"),
+    ] {
+        let (status, _, _) = http(
+            port2,
+            "POST",
+            "/schedules/nope/pause",
+            &[form, ("Authorization", BEARER), extra],
+            "",
+        );
+        assert_eq!(status, 403, "{extra:?}");
+    }
+    let origin = format!("http://{host}");
+    let (status, _, _) = http(
+        port2,
+        "POST",
+        "/schedules/nope/pause",
+        &[
+            form,
+            ("Authorization", BEARER),
+            ("Origin", &origin),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+        "",
+    );
+    assert_eq!(status, 303, "our own page may post");
+    // DNS rebinding: another name resolved to 127.0.0.1 is not answered.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port2)).expect("connect");
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /tasks HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .expect("send");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
+    assert!(!answer.contains(&ids[0].to_string()), "{answer}");
+
     // Login: a wrong token gets 401; the right one a strict, HttpOnly cookie.
     let (status, _, _) = http(port2, "POST", "/login", &[form], "token=nope");
     assert_eq!(status, 401);

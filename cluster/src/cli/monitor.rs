@@ -81,23 +81,30 @@ struct Sources {
     store: Option<Store>,
 }
 
-async fn refresh(config: &Config, brokers: &Brokers, src: &mut Sources, view: &mut View) {
+/// What one refresh read.
+enum Fetched {
+    /// The broker did not answer.
+    Problem(String),
+    /// The figures, and the broker's description when it was (re)connected.
+    Figures(Box<Overview>, Option<String>),
+}
+
+/// Reads the figures, connecting (again) where needed. Touches no view state, so keys are
+/// handled while it waits.
+async fn fetch(config: &Config, brokers: &Brokers, src: &mut Sources) -> Fetched {
     let limit = Duration::from_secs(3);
+    let mut endpoint = None;
     if src.broker.is_none() {
         match tokio::time::timeout(limit, brokers.connect(config)).await {
             Ok(Ok(b)) => {
                 if let Ok(Ok(info)) = tokio::time::timeout(limit, b.info()).await {
-                    view.endpoint = format!("{} at {}", info.broker, info.endpoint);
+                    endpoint = Some(format!("{} at {}", info.broker, info.endpoint));
                 }
                 src.broker = Some(b);
             }
-            Ok(Err(e)) => {
-                view.problem = Some(format!("broker unreachable: {e}"));
-                return;
-            }
+            Ok(Err(e)) => return Fetched::Problem(format!("broker unreachable: {e}")),
             Err(_) => {
-                view.problem = Some("broker unreachable: no answer within 3s".into());
-                return;
+                return Fetched::Problem("broker unreachable: no answer within 3s".into());
             }
         }
     }
@@ -110,7 +117,9 @@ async fn refresh(config: &Config, brokers: &Brokers, src: &mut Sources, view: &m
     {
         src.store = Some(s);
     }
-    let Some(broker) = &src.broker else { return };
+    let Some(broker) = &src.broker else {
+        return Fetched::Problem("broker unreachable".into());
+    };
     let o = match &src.store {
         Some(store) => crate::overview::gather(broker, store, config, FAILURES).await,
         None => {
@@ -120,13 +129,27 @@ async fn refresh(config: &Config, brokers: &Brokers, src: &mut Sources, view: &m
         }
     };
     if let Some(e) = &o.broker_error {
-        view.problem = Some(format!("broker unreachable: {e}"));
-        // Keep the last good figures on screen, marked stale; connect again next time.
+        // Connect again next time.
         src.broker = None;
-        return;
+        return Fetched::Problem(format!("broker unreachable: {e}"));
     }
     if o.store_error.is_some() {
         src.store = None;
+    }
+    Fetched::Figures(Box::new(o), endpoint)
+}
+
+/// Puts what a refresh read on the view: a problem keeps the last good figures, marked stale.
+fn apply(view: &mut View, fetched: Fetched) {
+    let (o, endpoint) = match fetched {
+        Fetched::Problem(p) => {
+            view.problem = Some(p);
+            return;
+        }
+        Fetched::Figures(o, endpoint) => (*o, endpoint),
+    };
+    if let Some(e) = endpoint {
+        view.endpoint = e;
     }
     view.problem = None;
     view.fresh_at = Some(Instant::now());
@@ -405,32 +428,60 @@ pub(super) async fn run(config: &Config, brokers: &Brokers, every: Duration) -> 
             }
         }
     });
-    let mut terminal = ratatui::init();
+    let mut terminal = match ratatui::try_init() {
+        Ok(t) => t,
+        Err(e) => {
+            quit.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(Fail::runtime(format!("cannot set up the terminal: {e}")));
+        }
+    };
     let mut view = View::default();
     let mut src = Sources {
         broker: None,
         store: None,
     };
-    let mut next = tokio::time::Instant::now();
-    let result = loop {
-        if tokio::time::Instant::now() >= next {
-            refresh(config, brokers, &mut src, &mut view).await;
-            next = tokio::time::Instant::now() + every;
-        }
-        if let Err(e) = terminal.draw(|f| draw(f, config, &view)) {
-            break Err(Fail::runtime(format!("cannot draw: {e}")));
-        }
-        tokio::select! {
-            k = keys.recv() => match k {
-                Some((code, mods)) => {
-                    if key(&mut view, code, mods) {
-                        break Ok(());
+    let result = 'view: loop {
+        // A refresh runs while keys are handled and the view redrawn: `q` quits at once even
+        // when the broker hangs.
+        let refresh = fetch(config, brokers, &mut src);
+        tokio::pin!(refresh);
+        let fetched = loop {
+            if let Err(e) = terminal.draw(|f| draw(f, config, &view)) {
+                break 'view Err(Fail::runtime(format!("cannot draw: {e}")));
+            }
+            tokio::select! {
+                f = &mut refresh => break f,
+                k = keys.recv() => match k {
+                    Some((code, mods)) => {
+                        if key(&mut view, code, mods) {
+                            break 'view Ok(());
+                        }
                     }
-                }
-                None => break Ok(()),
-            },
-            _ = tokio::time::sleep_until(next) => {}
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+                    None => break 'view Ok(()),
+                },
+                // SIGINT from outside the terminal: leave the same way as `q`.
+                _ = tokio::signal::ctrl_c() => break 'view Ok(()),
+            }
+        };
+        apply(&mut view, fetched);
+        let next = tokio::time::Instant::now() + every;
+        loop {
+            if let Err(e) = terminal.draw(|f| draw(f, config, &view)) {
+                break 'view Err(Fail::runtime(format!("cannot draw: {e}")));
+            }
+            tokio::select! {
+                k = keys.recv() => match k {
+                    Some((code, mods)) => {
+                        if key(&mut view, code, mods) {
+                            break 'view Ok(());
+                        }
+                    }
+                    None => break 'view Ok(()),
+                },
+                // SIGINT from outside the terminal: leave the same way as `q`.
+                _ = tokio::signal::ctrl_c() => break 'view Ok(()),
+                _ = tokio::time::sleep_until(next) => break,
+            }
         }
     };
     quit.store(true, std::sync::atomic::Ordering::Relaxed);

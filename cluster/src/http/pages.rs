@@ -517,15 +517,25 @@ async fn dead_requeue(
     let msg = if t.all.is_some() {
         match crate::dead::requeue_all(&*web.broker, codec).await {
             Ok((n, refused)) if refused.is_empty() => format!("Requeued {n} packages."),
-            Ok((n, refused)) => format!(
-                "Requeued {n} packages; {} refused and kept: {}",
-                refused.len(),
-                refused
+            Ok((n, refused)) => {
+                // The message travels in the redirect's URL: the first few only.
+                let shown: Vec<String> = refused
                     .iter()
-                    .map(|(id, why)| format!("{id} ({why})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+                    .take(5)
+                    .map(|(id, why)| format!("{id} ({})", short(why, 80)))
+                    .collect();
+                let more = refused.len().saturating_sub(shown.len());
+                format!(
+                    "Requeued {n} packages; {} refused and kept: {}{}",
+                    refused.len(),
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more (qcluster dead list)")
+                    } else {
+                        String::new()
+                    }
+                )
+            }
             Err(e) => format!("Requeue failed: {e}"),
         }
     } else if let Some(id) = t.id.filter(|i| !i.is_empty()) {

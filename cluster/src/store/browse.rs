@@ -1,9 +1,10 @@
 //! Browsing stored results, newest first, for the dashboard and the monitor.
 //!
 //! The promise: a page of results costs one index range scan whatever the table holds (a
-//! million rows answer as fast as a thousand): every filter is served by an index that leads
-//! with `cluster` and ends with `stopped`, and pages continue from the last row seen (keyset
-//! pagination), never with `OFFSET`. Runs still going (`stopped = 0`) are not results yet and
+//! million rows answer as fast as a thousand): the outcome and func filters are served by an
+//! index that leads with `cluster` and ends with `stopped` (a group by the group index), and pages
+//! continue from the last row seen (keyset pagination, bounded by `stopped` so that a deep page
+//! starts its scan where the last one ended), never with `OFFSET`. Runs still going (`stopped = 0`) are not results yet and
 //! are listed only when asked for.
 
 use super::{Dialect, Store, TaskRecord};
@@ -49,6 +50,19 @@ const INDEXES: &[(&str, &str)] = &[
 impl Store {
     /// Creates the browsing indexes if missing (also on tables made before they existed).
     pub(super) async fn create_browse_indexes(&self) -> Result<(), Error> {
+        // Two processes starting at once on PostgreSQL may collide on the catalog: try again.
+        let mut last = None;
+        for _ in 0..5 {
+            match self.try_browse_indexes().await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(last.unwrap_or_else(|| self.err("create indexes".into())))
+    }
+
+    async fn try_browse_indexes(&self) -> Result<(), Error> {
         for (name, cols) in INDEXES {
             let sql = match self.dialect {
                 // MySQL has no CREATE INDEX IF NOT EXISTS: a duplicate name (1061) is fine.
@@ -91,7 +105,9 @@ impl Store {
             sql.push_str(" AND stopped >= ?");
         }
         if b.after.is_some() {
-            sql.push_str(" AND (stopped < ? OR (stopped = ? AND id < ?))");
+            // The first bound is implied by the second, but only it bounds the index range
+            // scan on PostgreSQL and SQLite (an OR is no range for them).
+            sql.push_str(" AND stopped <= ? AND (stopped < ? OR (stopped = ? AND id < ?))");
         }
         sql.push_str(&format!(
             " ORDER BY stopped DESC, id DESC LIMIT {}",
@@ -109,7 +125,11 @@ impl Store {
             q = q.bind(s);
         }
         if let Some((stopped, id)) = &b.after {
-            q = q.bind(*stopped).bind(*stopped).bind(id.clone());
+            q = q
+                .bind(*stopped)
+                .bind(*stopped)
+                .bind(*stopped)
+                .bind(id.clone());
         }
         let rows = q
             .fetch_all(&self.pool)
