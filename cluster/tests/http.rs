@@ -12,6 +12,19 @@ use common::{Guard, World, free_port, http, sql_world, wait_http};
 
 const TOKEN: &str = "a-test-token-of-enough-length";
 
+/// `qcluster dashboard` of `w` on `port`, with `token` if given.
+fn dashboard(w: &World, port: u16, token: Option<&str>) -> Guard {
+    let mut cmd = w.cmd(&["dashboard", "--listen", &format!("127.0.0.1:{port}")]);
+    if let Some(t) = token {
+        cmd.env("QCLUSTER_HTTP__TOKEN", t);
+    }
+    Guard(
+        cmd.stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("dashboard"),
+    )
+}
+
 const BEARER: &str = "Bearer a-test-token-of-enough-length";
 
 async fn metrics_count_what_ran(db: Backend) {
@@ -134,12 +147,7 @@ async fn dashboard_pages_escape_and_guard_state_changes(db: Backend) {
 
     // Read-only without a token: pages answer, actions are refused.
     let port = free_port();
-    let _d = Guard(
-        w.cmd(&["dashboard", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("dashboard"),
-    );
+    let _d = dashboard(&w, port, None);
     wait_http(port, "/health", 200, Duration::from_secs(30));
     let (status, _, page) = http(port, "GET", "/tasks", &[], "");
     assert_eq!(status, 200);
@@ -202,13 +210,7 @@ async fn dashboard_pages_escape_and_guard_state_changes(db: Backend) {
 
     // With a token: the wrong one is refused, the right one (bearer) may act.
     let port2 = free_port();
-    let _d2 = Guard(
-        w.cmd(&["dashboard", "--listen", &format!("127.0.0.1:{port2}")])
-            .env("QCLUSTER_HTTP__TOKEN", TOKEN)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("dashboard"),
-    );
+    let _d2 = dashboard(&w, port2, Some(TOKEN));
     wait_http(port2, "/health", 200, Duration::from_secs(30));
     let form = ("Content-Type", "application/x-www-form-urlencoded");
     let (status, _, _) = http(port2, "POST", "/schedules/nope/pause", &[form], "");
@@ -295,12 +297,7 @@ async fn dashboard_pages_escape_and_guard_state_changes(db: Backend) {
 async fn health_endpoint_is_503_without_a_cluster() {
     let w = World::new("health_http", None);
     let port = free_port();
-    let _d = Guard(
-        w.cmd(&["dashboard", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("dashboard"),
-    );
+    let _d = dashboard(&w, port, None);
     wait_http(port, "/health", 503, Duration::from_secs(30));
     let (_, _, body) = http(port, "GET", "/health", &[], "");
     let h: serde_json::Value = serde_json::from_str(&body).expect("JSON");

@@ -160,6 +160,19 @@ async fn a_cluster_with_prune_older_than_prunes_by_itself() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("prune_older_than"));
 }
 
+/// `qcluster run` of `w` with its log in `run.log` of the world's directory.
+fn run_logged(w: &World) -> (Guard, std::path::PathBuf) {
+    let log = w.dir.path().join("run.log");
+    let run = Guard(
+        w.cmd(&["run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("run"),
+    );
+    (run, log)
+}
+
 /// A webhook for the test: records every request body, answers 500 to the first one, 200 after.
 async fn webhook() -> (
     String,
@@ -254,14 +267,7 @@ async fn final_failures_are_posted_to_the_webhook_with_retries() {
         r#"{"func": "fail", "args": "it broke"}"#.to_owned(),
         r#"{"func": "echo", "args": 1}"#.to_owned(),
     ]);
-    let log = w.dir.path().join("run.log");
-    let mut run = Guard(
-        w.cmd(&["run"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("run"),
-    );
+    let (mut run, log) = run_logged(&w);
     w.wait_done(&ids, Duration::from_secs(30)).await;
     // The first POST is answered 500, the second (its retry, 1 s later) 200.
     let t = Instant::now();
@@ -352,14 +358,7 @@ async fn final_failures_go_to_sentry_with_the_dsn_kept_secret() {
         r#"{"func": "fail", "args": "sensor offline"}"#.to_owned(),
         r#"{"func": "echo", "args": 1}"#.to_owned(),
     ]);
-    let log = w.dir.path().join("run.log");
-    let mut run = Guard(
-        w.cmd(&["run"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("run"),
-    );
+    let (mut run, log) = run_logged(&w);
     w.wait_done(&ids, Duration::from_secs(30)).await;
     let t = Instant::now();
     while seen.lock().expect("log").is_empty() {

@@ -399,6 +399,43 @@ fn key(view: &mut View, code: KeyCode, mods: KeyModifiers) -> bool {
     false
 }
 
+/// How waiting on the view ended.
+enum Step<T> {
+    /// What was waited for.
+    Done(T),
+    /// The user quit (`Ok`), or the terminal failed.
+    Quit(Res),
+}
+
+/// Draws the view and handles keys (and SIGINT) until `wait` completes.
+async fn until<T>(
+    terminal: &mut ratatui::DefaultTerminal,
+    config: &Config,
+    view: &mut View,
+    keys: &mut tokio::sync::mpsc::UnboundedReceiver<(KeyCode, KeyModifiers)>,
+    wait: impl Future<Output = T>,
+) -> Step<T> {
+    tokio::pin!(wait);
+    loop {
+        if let Err(e) = terminal.draw(|f| draw(f, config, view)) {
+            return Step::Quit(Err(Fail::runtime(format!("cannot draw: {e}"))));
+        }
+        tokio::select! {
+            v = &mut wait => return Step::Done(v),
+            k = keys.recv() => match k {
+                Some((code, mods)) => {
+                    if key(view, code, mods) {
+                        return Step::Quit(Ok(()));
+                    }
+                }
+                None => return Step::Quit(Ok(())),
+            },
+            // SIGINT from outside the terminal: leave the same way as `q`.
+            _ = tokio::signal::ctrl_c() => return Step::Quit(Ok(())),
+        }
+    }
+}
+
 /// Runs the view until `q`.
 pub(super) async fn run(config: &Config, brokers: &Brokers, every: Duration) -> Res {
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -440,48 +477,25 @@ pub(super) async fn run(config: &Config, brokers: &Brokers, every: Duration) -> 
         broker: None,
         store: None,
     };
-    let result = 'view: loop {
+    let result = loop {
         // A refresh runs while keys are handled and the view redrawn: `q` quits at once even
         // when the broker hangs.
-        let refresh = fetch(config, brokers, &mut src);
-        tokio::pin!(refresh);
-        let fetched = loop {
-            if let Err(e) = terminal.draw(|f| draw(f, config, &view)) {
-                break 'view Err(Fail::runtime(format!("cannot draw: {e}")));
-            }
-            tokio::select! {
-                f = &mut refresh => break f,
-                k = keys.recv() => match k {
-                    Some((code, mods)) => {
-                        if key(&mut view, code, mods) {
-                            break 'view Ok(());
-                        }
-                    }
-                    None => break 'view Ok(()),
-                },
-                // SIGINT from outside the terminal: leave the same way as `q`.
-                _ = tokio::signal::ctrl_c() => break 'view Ok(()),
-            }
+        let fetched = match until(
+            &mut terminal,
+            config,
+            &mut view,
+            &mut keys,
+            fetch(config, brokers, &mut src),
+        )
+        .await
+        {
+            Step::Done(f) => f,
+            Step::Quit(r) => break r,
         };
         apply(&mut view, fetched);
-        let next = tokio::time::Instant::now() + every;
-        loop {
-            if let Err(e) = terminal.draw(|f| draw(f, config, &view)) {
-                break 'view Err(Fail::runtime(format!("cannot draw: {e}")));
-            }
-            tokio::select! {
-                k = keys.recv() => match k {
-                    Some((code, mods)) => {
-                        if key(&mut view, code, mods) {
-                            break 'view Ok(());
-                        }
-                    }
-                    None => break 'view Ok(()),
-                },
-                // SIGINT from outside the terminal: leave the same way as `q`.
-                _ = tokio::signal::ctrl_c() => break 'view Ok(()),
-                _ = tokio::time::sleep_until(next) => break,
-            }
+        let pause = tokio::time::sleep(every);
+        if let Step::Quit(r) = until(&mut terminal, config, &mut view, &mut keys, pause).await {
+            break r;
         }
     };
     quit.store(true, std::sync::atomic::Ordering::Relaxed);
