@@ -34,6 +34,7 @@ use cluster::config::{Secret, Url};
 use cluster::{Client, Cluster, Config, NewTask, Registry, Store, TaskContext, WorkerMode};
 
 const WORKERS: usize = 2;
+const BENCH_SECRET: &str = "bench-secret-0123456789abcdef0123456789";
 const LATENCY_SAMPLES: usize = 300;
 
 /// The bench's tasks: the built-ins and `block1ms` (a blocking task of 1 ms).
@@ -153,7 +154,7 @@ fn config(url: &str, name: &str) -> Config {
     let mut c = Config {
         name: name.to_owned(),
         workers: WORKERS,
-        secret: Some(Secret::new("bench-secret")),
+        secret: Some(Secret::new(BENCH_SECRET)),
         ..Config::default()
     };
     c.set("orm.url", url.to_owned()).expect("orm.url");
@@ -260,7 +261,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
             p99_ms,
         });
     }
-    let payload = Codec::new(b"bench-secret", &name)
+    let payload = Codec::new(BENCH_SECRET.as_bytes(), &name)
         .and_then(|c| c.encode(&TaskPackage::new("noop", b"null".to_vec())))
         .map_err(|e| e.to_string())?;
     let raw = broker_orm::rawloop::claim_delete(
@@ -413,7 +414,7 @@ fn idle_rss(dir: &std::path::Path) -> Result<u64, String> {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qcluster"))
         .arg("run")
         .current_dir(dir)
-        .env("QCLUSTER_SECRET", "bench-secret")
+        .env("QCLUSTER_SECRET", BENCH_SECRET)
         .env("QCLUSTER_WORKERS", WORKERS.to_string())
         .env("QCLUSTER_NAME", "idle")
         .env(

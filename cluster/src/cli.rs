@@ -179,7 +179,7 @@ struct GroupArgs {
 struct EnqueueArgs {
     /// Task name (required unless --from is given).
     func: Option<String>,
-    /// Arguments as JSON.
+    /// Arguments as JSON; `@FILE` reads them from FILE, `@-` from stdin.
     #[arg(long, default_value = "null")]
     args: String,
     /// Read tasks from FILE (`-` for stdin): one JSON object per line, `{"func": …, "args": …}`.
@@ -225,6 +225,29 @@ struct EnqueueArgs {
     max_attempts: Option<u32>,
     #[command(flatten)]
     out: Out,
+}
+
+/// The JSON of `--args`: as written, or read from a file (`@FILE`) or stdin (`@-`), as curl
+/// does; checked to be JSON.
+fn read_args(raw: &str) -> Res<String> {
+    let (text, from) = match raw.strip_prefix('@') {
+        Some("-") => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| Fail::usage(format!("--args @-: cannot read stdin: {e}")))?;
+            (s, " (from stdin)".to_owned())
+        }
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| Fail::usage(format!("--args @{path}: cannot read {path}: {e}")))?,
+            format!(" (from {path})"),
+        ),
+        None => (raw.to_owned(), String::new()),
+    };
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+        return Err(Fail::usage(format!("--args is not JSON{from}: {e}")));
+    }
+    Ok(text.trim().to_owned())
 }
 
 /// One line of `enqueue --from`.
@@ -691,12 +714,10 @@ async fn enqueue(config: &Config, registry: Registry, brokers: &Brokers, a: Enqu
     let tasks = match (&a.from, &a.func) {
         (Some(path), _) => read_lines("--from", path)?,
         (None, Some(func)) => {
-            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&a.args) {
-                return Err(Fail::usage(format!("--args is not JSON: {e}")));
-            }
+            let args = read_args(&a.args)?;
             vec![NewTask {
                 func: func.clone(),
-                args: a.args.clone().into_bytes(),
+                args: args.into_bytes(),
                 options: options(
                     a.group.clone(),
                     a.task_name.clone(),

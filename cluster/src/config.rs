@@ -104,6 +104,9 @@ pub struct Config {
     pub secret: Option<Secret>,
     /// File holding the signing secret.
     pub secret_file: Option<PathBuf>,
+    /// Accept a secret shorter than [`MIN_SECRET`] bytes (tests and demos only: a short HMAC
+    /// key falls to an offline guess from one captured package).
+    pub allow_short_secret: bool,
     /// `[store]`: where results are kept.
     pub store: StoreSection,
     /// `[error_reporter]`: where final failures are reported.
@@ -205,6 +208,25 @@ fn secret_leaf(key: &str) -> bool {
         || (leaf.ends_with("key") && !leaf.ends_with("key_file"))
 }
 
+/// The shortest signing secret accepted without `allow_short_secret`, in bytes.
+pub const MIN_SECRET: usize = 32;
+
+/// Warns when `path` (a secret file) can be read by its group or by others.
+fn warn_if_readable(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "secret_file {} has mode {mode:04o}: readable by its group or others; \
+                 `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -236,6 +258,7 @@ impl Default for Config {
             max_message_size: None,
             secret: None,
             secret_file: None,
+            allow_short_secret: false,
             store: StoreSection::default(),
             error_reporter: ReporterSection::default(),
             http: HttpSection::default(),
@@ -948,6 +971,23 @@ impl Config {
         Ok(())
     }
 
+    /// Refuses a secret under [`MIN_SECRET`] bytes unless `allow_short_secret`.
+    fn long_enough(&self, key: &str, what: &str, s: &Secret) -> Result<(), ConfigError> {
+        let n = s.0.len();
+        if n >= MIN_SECRET || self.allow_short_secret {
+            return Ok(());
+        }
+        Err(ConfigError::new(
+            key,
+            format!(
+                "{what} is {n} bytes; a signing secret needs at least {MIN_SECRET} (a short key \
+                 falls to an offline guess from one captured package). Make one with \
+                 `head -c 32 /dev/urandom | base64`; `allow_short_secret = true` accepts it \
+                 anyway (tests only)"
+            ),
+        ))
+    }
+
     /// Packages held in memory between the pushers and the workers: `queue_limit`, else room
     /// for two claims or two per worker; never less than one claim (`bulk`).
     pub fn queue_limit(&self) -> usize {
@@ -977,6 +1017,7 @@ impl Config {
             if s.0.is_empty() {
                 return Err(ConfigError::new("secret", "QCLUSTER_SECRET is empty"));
             }
+            self.long_enough("secret", "the secret", s)?;
             return Ok(s.clone());
         }
         if let Some(path) = &self.secret_file {
@@ -993,7 +1034,14 @@ impl Config {
                     format!("{} is empty", path.display()),
                 ));
             }
-            return Ok(Secret(s.to_owned()));
+            let secret = Secret(s.to_owned());
+            self.long_enough(
+                "secret_file",
+                &format!("the secret in {}", path.display()),
+                &secret,
+            )?;
+            warn_if_readable(path);
+            return Ok(secret);
         }
         Err(ConfigError::new(
             "secret",

@@ -418,6 +418,137 @@ fn quickstart_runs_from_nothing() {
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success(), "{stdout}");
     assert!(!stdout.contains("created"), "{stdout}");
+    // Its last lines name commands that run as printed, from a shell in that directory (the
+    // binary is not on PATH after `cargo run`).
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("look at one"))
+        .expect("a command to look at one result");
+    let command = line.trim_start_matches("look at one").trim();
+    assert!(command.contains(" result "), "{command}");
+    let ran = std::process::Command::new("sh")
+        .args(["-c", command])
+        .current_dir(dir.path())
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("QCLUSTER_SECRET")
+        .env("QCLUSTER_LOG", "error")
+        .output()
+        .expect("sh");
+    assert!(
+        ran.status.success(),
+        "`{command}` as printed: {}",
+        stderr(&ran)
+    );
+    assert!(String::from_utf8_lossy(&ran.stdout).contains("success"));
+}
+
+/// A secret under 32 bytes is refused at start (exit 2, the key and the length it needs),
+/// from the environment and from a file, unless `allow_short_secret`; a secret file others can
+/// read gets a warning naming it and its mode.
+#[test]
+fn short_secrets_are_refused_and_open_secret_files_warned() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut w = World::new("shortsecret", None);
+    w.secret = "abc".into();
+    let out = w.run(&["enqueue", "noop"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("`secret`") && err.contains("3 bytes") && err.contains("at least 32"),
+        "{err}"
+    );
+    assert!(err.contains("head -c 32 /dev/urandom | base64"), "{err}");
+    assert!(
+        !err.contains("abc "),
+        "the secret itself is not echoed: {err}"
+    );
+    let out = w.run(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    // Allowed on purpose (tests): accepted.
+    let out = w.run(&["--set", "allow_short_secret=true", "enqueue", "noop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // From a file: the key is secret_file; a file others can read is named with its mode.
+    let file = w.dir.path().join("short.secret");
+    std::fs::write(&file, "too-short\n").expect("write");
+    let out = w
+        .cmd(&["enqueue", "noop"])
+        .env_remove("QCLUSTER_SECRET")
+        .env("QCLUSTER_SECRET_FILE", &file)
+        .output()
+        .expect("enqueue");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("`secret_file`") && stderr(&out).contains("9 bytes"));
+    std::fs::write(&file, "a-secret-of-forty-bytes-0123456789abcdef\n").expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = w
+        .cmd(&["enqueue", "noop"])
+        .env_remove("QCLUSTER_SECRET")
+        .env("QCLUSTER_SECRET_FILE", &file)
+        .output()
+        .expect("enqueue");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("short.secret") && err.contains("0644") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = w
+        .cmd(&["enqueue", "noop"])
+        .env_remove("QCLUSTER_SECRET")
+        .env("QCLUSTER_SECRET_FILE", &file)
+        .output()
+        .expect("enqueue");
+    assert!(out.status.success());
+    assert!(!stderr(&out).contains("chmod"), "{}", stderr(&out));
+}
+
+/// `--args @FILE` reads the arguments from a file and `@-` from stdin, as curl users expect;
+/// what is not JSON is refused naming where it came from.
+#[test]
+fn args_from_a_file_or_stdin() {
+    let w = World::new("argsfile", None);
+    let file = w.dir.path().join("args.json");
+    std::fs::write(&file, "{\"from\": \"file\"}\n").expect("write");
+    let r = w.json(
+        &[
+            "--set",
+            "sync=true",
+            "enqueue",
+            "echo",
+            "--args",
+            &format!("@{}", file.display()),
+            "--wait",
+            "5",
+            "--json",
+        ],
+        0,
+    );
+    assert_eq!(r["result"]["from"], "file", "{r}");
+    let out = w.run_stdin(
+        &[
+            "--set",
+            "sync=true",
+            "enqueue",
+            "echo",
+            "--args",
+            "@-",
+            "--wait",
+            "5",
+            "--json",
+        ],
+        "[1, 2, 3]",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["result"], serde_json::json!([1, 2, 3]), "{r}");
+    std::fs::write(&file, "not json").expect("write");
+    let out = w.run(&["enqueue", "echo", "--args", &format!("@{}", file.display())]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("args.json"), "{}", stderr(&out));
+    let out = w.run(&["enqueue", "echo", "--args", "@/nonexistent/args.json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot read"), "{}", stderr(&out));
 }
 
 /// `sync = true` runs the task at enqueue time, no cluster needed.
@@ -471,6 +602,7 @@ fn enqueue_on_the_memory_broker_is_refused() {
 fn numeric_secret_is_taken_as_text() {
     let mut w = World::new("numsecret", None);
     w.secret = "0123456".into();
+    w.set("QCLUSTER_ALLOW_SHORT_SECRET", true);
     let ok = w.json(&["enqueue", "noop", "--json"], 0);
     assert!(ok["id"].is_string());
     let out = w.run(&["--set", "secret=1.50", "enqueue", "noop"]);

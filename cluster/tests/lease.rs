@@ -21,7 +21,9 @@ fn config(broker: &str, dir: &std::path::Path) -> Config {
         timeout: Duration::from_secs(1),
         retry: Duration::from_secs(2),
         guard_cycle: Duration::from_millis(200),
-        secret: Some(Secret::new(format!("lease-secret-{uniq}"))),
+        secret: Some(Secret::new(format!(
+            "lease-secret-{uniq}-long-enough-for-hmac"
+        ))),
         ..Config::default()
     };
     let db = format!("sqlite://{}/q.sqlite3", dir.display());

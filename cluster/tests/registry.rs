@@ -148,6 +148,14 @@ async fn factory_errors_name_the_section_key() {
 async fn set_in_code() {
     let mut c = Config::default();
     c.set("secret", "s3cret-in-code").expect("secret");
+    let e = c.load_secret().unwrap_err();
+    assert_eq!(e.key, "secret");
+    assert!(
+        e.message.contains("14 bytes") && e.message.contains("32"),
+        "{e}"
+    );
+    c.set("allow_short_secret", true)
+        .expect("allow_short_secret");
     assert_eq!(c.load_secret().expect("secret").expose(), b"s3cret-in-code");
     c.set("workers", 3).expect("workers");
     assert_eq!(c.workers, 3);

@@ -200,13 +200,46 @@ pub(super) async fn run(cli: &Cli, n: usize, registry: Registry, brokers: &Broke
         config.workers
     );
     println!("results       {} (table qcluster_task)", store.endpoint());
+    let bin = this_binary();
     if let Some(first) = ids.first() {
-        println!("look at one   qcluster result {first}");
+        println!("look at one   {bin} result {first}");
     }
+    println!("watch them    {bin} dashboard   (then open http://127.0.0.1:9180/)");
     if finished.is_some() {
         Ok(())
     } else {
         Err(Fail::runtime("interrupted before every task finished"))
+    }
+}
+
+/// How to call this binary from here, as a shell would run it: `qcluster` when that is what
+/// PATH finds, else its path (relative to the current directory when under it; after
+/// `cargo run` it is `target/release/qcluster`).
+fn this_binary() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "qcluster".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            std::fs::canonicalize(dir.join("qcluster"))
+                .is_ok_and(|p| std::fs::canonicalize(&exe).is_ok_and(|e| e == p))
+        })
+    });
+    if on_path {
+        return "qcluster".into();
+    }
+    let shown = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(&cwd).ok().map(|p| p.to_path_buf()))
+        .unwrap_or_else(|| exe.clone());
+    let text = shown.display().to_string();
+    if text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+    {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
     }
 }
 

@@ -49,7 +49,7 @@ impl World {
             dir,
             name: format!("t_{tag}_{uniq}"),
             url,
-            secret: format!("test-secret-{uniq}"),
+            secret: format!("test-secret-{uniq}-with-32-bytes-at-least"),
             env: Vec::new(),
         }
     }

@@ -35,7 +35,7 @@ impl World {
         std::fs::write(dir.path().join("qcluster.toml"), config).expect("write config");
         Self {
             dir,
-            secret: format!("secret-{prefix}"),
+            secret: format!("secret-{prefix}-long-enough-for-a-signing-key"),
             prefix,
             env: Vec::new(),
         }
