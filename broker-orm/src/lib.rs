@@ -27,6 +27,7 @@ mod migrate;
 mod notify;
 #[doc(hidden)]
 pub mod rawloop;
+mod upkeep;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -952,6 +953,8 @@ impl Broker for OrmBroker {
             _ => "poll (and in-process wake-up)",
         };
         details.insert("wake_up".into(), wake_up.into());
+        let upkeep = upkeep::read(&i.db, "qcluster_queue").await;
+        details.extend(upkeep.details);
         Ok(BrokerInfo {
             broker: self.broker().into(),
             server: Some(i.server.clone()),
@@ -964,7 +967,10 @@ impl Broker for OrmBroker {
                 "acknowledge deletes the row; fail makes it visible again with its delivery count raised".into(),
                 "claims are atomic: a package is leased to one consumer at a time".into(),
                 "a requeued dead letter comes back at priority 0 (qcluster_dead keeps no priority)".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(upkeep.warnings)
+            .collect(),
             details,
         })
     }

@@ -970,6 +970,15 @@ async fn info(config: &Config, brokers: &Brokers, json: bool) -> Res {
     for n in &info.notes {
         println!("note         {n}");
     }
+    let upkeep: Vec<String> = info
+        .details
+        .iter()
+        .filter(|(k, _)| k.starts_with("queue_table.") || k.starts_with("server."))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !upkeep.is_empty() {
+        println!("upkeep       {}", upkeep.join(" "));
+    }
     println!("status       {status_at}");
     if clusters.is_empty() {
         println!("clusters     none running");

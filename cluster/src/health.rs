@@ -83,6 +83,12 @@ pub struct Health {
     pub max_age_s: f64,
     /// Why heartbeats could not be read, if they could not.
     pub status_error: Option<String>,
+    /// How the broker's storage is kept (the SQL broker: the queue table's dead tuples, last
+    /// vacuum, autovacuum; InnoDB's history list; SQLite's free pages), as its `info` says.
+    pub upkeep: std::collections::BTreeMap<String, String>,
+    /// The broker's warnings (`info` notes starting with `WARNING:`): not unhealthy, but worth
+    /// an operator's look.
+    pub warnings: Vec<String>,
 }
 
 fn limited(what: &str) -> String {
@@ -196,6 +202,22 @@ async fn assess_with(
         Err(_) => status_error = Some("the broker does not answer".into()),
     }
     let fresh = clusters.iter().filter(|b| b.fresh).count();
+    let mut upkeep = std::collections::BTreeMap::new();
+    let mut warnings = Vec::new();
+    if let Ok((b, _)) = &broker
+        && let Ok(info) = bounded("info", CHECK_LIMIT, b.info()).await
+    {
+        upkeep = info
+            .details
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("queue_table.") || k.starts_with("server."))
+            .collect();
+        warnings = info
+            .notes
+            .into_iter()
+            .filter(|n| n.starts_with("WARNING"))
+            .collect();
+    }
     Health {
         healthy: broker_check.is_ok() && store_check.is_ok() && fresh > 0,
         broker: Check::of(broker_check),
@@ -204,5 +226,7 @@ async fn assess_with(
         fresh_clusters: fresh,
         max_age_s: max,
         status_error,
+        upkeep,
+        warnings,
     }
 }

@@ -418,3 +418,58 @@ async fn final_failures_go_to_sentry_with_the_dsn_kept_secret() {
         "{err}"
     );
 }
+
+/// On PostgreSQL, `health` and `info` report the queue table's upkeep: live and dead tuples,
+/// the age of the last vacuum, whether autovacuum is on; with autovacuum off for the table, a
+/// warning says what that costs (and health stays a matter of answering, not of upkeep).
+#[cfg(feature = "orm-postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_the_queue_tables_upkeep_on_postgres() {
+    let Some(w) = common::sql_world("upkeep", common::Sql::Postgres).await else {
+        return;
+    };
+    let ids = w.enqueue_lines(&[r#"{"func": "noop"}"#.to_owned()]);
+    assert_eq!(ids.len(), 1);
+    let h = w.json(&["health", "--json"], 1);
+    let upkeep = &h["upkeep"];
+    for key in [
+        "queue_table.live_tuples",
+        "queue_table.dead_tuples",
+        "queue_table.last_vacuum_s",
+        "queue_table.autovacuum",
+    ] {
+        assert!(upkeep[key].is_string(), "{key} missing: {h}");
+    }
+    let info = w.json(&["info", "--json"], 0);
+    assert!(
+        info["broker"]["details"]["queue_table.dead_tuples"].is_string(),
+        "{info}"
+    );
+    // Autovacuum off for the table (as `ALTER TABLE … SET (autovacuum_enabled = off)` does):
+    // said, with a warning. The server-wide setting of this machine may already be off.
+    let url = common::postgres_url();
+    let psql = |sql: &str| {
+        let ok = std::process::Command::new("psql")
+            .args([url.as_str(), "-qc", sql])
+            .status()
+            .expect("psql");
+        assert!(ok.success(), "{sql}");
+    };
+    psql("ALTER TABLE qcluster_queue SET (autovacuum_enabled = off)");
+    let h = w.json(&["health", "--json"], 1);
+    psql("ALTER TABLE qcluster_queue RESET (autovacuum_enabled)");
+    let autovacuum = h["upkeep"]["queue_table.autovacuum"].as_str().unwrap_or("");
+    assert!(autovacuum.starts_with("off"), "{h}");
+    let warnings = h["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("autovacuum is off"))),
+        "{h}"
+    );
+    let text = String::from_utf8_lossy(&w.run(&["health"]).stdout).into_owned();
+    assert!(
+        text.contains("upkeep") && text.contains("queue_table.dead_tuples"),
+        "{text}"
+    );
+}

@@ -49,6 +49,13 @@ pub(super) async fn health(
                 }
             }
         }
+        if !h.upkeep.is_empty() {
+            let figures: Vec<String> = h.upkeep.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("upkeep   {}", figures.join(" "));
+        }
+        for w in &h.warnings {
+            println!("{w}");
+        }
         println!("{}", if h.healthy { "healthy" } else { "UNHEALTHY" });
     }
     if h.healthy {
