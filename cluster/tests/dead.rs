@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use cluster::broker_core::{Broker, TaskId};
 use common::{Guard, World, signal, wait_exit};
-use sqlx::Row;
 
 /// Where the packages go. Results go to SQLite, or to PostgreSQL when that is the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,73 +63,6 @@ async fn world(tag: &str, b: Backend) -> Option<(World, cluster::Config)> {
     let w = common::sql_world(tag, db).await?;
     let cfg = w.config();
     Some((w, cfg))
-}
-
-/// Flips a byte in the middle of the queue's oldest package, in the SQL broker's table.
-async fn tamper_sql(w: &World) {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&w.url).await.expect("pool");
-    let q = |sql: &str| sqlx::AssertSqlSafe(numbered(&w.url, sql));
-    let row = sqlx::query(q(
-        "SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1",
-    ))
-    .bind(w.name.clone())
-    .fetch_one(&pool)
-    .await
-    .expect("first package");
-    let id: i64 = row.get(0);
-    let mut payload: Vec<u8> = row.get(1);
-    let mid = payload.len() / 2;
-    payload[mid] ^= 0x01;
-    sqlx::query(q("UPDATE qcluster_queue SET payload = ? WHERE id = ?"))
-        .bind(payload)
-        .bind(id)
-        .execute(&pool)
-        .await
-        .expect("tamper");
-}
-
-/// Flips a byte in the middle of the queue's oldest package, in Redis.
-async fn tamper_redis(w: &World) {
-    let client = ::redis::Client::open(redis_url()).expect("redis url");
-    let mut c = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let key = format!("test:{}:{{{}}}:ready:0", w.name, w.name);
-    let mut blob: Vec<u8> = ::redis::cmd("LINDEX")
-        .arg(&key)
-        .arg(0)
-        .query_async(&mut c)
-        .await
-        .expect("first package");
-    let mid = blob.len() / 2;
-    blob[mid] ^= 0x01;
-    let _: () = ::redis::cmd("LSET")
-        .arg(&key)
-        .arg(0)
-        .arg(blob)
-        .query_async(&mut c)
-        .await
-        .expect("tamper");
-}
-
-/// `?` placeholders as `$n` for PostgreSQL.
-fn numbered(url: &str, sql: &str) -> String {
-    if !url.starts_with("postgres") {
-        return sql.to_owned();
-    }
-    let mut n = 0;
-    sql.chars()
-        .map(|c| {
-            if c == '?' {
-                n += 1;
-                format!("${n}")
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// Enqueues one `echo` task through the CLI (no cluster running) and moves its package to the
@@ -196,9 +128,9 @@ async fn quarantine_refuse_requeue_delete(b: Backend) {
         r#"{"func": "echo", "args": "honest"}"#.to_owned(),
     ]);
     if b == Backend::Redis {
-        tamper_redis(&w).await;
+        common::tamper_redis(&w).await;
     } else {
-        tamper_sql(&w).await;
+        common::tamper_sql(&w).await;
     }
     let run = Guard(w.start());
     w.wait_done(&ids[1..], Duration::from_secs(30)).await;

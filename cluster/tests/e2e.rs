@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::{Guard, World, postgres_url, reachable, signal, wait_exit};
-use sqlx::Row;
 
 /// `None`: SQLite file; `Some`: PostgreSQL (skipped loudly if down).
 /// Where the packages go. Results go to SQLite, or to PostgreSQL when that is the broker.
@@ -236,9 +235,9 @@ async fn tampered_package_is_quarantined(b: Backend) {
         r#"{"func": "echo", "args": "honest"}"#.to_owned(),
     ]);
     if b == Backend::Redis {
-        tamper_redis(&w).await;
+        common::tamper_redis(&w).await;
     } else {
-        tamper_sql(&w).await;
+        common::tamper_sql(&w).await;
     }
 
     let _run = Guard(w.start());
@@ -388,74 +387,6 @@ async fn unknown_task_fails_at_run_time(b: Backend) {
             .expect("row")
             .success
     );
-}
-
-/// Flips a byte in the middle of the queue's oldest package, in the SQL table.
-async fn tamper_sql(w: &World) {
-    let pool = any_pool(&w.url).await;
-    let q = |sql: &str| sqlx::AssertSqlSafe(crate_sql(&w.url, sql));
-    let row = sqlx::query(q(
-        "SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1",
-    ))
-    .bind(w.name.clone())
-    .fetch_one(&pool)
-    .await
-    .expect("first package");
-    let id: i64 = row.get(0);
-    let mut payload: Vec<u8> = row.get(1);
-    let mid = payload.len() / 2;
-    payload[mid] ^= 0x01;
-    sqlx::query(q("UPDATE qcluster_queue SET payload = ? WHERE id = ?"))
-        .bind(payload)
-        .bind(id)
-        .execute(&pool)
-        .await
-        .expect("tamper");
-}
-
-/// Flips a byte in the middle of the queue's oldest package (its header is short, so the byte
-/// is in the signed package), in Redis.
-async fn tamper_redis(w: &World) {
-    let client = ::redis::Client::open(redis_url()).expect("redis url");
-    let mut c = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    // The oldest package of priority 0 is the head of its band list.
-    let key = format!("test:{}:{{{}}}:ready:0", w.name, w.name);
-    let mut blob: Vec<u8> = ::redis::cmd("LINDEX")
-        .arg(&key)
-        .arg(0)
-        .query_async(&mut c)
-        .await
-        .expect("first package");
-    let mid = blob.len() / 2;
-    blob[mid] ^= 0x01;
-    let _: () = ::redis::cmd("LSET")
-        .arg(&key)
-        .arg(0)
-        .arg(blob)
-        .query_async(&mut c)
-        .await
-        .expect("tamper");
-}
-
-/// `?` placeholders as `$n` for PostgreSQL.
-fn crate_sql(url: &str, sql: &str) -> String {
-    if !url.starts_with("postgres") {
-        return sql.to_owned();
-    }
-    let mut n = 0;
-    sql.chars()
-        .map(|c| {
-            if c == '?' {
-                n += 1;
-                format!("${n}")
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 macro_rules! on_each_backend {

@@ -436,3 +436,73 @@ pub fn wait_http(port: u16, path: &str, want: u16, limit: Duration) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Flips a byte in the middle of the queue's oldest package, in the SQL table.
+pub async fn tamper_sql(w: &World) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&w.url).await.expect("pool");
+    let q = |sql: &str| sqlx::AssertSqlSafe(numbered(&w.url, sql));
+    let row = sqlx::query(q(
+        "SELECT id, payload FROM qcluster_queue WHERE queue = ? ORDER BY id LIMIT 1",
+    ))
+    .bind(w.name.clone())
+    .fetch_one(&pool)
+    .await
+    .expect("first package");
+    let id: i64 = sqlx::Row::get(&row, 0);
+    let mut payload: Vec<u8> = sqlx::Row::get(&row, 1);
+    let mid = payload.len() / 2;
+    payload[mid] ^= 0x01;
+    sqlx::query(q("UPDATE qcluster_queue SET payload = ? WHERE id = ?"))
+        .bind(payload)
+        .bind(id)
+        .execute(&pool)
+        .await
+        .expect("tamper");
+}
+
+/// Flips a byte in the middle of the queue's oldest package (its header is short, so the byte
+/// is in the signed package), in Redis.
+pub async fn tamper_redis(w: &World) {
+    let client =
+        ::redis::Client::open(server("REDIS_URL", "redis://127.0.0.1:6379/0")).expect("redis url");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    // The oldest package of priority 0 is the head of its band list.
+    let key = format!("test:{}:{{{}}}:ready:0", w.name, w.name);
+    let mut blob: Vec<u8> = ::redis::cmd("LINDEX")
+        .arg(&key)
+        .arg(0)
+        .query_async(&mut c)
+        .await
+        .expect("first package");
+    let mid = blob.len() / 2;
+    blob[mid] ^= 0x01;
+    let _: () = ::redis::cmd("LSET")
+        .arg(&key)
+        .arg(0)
+        .arg(blob)
+        .query_async(&mut c)
+        .await
+        .expect("tamper");
+}
+
+/// `?` placeholders as `$n` for PostgreSQL.
+pub fn numbered(url: &str, sql: &str) -> String {
+    if !url.starts_with("postgres") {
+        return sql.to_owned();
+    }
+    let mut n = 0;
+    sql.chars()
+        .map(|c| {
+            if c == '?' {
+                n += 1;
+                format!("${n}")
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
