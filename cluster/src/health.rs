@@ -91,11 +91,8 @@ pub struct Health {
     pub warnings: Vec<String>,
 }
 
-fn limited(what: &str) -> String {
-    format!("{what}: no answer within {}s", CHECK_LIMIT.as_secs())
-}
-
-async fn bounded<T, E: ToString>(
+/// `f` within `limit`; its error, or "`what`: no answer within …", as text.
+pub(crate) async fn bounded<T, E: ToString>(
     what: &str,
     limit: Duration,
     f: impl Future<Output = Result<T, E>>,
@@ -103,7 +100,7 @@ async fn bounded<T, E: ToString>(
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(limited(what)),
+        Err(_) => Err(format!("{what}: no answer within {}s", limit.as_secs())),
     }
 }
 

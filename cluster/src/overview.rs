@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use broker_core::Broker;
 
+use crate::health::bounded;
+
 use crate::config::Config;
 use crate::sentinel::Status;
 use crate::store::{Browse, Outcome, Store, TaskRecord};
@@ -38,13 +40,6 @@ pub struct Overview {
     pub store_error: Option<String>,
 }
 
-async fn bounded<T, E: ToString>(f: impl Future<Output = Result<T, E>>) -> Result<T, String> {
-    match tokio::time::timeout(LIMIT, f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {}s", LIMIT.as_secs())),
-    }
-}
-
 /// Gathers the view of `config.name`, with up to `failures` latest failures.
 pub async fn gather(
     broker: &Arc<dyn Broker>,
@@ -59,7 +54,7 @@ pub async fn gather(
             limit: failures,
             ..Browse::default()
         };
-        match bounded(store.browse(&config.name, &b)).await {
+        match bounded("browse", LIMIT, store.browse(&config.name, &b)).await {
             Ok(rows) => o.failures = rows,
             Err(e) => o.store_error = Some(e),
         }
@@ -75,26 +70,32 @@ pub async fn gather_broker(broker: &Arc<dyn Broker>, config: &Config) -> Overvie
 async fn gather_with(broker: &Arc<dyn Broker>, store: Option<&Store>, config: &Config) -> Overview {
     let mut o = Overview::default();
     let mut errors = Vec::new();
-    match bounded(broker.queue_size()).await {
+    match bounded("queue_size", LIMIT, broker.queue_size()).await {
         Ok(n) => o.waiting = Some(n),
         Err(e) => errors.push(e),
     }
     if errors.is_empty() {
-        match bounded(broker.lock_size()).await {
+        match bounded("lock_size", LIMIT, broker.lock_size()).await {
             Ok(n) => o.in_flight = n,
             Err(e) => errors.push(e),
         }
-        match bounded(broker.dead_letter_size()).await {
+        match bounded("dead_letter_size", LIMIT, broker.dead_letter_size()).await {
             Ok(n) => o.dead_letters = n,
             Err(e) => errors.push(e),
         }
-        match bounded(crate::cli::statuses_with(broker, store, config)).await {
+        match bounded(
+            "status",
+            LIMIT,
+            crate::cli::statuses_with(broker, store, config),
+        )
+        .await
+        {
             Ok((mut all, at)) => {
                 all.sort_by(|a, b| a.host.cmp(&b.host).then(a.pid.cmp(&b.pid)));
                 o.clusters = all;
                 o.status_at = at;
             }
-            Err(e) => errors.push(format!("status: {e}")),
+            Err(e) => errors.push(e),
         }
     }
     o.broker_error = (!errors.is_empty()).then(|| errors.join("; "));
