@@ -429,9 +429,18 @@ pub(crate) async fn read_gauges(
     workers: usize,
     within: Duration,
 ) -> Gauges {
-    let waiting = bounded(within, broker.queue_size()).await;
-    let in_flight = bounded(within, broker.lock_size()).await.flatten();
-    let dead_letters = bounded(within, broker.dead_letter_size()).await.flatten();
+    use crate::health::bounded;
+    let waiting = bounded("queue_size", within, broker.queue_size())
+        .await
+        .ok();
+    let in_flight = bounded("lock_size", within, broker.lock_size())
+        .await
+        .ok()
+        .flatten();
+    let dead_letters = bounded("dead_letter_size", within, broker.dead_letter_size())
+        .await
+        .ok()
+        .flatten();
     Gauges {
         waiting,
         in_flight,
@@ -439,14 +448,4 @@ pub(crate) async fn read_gauges(
         workers_busy: running.load(Ordering::Relaxed) as u64,
         workers: workers as u64,
     }
-}
-
-async fn bounded<T>(
-    within: Duration,
-    f: impl Future<Output = Result<T, BrokerError>>,
-) -> Option<T> {
-    tokio::time::timeout(within, f)
-        .await
-        .ok()
-        .and_then(Result::ok)
 }
