@@ -469,23 +469,20 @@ fn short_secrets_are_refused_and_open_secret_files_warned() {
     assert!(out.status.success(), "{}", stderr(&out));
     // From a file: the key is secret_file; a file others can read is named with its mode.
     let file = w.dir.path().join("short.secret");
+    let from_file = || {
+        w.cmd(&["enqueue", "noop"])
+            .env_remove("QCLUSTER_SECRET")
+            .env("QCLUSTER_SECRET_FILE", &file)
+            .output()
+            .expect("enqueue")
+    };
     std::fs::write(&file, "too-short\n").expect("write");
-    let out = w
-        .cmd(&["enqueue", "noop"])
-        .env_remove("QCLUSTER_SECRET")
-        .env("QCLUSTER_SECRET_FILE", &file)
-        .output()
-        .expect("enqueue");
+    let out = from_file();
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("`secret_file`") && stderr(&out).contains("9 bytes"));
     std::fs::write(&file, "a-secret-of-forty-bytes-0123456789abcdef\n").expect("write");
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let out = w
-        .cmd(&["enqueue", "noop"])
-        .env_remove("QCLUSTER_SECRET")
-        .env("QCLUSTER_SECRET_FILE", &file)
-        .output()
-        .expect("enqueue");
+    let out = from_file();
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -493,12 +490,7 @@ fn short_secrets_are_refused_and_open_secret_files_warned() {
         "{err}"
     );
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let out = w
-        .cmd(&["enqueue", "noop"])
-        .env_remove("QCLUSTER_SECRET")
-        .env("QCLUSTER_SECRET_FILE", &file)
-        .output()
-        .expect("enqueue");
+    let out = from_file();
     assert!(out.status.success());
     assert!(!stderr(&out).contains("chmod"), "{}", stderr(&out));
 }
