@@ -108,32 +108,36 @@ pub struct Statements {
     pub now: &'static str,
 }
 
-const CLAIM_ORDER: &str = "ORDER BY priority DESC, visible_at, id";
+const CLAIM_ORDER: &str = "ORDER BY tier, due_at, id";
+
+/// Ready now: due, and nobody holds the lease.
+const READY: &str = "due_at <= NOW_US AND lease_until <= NOW_US";
 
 impl Statements {
     pub fn new(d: Dialect) -> Self {
         let r = |t: &str| -> Arc<str> { d.render(t).into() };
         let claim = match d {
-            // One statement: the subquery locks up to `bulk` ready rows, skipping rows another
-            // consumer holds, and the update leases them.
+            // One statement: the subquery locks up to `bulk` ready rows from the handle's floor
+            // on (see `floor`), skipping rows another consumer holds, and the update leases them
+            // without touching an indexed column.
             Dialect::Postgres => format!(
-                "UPDATE qcluster_queue SET visible_at = NOW_US + ?, leased = 1, deliveries = deliveries + 1 \
-                 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? AND visible_at <= NOW_US \
-                 {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, payload, deliveries, priority"
+                "UPDATE qcluster_queue SET leased = 1, lease_until = NOW_US + ?, deliveries = deliveries + 1 \
+                 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? AND (tier, due_at, id) >= (?, ?, ?) \
+                 AND {READY} {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, payload, deliveries, tier, due_at"
             ),
             // A write statement takes SQLite's write lock when it starts: claims are serialised.
             Dialect::Sqlite => format!(
-                "UPDATE qcluster_queue SET visible_at = NOW_US + ?, leased = 1, deliveries = deliveries + 1 \
-                 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? AND visible_at <= NOW_US \
+                "UPDATE qcluster_queue SET leased = 1, lease_until = NOW_US + ?, deliveries = deliveries + 1 \
+                 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? AND {READY} \
                  {CLAIM_ORDER} LIMIT ?) \
-                 RETURNING id, payload, deliveries, priority"
+                 RETURNING id, payload, deliveries, tier, due_at"
             ),
             // MariaDB has no UPDATE ... RETURNING: lock with SKIP LOCKED, then lease, in one
-            // transaction (see `claim_mark`).
+            // transaction (see `claim`).
             Dialect::MySql => format!(
-                "SELECT id, payload, deliveries, priority FROM qcluster_queue \
-                 WHERE queue = ? AND visible_at <= NOW_US {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED"
+                "SELECT id, payload, deliveries, tier, due_at FROM qcluster_queue \
+                 WHERE queue = ? AND {READY} {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED"
             ),
         };
         let upsert = match d {
@@ -152,19 +156,32 @@ impl Statements {
         };
         let enqueue = match d {
             Dialect::MySql => {
-                "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
-                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, NOW_US)"
+                "INSERT INTO qcluster_queue (queue, payload, tier, due_at, lease_until, leased, deliveries, enqueued_at) \
+                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, 0, NOW_US)"
             }
-            // The notification rides in the same statement (delivered at its commit).
+            // The notification rides in the same statement (delivered at its commit) and
+            // carries the new row's claim key (`floor`).
             Dialect::Postgres => {
                 "WITH ins AS (INSERT INTO qcluster_queue \
-                 (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
-                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, NOW_US) RETURNING id), \
-                 n AS (SELECT pg_notify(?, ?) AS sent) SELECT ins.id FROM ins, n"
+                 (queue, payload, tier, due_at, lease_until, leased, deliveries, enqueued_at) \
+                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, 0, NOW_US) RETURNING id, tier, due_at), \
+                 n AS (SELECT pg_notify(?, concat_ws(' ', ins.tier, ins.due_at, ins.id, ?::text)) AS sent FROM ins) \
+                 SELECT ins.id, ins.tier, ins.due_at FROM ins, n"
             }
             _ => {
-                "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
-                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, NOW_US) RETURNING id"
+                "INSERT INTO qcluster_queue (queue, payload, tier, due_at, lease_until, leased, deliveries, enqueued_at) \
+                 VALUES (?, ?, ?, NOW_US + ?, 0, 0, 0, NOW_US) RETURNING id"
+            }
+        };
+        let fail = match d {
+            Dialect::MySql => {
+                "UPDATE qcluster_queue SET leased = 0, lease_until = 0, due_at = NOW_US + ? \
+                 WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1"
+            }
+            // The row's new claim key comes back for the handle's floor.
+            _ => {
+                "UPDATE qcluster_queue SET leased = 0, lease_until = 0, due_at = NOW_US + ? \
+                 WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1 RETURNING tier, due_at"
             }
         };
         let now: &'static str = d.now_us();
@@ -174,11 +191,8 @@ impl Statements {
             ack: r(
                 "DELETE FROM qcluster_queue WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
             ),
-            fail: r(
-                "UPDATE qcluster_queue SET leased = 0, visible_at = NOW_US + ? \
-                 WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
-            ),
-            extend: r("UPDATE qcluster_queue SET visible_at = NOW_US + ? \
+            fail: r(fail),
+            extend: r("UPDATE qcluster_queue SET lease_until = NOW_US + ? \
                  WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1"),
             delete: r("DELETE FROM qcluster_queue WHERE id = ? AND queue = ?"),
             dead_copy: r(
@@ -200,24 +214,24 @@ impl Statements {
                     "SELECT id FROM qcluster_dead WHERE queue = ? AND message_id = ? FOR UPDATE",
                 )),
             },
-            // A fresh package: never delivered, visible now, default priority (the dead-letter
+            // A fresh package: never delivered, due now, default priority (the dead-letter
             // table keeps no priority).
             dead_requeue: r(
-                "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) \
-                 SELECT queue, payload, 0, NOW_US, 0, 0, NOW_US FROM qcluster_dead \
+                "INSERT INTO qcluster_queue (queue, payload, tier, due_at, lease_until, leased, deliveries, enqueued_at) \
+                 SELECT queue, payload, 0, NOW_US, 0, 0, 0, NOW_US FROM qcluster_dead \
                  WHERE queue = ? AND message_id = ?",
             ),
             dead_remove: r("DELETE FROM qcluster_dead WHERE queue = ? AND message_id = ?"),
             purge: r(
-                "DELETE FROM qcluster_queue WHERE queue = ? AND NOT (leased = 1 AND visible_at > NOW_US)",
+                "DELETE FROM qcluster_queue WHERE queue = ? AND NOT (leased = 1 AND lease_until > NOW_US)",
             ),
             drop_queue: r("DELETE FROM qcluster_queue WHERE queue = ?"),
             drop_dead: r("DELETE FROM qcluster_dead WHERE queue = ?"),
             queue_size: r(
-                "SELECT COUNT(*) FROM qcluster_queue WHERE queue = ? AND NOT (leased = 1 AND visible_at > NOW_US)",
+                "SELECT COUNT(*) FROM qcluster_queue WHERE queue = ? AND NOT (leased = 1 AND lease_until > NOW_US)",
             ),
             lock_size: r(
-                "SELECT COUNT(*) FROM qcluster_queue WHERE queue = ? AND leased = 1 AND visible_at > NOW_US",
+                "SELECT COUNT(*) FROM qcluster_queue WHERE queue = ? AND leased = 1 AND lease_until > NOW_US",
             ),
             set_stat: r(upsert),
             prune_stats: r("DELETE FROM qcluster_stat WHERE expires_at <= NOW_US"),
@@ -225,10 +239,20 @@ impl Statements {
                 "SELECT {stat_key} AS stat_key, stat_value FROM qcluster_stat \
                  WHERE stat_key LIKE ? ESCAPE '!' AND expires_at > NOW_US"
             )),
-            insert_head: "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) ",
+            insert_head: INSERT_HEAD,
             now,
         }
     }
+}
+
+/// Start of a multi-row insert into the queue; each row's values are queue, payload, tier,
+/// due_at, lease_until, leased, deliveries, enqueued_at.
+pub const INSERT_HEAD: &str = "INSERT INTO qcluster_queue \
+    (queue, payload, tier, due_at, lease_until, leased, deliveries, enqueued_at) ";
+
+/// The claim order's key of a package's priority: lower runs first.
+pub fn tier(priority: i16) -> i32 {
+    -i32::from(priority)
 }
 
 /// Escapes `prefix` for `LIKE ... ESCAPE '!'` and appends the wildcard.

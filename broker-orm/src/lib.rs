@@ -22,7 +22,9 @@
 mod config;
 mod db;
 mod dialect;
-mod migrate;
+mod floor;
+#[doc(hidden)]
+pub mod migrate;
 #[cfg(feature = "postgres")]
 mod notify;
 #[doc(hidden)]
@@ -75,6 +77,8 @@ struct Inner {
     pool_size: u32,
     id_step: i64,
     wake: Arc<Notify>,
+    /// Where this handle's PostgreSQL claims start (see `floor`).
+    floor: Arc<floor::Floor>,
     listening: Arc<AtomicBool>,
     listener: Option<tokio::task::JoinHandle<()>>,
 }
@@ -176,6 +180,7 @@ impl OrmBroker {
         }
         let wake = shared_wake(&config.url);
         let listening = Arc::new(AtomicBool::new(false));
+        let floor = Arc::new(floor::Floor::default());
         #[allow(unused_mut)]
         let mut listener = None;
         #[cfg(feature = "postgres")]
@@ -186,6 +191,7 @@ impl OrmBroker {
                 LISTEN_CHANNEL,
                 settings.queue.clone(),
                 wake.clone(),
+                floor.clone(),
                 listening.clone(),
                 ctx.clone(),
             )));
@@ -204,6 +210,7 @@ impl OrmBroker {
                 pool_size,
                 id_step,
                 wake,
+                floor,
                 listening,
                 listener,
             }),
@@ -249,22 +256,37 @@ impl OrmBroker {
         Ok(n.max(0) as u64)
     }
 
-    /// Leases up to `bulk` ready rows (chosen by priority, then visibility time, then id) and
-    /// returns them by priority, then id (enqueue order).
+    /// Leases up to `bulk` ready rows (chosen by priority, then due time, then id) and returns
+    /// them by priority, then id (enqueue order).
     async fn claim(&self) -> Result<Vec<Delivery>, BrokerError> {
         let i = &self.inner;
         let retry = micros(i.settings.retry);
-        let bulk = i.settings.bulk as i64;
+        let bulk = i.settings.bulk;
         let queue = i.settings.queue.as_str();
         let err = i.ctx.err("dequeue");
         let sql = sqlx::AssertSqlSafe(i.sql.claim.clone());
-        let mut rows: Vec<(i64, Vec<u8>, i32, i16)> = match &i.db {
+        let mut rows: Vec<Claimed> = match &i.db {
+            #[cfg(feature = "postgres")]
+            Db::Postgres(p) => {
+                // From the floor; when that comes back short, once in a while from the bottom
+                // too (see `floor`).
+                let start = i.floor.start();
+                let mut rows = self.claim_pg(p, start, bulk, retry).await?;
+                if rows.len() < bulk
+                    && !start.full
+                    && let Some(again) = i.floor.full_scan_if_due()
+                {
+                    let more = self.claim_pg(p, again, bulk - rows.len(), retry).await?;
+                    rows.extend(more);
+                }
+                rows
+            }
             #[cfg(feature = "mysql")]
             Db::MySql(p) => {
                 let mut tx = p.begin().await.map_err(&err)?;
                 let found = sqlx::query(sql)
                     .bind(queue)
-                    .bind(bulk)
+                    .bind(bulk as i64)
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(&err)?;
@@ -274,22 +296,18 @@ impl OrmBroker {
                 }
                 let mut rows = Vec::with_capacity(found.len());
                 for r in &found {
-                    let n: i32 = r.try_get(2).map_err(&err)?;
-                    rows.push((
-                        r.try_get(0).map_err(&err)?,
-                        r.try_get(1).map_err(&err)?,
-                        n + 1,
-                        r.try_get(3).map_err(&err)?,
-                    ));
+                    let mut c = Claimed::read(r).map_err(&err)?;
+                    c.deliveries += 1;
+                    rows.push(c);
                 }
-                let mut qb = QueryBuilder::new("UPDATE qcluster_queue SET visible_at = ");
+                let mut qb = QueryBuilder::new("UPDATE qcluster_queue SET lease_until = ");
                 qb.push(i.sql.now)
                     .push(" + ")
                     .push_bind(retry)
                     .push(", leased = 1, deliveries = deliveries + 1 WHERE id IN (");
                 let mut ids = qb.separated(", ");
                 for r in &rows {
-                    ids.push_bind(r.0);
+                    ids.push_bind(r.id);
                 }
                 qb.push(")");
                 qb.build().execute(&mut *tx).await.map_err(&err)?;
@@ -301,32 +319,88 @@ impl OrmBroker {
                 let found = sqlx::query(sql)
                     .bind(retry)
                     .bind(queue)
-                    .bind(bulk)
+                    .bind(bulk as i64)
                     .fetch_all(p)
                     .await
                     .map_err(&err)?;
-                let mut rows = Vec::with_capacity(found.len());
-                for r in &found {
-                    rows.push((
-                        r.try_get(0).map_err(&err)?,
-                        r.try_get(1).map_err(&err)?,
-                        r.try_get(2).map_err(&err)?,
-                        r.try_get(3).map_err(&err)?,
-                    ));
-                }
-                rows
+                found.iter().map(Claimed::read).collect::<Result<Vec<_>, _>>().map_err(&err)?
             }),
         };
-        rows.sort_by(|a, b| b.3.cmp(&a.3).then(a.0.cmp(&b.0)));
+        rows.sort_by_key(|r| (r.tier, r.id));
         Ok(rows
             .into_iter()
-            .map(|(id, payload, n, _)| Delivery {
-                ack: AckId::new(format!("{id}:{n}")),
-                message_id: MessageId(id.to_string()),
-                payload,
-                deliveries: Some(n.max(0) as u32),
+            .map(|r| Delivery {
+                ack: AckId::new(format!("{}:{}", r.id, r.deliveries)),
+                message_id: MessageId(r.id.to_string()),
+                payload: r.payload,
+                deliveries: Some(r.deliveries.max(0) as u32),
             })
             .collect())
+    }
+
+    /// One PostgreSQL claim of up to `bulk` rows from `start`; the floor rises past what it
+    /// leased.
+    #[cfg(feature = "postgres")]
+    async fn claim_pg(
+        &self,
+        p: &sqlx::PgPool,
+        start: floor::Start,
+        bulk: usize,
+        retry: i64,
+    ) -> Result<Vec<Claimed>, BrokerError> {
+        let i = &self.inner;
+        let err = i.ctx.err("dequeue");
+        let found = sqlx::query(sqlx::AssertSqlSafe(i.sql.claim.clone()))
+            .bind(retry)
+            .bind(i.settings.queue.as_str())
+            .bind(start.from.0)
+            .bind(start.from.1)
+            .bind(start.from.2)
+            .bind(bulk as i64)
+            .fetch_all(p)
+            .await
+            .map_err(&err)?;
+        let rows = found
+            .iter()
+            .map(Claimed::read)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(&err)?;
+        if let Some(top) = rows.iter().map(Claimed::key).max() {
+            i.floor.advance(start, top);
+        }
+        Ok(rows)
+    }
+}
+
+/// A row a claim leased.
+struct Claimed {
+    id: i64,
+    payload: Vec<u8>,
+    deliveries: i32,
+    tier: i32,
+    due_at: i64,
+}
+
+impl Claimed {
+    /// Reads `id, payload, deliveries, tier, due_at`.
+    fn read<R: sqlx::Row>(r: &R) -> Result<Self, sqlx::Error>
+    where
+        usize: sqlx::ColumnIndex<R>,
+        i64: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        i32: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        Vec<u8>: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(Self {
+            id: r.try_get(0)?,
+            payload: r.try_get(1)?,
+            deliveries: r.try_get(2)?,
+            tier: r.try_get(3)?,
+            due_at: r.try_get(4)?,
+        })
+    }
+
+    fn key(&self) -> floor::Key {
+        (self.tier, self.due_at, self.id)
     }
 }
 
@@ -347,8 +421,6 @@ async fn migrate(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerError> {
 
 async fn migrate_locked(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerError> {
     let err = ctx.err("migrate");
-    // Recording a version twice is harmless (SQLite has no named lock: two first starts may both
-    // run the idempotent statements).
     let record = d.render(match d {
         Dialect::MySql => "INSERT IGNORE INTO qcluster_migrations (version, description, applied_at) VALUES (?, ?, NOW_US)",
         _ => "INSERT INTO qcluster_migrations (version, description, applied_at) VALUES (?, ?, NOW_US) ON CONFLICT (version) DO NOTHING",
@@ -356,26 +428,25 @@ async fn migrate_locked(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerErro
     on_db!(db, p => {
         let mut conn = p.acquire().await.map_err(&err)?;
         // Several clusters may start at once: one upgrades, the others wait and find it done.
-        let lock = match d {
-            Dialect::Postgres => Some(("SELECT pg_advisory_lock(7215113901)", "SELECT pg_advisory_unlock(7215113901)")),
-            Dialect::MySql => Some(("SELECT GET_LOCK('qcluster_migrate', 60)", "SELECT RELEASE_LOCK('qcluster_migrate')")),
-            Dialect::Sqlite => None,
+        // SQLite has no named lock: its write lock, taken by BEGIN IMMEDIATE, serves.
+        let (take, release) = match d {
+            Dialect::Postgres => ("SELECT pg_advisory_lock(7215113901)", "SELECT pg_advisory_unlock(7215113901)"),
+            Dialect::MySql => ("SELECT GET_LOCK('qcluster_migrate', 60)", "SELECT RELEASE_LOCK('qcluster_migrate')"),
+            Dialect::Sqlite => ("BEGIN IMMEDIATE", "COMMIT"),
         };
-        if let Some((take, _)) = lock {
-            if d == Dialect::MySql {
-                // 1 = taken; 0 = timed out; NULL = error. Only 1 lets us go on.
-                let got: Option<i64> = sqlx::query_scalar(take).fetch_one(&mut *conn).await.map_err(&err)?;
-                if got != Some(1) {
-                    return Err(BrokerError::Timeout {
-                        broker: d.broker_name(),
-                        operation: "migrate (GET_LOCK qcluster_migrate)",
-                        endpoint: ctx.endpoint.clone(),
-                        after: MIGRATE_TIMEOUT,
-                    });
-                }
-            } else {
-                conn.execute(take).await.map_err(&err)?;
+        if d == Dialect::MySql {
+            // 1 = taken; 0 = timed out; NULL = error. Only 1 lets us go on.
+            let got: Option<i64> = sqlx::query_scalar(take).fetch_one(&mut *conn).await.map_err(&err)?;
+            if got != Some(1) {
+                return Err(BrokerError::Timeout {
+                    broker: d.broker_name(),
+                    operation: "migrate (GET_LOCK qcluster_migrate)",
+                    endpoint: ctx.endpoint.clone(),
+                    after: MIGRATE_TIMEOUT,
+                });
             }
+        } else {
+            conn.execute(take).await.map_err(&err)?;
         }
         let result: Result<(), BrokerError> = async {
             conn.execute(migrate::bookkeeping(d)).await.map_err(&err)?;
@@ -384,24 +455,46 @@ async fn migrate_locked(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerErro
                 .await
                 .map_err(&err)?;
             for m in migrate::MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
-                for stmt in m.statements(d) {
-                    conn.execute(*stmt).await.map_err(&err)?;
+                // PostgreSQL: the version's statements and its record commit together.
+                if d == Dialect::Postgres {
+                    conn.execute("BEGIN").await.map_err(&err)?;
                 }
-                sqlx::query(sqlx::AssertSqlSafe(record.clone()))
-                    .bind(m.version)
-                    .bind(m.description)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(&err)?;
+                let applied: Result<(), BrokerError> = async {
+                    for (k, stmt) in m.statements(d).iter().enumerate() {
+                        if d == Dialect::MySql
+                            && let Some(Some(probe)) = m.mysql_done_if.get(k)
+                        {
+                            let n: i64 = sqlx::query_scalar(*probe).fetch_one(&mut *conn).await.map_err(&err)?;
+                            if n > 0 {
+                                continue;
+                            }
+                        }
+                        conn.execute(*stmt).await.map_err(&err)?;
+                    }
+                    sqlx::query(sqlx::AssertSqlSafe(record.clone()))
+                        .bind(m.version)
+                        .bind(m.description)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(&err)?;
+                    Ok(())
+                }
+                .await;
+                if d == Dialect::Postgres {
+                    let end = if applied.is_ok() { "COMMIT" } else { "ROLLBACK" };
+                    let ended = conn.execute(end).await.map(drop).map_err(&err);
+                    applied.and(ended)?;
+                } else {
+                    applied?;
+                }
                 tracing::info!(version = m.version, broker = d.broker_name(), "schema migrated: {}", m.description);
             }
             Ok(())
         }
         .await;
-        let released = match lock {
-            Some((_, release)) => conn.execute(release).await.map(drop).map_err(&err),
-            None => Ok(()),
-        };
+        // SQLite: a failed upgrade rolls back whole.
+        let release = if d == Dialect::Sqlite && result.is_err() { "ROLLBACK" } else { release };
+        let released = conn.execute(release).await.map(drop).map_err(&err);
         // The migration's own error matters more than a failed release.
         result.and(released)
     })
@@ -461,12 +554,13 @@ impl Broker for OrmBroker {
         let queue = i.settings.queue.as_str();
         let delay = message.delay.map(micros).unwrap_or(0);
         let sql = sqlx::AssertSqlSafe(i.sql.enqueue.clone());
+        let tier = dialect::tier(message.priority);
         let id: i64 = match &i.db {
             #[cfg(feature = "mysql")]
             Db::MySql(p) => sqlx::query(sql)
                 .bind(queue)
                 .bind(&message.payload[..])
-                .bind(message.priority)
+                .bind(tier)
                 .bind(delay)
                 .execute(p)
                 .await
@@ -474,21 +568,25 @@ impl Broker for OrmBroker {
                 .last_insert_id() as i64,
             #[cfg(feature = "postgres")]
             // One statement, one round trip: the insert and its notification (sent at commit).
-            Db::Postgres(p) => sqlx::query_scalar(sql)
-                .bind(queue)
-                .bind(&message.payload[..])
-                .bind(message.priority)
-                .bind(delay)
-                .bind(LISTEN_CHANNEL)
-                .bind(queue)
-                .fetch_one(p)
-                .await
-                .map_err(&err)?,
+            Db::Postgres(p) => {
+                let (id, tier, due): (i64, i32, i64) = sqlx::query_as(sql)
+                    .bind(queue)
+                    .bind(&message.payload[..])
+                    .bind(tier)
+                    .bind(delay)
+                    .bind(LISTEN_CHANNEL)
+                    .bind(queue)
+                    .fetch_one(p)
+                    .await
+                    .map_err(&err)?;
+                i.floor.lower((tier, due, id));
+                id
+            }
             #[allow(unreachable_patterns)]
             other => on_db!(other, p => sqlx::query_scalar(sql)
                 .bind(queue)
                 .bind(&message.payload[..])
-                .bind(message.priority)
+                .bind(tier)
                 .bind(delay)
                 .fetch_one(p)
                 .await
@@ -525,6 +623,7 @@ impl Broker for OrmBroker {
         }
         chunks.push(&messages[start..]);
         let mut ids: Vec<i64> = Vec::with_capacity(messages.len());
+        let mut lowest = (i32::MAX, i64::MAX, i64::MAX);
         on_db!(&i.db, p => {
             let mut tx = p.begin().await.map_err(&err)?;
             for chunk in chunks {
@@ -532,9 +631,10 @@ impl Broker for OrmBroker {
                 qb.push_values(chunk, |mut b, m| {
                     b.push_bind(queue)
                         .push_bind(&m.payload[..])
-                        .push_bind(m.priority)
+                        .push_bind(dialect::tier(m.priority))
                         .push(format!("{} + ", i.sql.now))
                         .push_bind_unseparated(m.delay.map(micros).unwrap_or(0))
+                        .push("0")
                         .push("0")
                         .push("0")
                         .push(i.sql.now);
@@ -547,27 +647,32 @@ impl Broker for OrmBroker {
                     let step = i.id_step;
                     ids.extend((0..chunk.len() as i64).map(|k| first + k * step));
                 } else {
-                    qb.push(" RETURNING id");
-                    let mut got: Vec<i64> = qb
-                        .build_query_scalar()
+                    qb.push(" RETURNING id, tier, due_at");
+                    let got: Vec<(i64, i32, i64)> = qb
+                        .build_query_as()
                         .fetch_all(&mut *tx)
                         .await
                         .map_err(&err)?;
-                    got.sort_unstable();
-                    ids.extend(got);
+                    for (id, tier, due) in got {
+                        ids.push(id);
+                        lowest = lowest.min((tier, due, id));
+                    }
                 }
             }
+            // The notification carries the lowest claim key of the batch (`floor`).
             #[cfg(feature = "postgres")]
             if i.ctx.dialect == Dialect::Postgres {
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(LISTEN_CHANNEL)
-                    .bind(queue)
+                    .bind(floor::notice(lowest, queue))
                     .execute(&mut *tx)
                     .await
                     .map_err(&err)?;
             }
             tx.commit().await.map_err(&err)?;
         });
+        ids.sort_unstable();
+        i.floor.lower(lowest);
         i.wake.notify_waiters();
         Ok(ids
             .into_iter()
@@ -655,14 +760,34 @@ impl Broker for OrmBroker {
         let (id, n) = parse_ack(ack, self.broker())?;
         let i = &self.inner;
         let sql = sqlx::AssertSqlSafe(i.sql.fail.clone());
-        on_db!(&i.db, p => sqlx::query(sql)
-            .bind(micros(delay))
-            .bind(id)
-            .bind(i.settings.queue.as_str())
-            .bind(n)
-            .execute(p)
-            .await
-            .map_err(i.ctx.err("fail"))?.rows_affected());
+        let err = i.ctx.err("fail");
+        let back: Option<(i32, i64)> = match &i.db {
+            #[cfg(feature = "mysql")]
+            Db::MySql(p) => {
+                sqlx::query(sql)
+                    .bind(micros(delay))
+                    .bind(id)
+                    .bind(i.settings.queue.as_str())
+                    .bind(n)
+                    .execute(p)
+                    .await
+                    .map_err(&err)?;
+                None
+            }
+            // The row's new claim key lowers this handle's floor (see `floor`).
+            #[allow(unreachable_patterns)]
+            other => on_db!(other, p => sqlx::query_as(sql)
+                .bind(micros(delay))
+                .bind(id)
+                .bind(i.settings.queue.as_str())
+                .bind(n)
+                .fetch_optional(p)
+                .await
+                .map_err(&err)?),
+        };
+        if let Some((tier, due)) = back {
+            i.floor.lower((tier, due, id));
+        }
         if delay.is_zero() {
             i.wake.notify_waiters();
         }
@@ -820,9 +945,10 @@ impl Broker for OrmBroker {
             }
             #[cfg(feature = "postgres")]
             if moved && i.ctx.dialect == Dialect::Postgres {
+                // A fresh package at priority 0, due now: the start of tier 0 covers it.
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(LISTEN_CHANNEL)
-                    .bind(queue)
+                    .bind(floor::notice((0, i64::MIN, i64::MIN), queue))
                     .execute(&mut *tx)
                     .await
                     .map_err(&err)?;
@@ -835,6 +961,7 @@ impl Broker for OrmBroker {
             moved
         });
         if moved {
+            i.floor.lower((0, i64::MIN, i64::MIN));
             i.wake.notify_waiters();
             tracing::info!(queue, message_id = mid, "dead letter requeued");
         }

@@ -35,7 +35,7 @@ pub async fn claim_delete(
 }
 
 #[allow(dead_code)]
-const INSERT: &str = "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) ";
+const INSERT: &str = crate::dialect::INSERT_HEAD;
 
 /// Inserts `n` rows with multi-row INSERTs (not timed).
 macro_rules! fill {
@@ -47,6 +47,7 @@ macro_rules! fill {
             qb.push_values(0..k, |mut b, _| {
                 b.push_bind($queue)
                     .push_bind($payload)
+                    .push("0")
                     .push("0")
                     .push("0")
                     .push("0")
@@ -145,10 +146,11 @@ async fn raw_postgres(
         .connect(url)
         .await?;
     fill!(&pool, sqlx::Postgres, queue, payload, n);
-    let claim = "UPDATE qcluster_queue SET visible_at = (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT + 300000000, \
+    let claim = "UPDATE qcluster_queue SET lease_until = (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT + 300000000, \
                  leased = 1, deliveries = deliveries + 1 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = $1 \
-                 AND visible_at <= (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT \
-                 ORDER BY priority DESC, visible_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, payload";
+                 AND due_at <= (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT \
+                 AND lease_until <= (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT \
+                 ORDER BY tier, due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, payload";
     claim_returning_loop!(pool, claim, queue, n, bulk, consumers)
 }
 
@@ -171,10 +173,11 @@ async fn raw_sqlite(
         .connect_with(opts)
         .await?;
     fill!(&pool, sqlx::Sqlite, queue, payload, n);
-    let claim = "UPDATE qcluster_queue SET visible_at = CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) + 300000000, \
+    let claim = "UPDATE qcluster_queue SET lease_until = CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) + 300000000, \
                  leased = 1, deliveries = deliveries + 1 WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? \
-                 AND visible_at <= CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) \
-                 ORDER BY priority DESC, visible_at, id LIMIT ?) RETURNING id, payload";
+                 AND due_at <= CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) \
+                 AND lease_until <= CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) \
+                 ORDER BY tier, due_at, id LIMIT ?) RETURNING id, payload";
     claim_returning_loop!(pool, claim, queue, n, bulk, consumers)
 }
 
@@ -203,8 +206,8 @@ async fn raw_mysql(
     fill!(&pool, sqlx::MySql, queue, payload, n);
     let now = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)";
     let select = format!(
-        "SELECT id, payload FROM qcluster_queue WHERE queue = ? AND visible_at <= {now} \
-         ORDER BY priority DESC, visible_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+        "SELECT id, payload FROM qcluster_queue WHERE queue = ? AND due_at <= {now} \
+         AND lease_until <= {now} ORDER BY tier, due_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
     );
     let queue = queue.to_owned();
     consume!(pool, n, consumers, [queue, select], |p| {
@@ -217,7 +220,7 @@ async fn raw_mysql(
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         if !ids.is_empty() {
             let mut qb = sqlx::QueryBuilder::<sqlx::MySql>::new(format!(
-                "UPDATE qcluster_queue SET visible_at = {now} + 300000000, leased = 1, deliveries = deliveries + 1 WHERE id IN ("
+                "UPDATE qcluster_queue SET lease_until = {now} + 300000000, leased = 1, deliveries = deliveries + 1 WHERE id IN ("
             ));
             let mut sep = qb.separated(", ");
             for id in &ids {

@@ -161,7 +161,7 @@ async fn sqlite_concurrent_first_start() {
 }
 
 fn broker_orm_migrations() -> i64 {
-    1
+    broker_orm::migrate::MIGRATIONS.len() as i64
 }
 
 fn fresh_db_url(url: &str) -> (String, String) {
@@ -373,3 +373,188 @@ async fn mariadb_concurrent_requeue_dead() {
         concurrent_requeue_of_one_dead_letter(&url).await;
     }
 }
+
+/// Microseconds since the Unix epoch, as the broker's SQL clock counts them.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros() as i64
+}
+
+/// A database on the first layout (schema version 1) holding packages in every state: ready
+/// at priority 0 and 5, delayed by an hour, leased for an hour, and leased with the lease run
+/// out. Inserted with the first layout's own columns.
+macro_rules! fill_v1 {
+    ($pool:expr, $dialect:expr, $queue:expr) => {{
+        use sqlx::AssertSqlSafe;
+        let m = &broker_orm::migrate::MIGRATIONS[0];
+        sqlx::query(broker_orm::migrate::bookkeeping($dialect))
+            .execute($pool)
+            .await
+            .expect("bookkeeping table");
+        for stmt in m.statements($dialect) {
+            sqlx::query(AssertSqlSafe(*stmt))
+                .execute($pool)
+                .await
+                .expect("version 1 schema");
+        }
+        sqlx::query("INSERT INTO qcluster_migrations (version, description, applied_at) VALUES (1, 'v1', 0)")
+            .execute($pool)
+            .await
+            .expect("record version 1");
+        let now = now_us();
+        let hour = 3_600_000_000i64;
+        // (payload, priority, visible_at, leased, deliveries)
+        let rows: [(&[u8], i16, i64, i16, i32); 5] = [
+            (b"ready-p0", 0, now - 2_000_000, 0, 0),
+            (b"ready-p5", 5, now - 1_000_000, 0, 0),
+            (b"delayed", 0, now + hour, 0, 0),
+            (b"held", 0, now + hour, 1, 1),
+            (b"lapsed", 0, now - 500_000, 1, 1),
+        ];
+        let insert = match $dialect {
+            broker_orm::Dialect::Postgres => "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            _ => "INSERT INTO qcluster_queue (queue, payload, priority, visible_at, leased, deliveries, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        };
+        for (payload, priority, visible, leased, deliveries) in rows {
+            sqlx::query(insert)
+                .bind($queue)
+                .bind(payload)
+                .bind(priority)
+                .bind(visible)
+                .bind(leased)
+                .bind(deliveries)
+                .bind(now - hour)
+                .execute($pool)
+                .await
+                .expect("insert a version 1 row");
+        }
+        let held: i64 = sqlx::query_scalar(match $dialect {
+            broker_orm::Dialect::Postgres => "SELECT id FROM qcluster_queue WHERE queue = $1 AND leased = 1 AND deliveries = 1 ORDER BY id LIMIT 1",
+            _ => "SELECT id FROM qcluster_queue WHERE queue = ? AND leased = 1 AND deliveries = 1 ORDER BY id LIMIT 1",
+        })
+        .bind($queue)
+        .fetch_one($pool)
+        .await
+        .expect("held row");
+        held
+    }};
+}
+
+/// Opens a broker on a database filled by `fill_v1!` (which upgrades it) and checks that every
+/// package kept its state: the held lease still counts as held and its receipt still settles
+/// it, the lapsed lease and the ready packages come back in priority order, the delayed one
+/// stays back, and the upgrade is recorded.
+async fn check_upgraded(url: &str, queue: &str, held: i64) {
+    let mut s = QueueSettings::for_queue(queue);
+    s.bulk = 10;
+    let b = open(url, s).await;
+    assert_eq!(
+        b.lock_size().await.expect("lock_size"),
+        Some(1),
+        "the held lease"
+    );
+    assert_eq!(
+        b.queue_size().await.expect("queue_size"),
+        4,
+        "ready, delayed and lapsed packages wait"
+    );
+    let got = b.dequeue().await.expect("dequeue");
+    let payloads: Vec<&[u8]> = got.iter().map(|d| &d.payload[..]).collect();
+    assert_eq!(
+        payloads,
+        vec![&b"ready-p5"[..], &b"ready-p0"[..], &b"lapsed"[..]],
+        "priority first, then enqueue order; the delayed and the held package stay back"
+    );
+    assert_eq!(
+        got[2].deliveries,
+        Some(2),
+        "the lapsed lease's redelivery counts"
+    );
+    b.acknowledge_many(&got.iter().map(|d| d.ack.clone()).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    // The receipt handed out before the upgrade still settles its package.
+    b.acknowledge(&AckId::new(format!("{held}:1")))
+        .await
+        .expect("ack the held package");
+    assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
+    assert_eq!(
+        b.queue_size().await.expect("queue_size"),
+        1,
+        "the delayed one"
+    );
+    b.purge_queue().await.expect("purge");
+    assert_eq!(b.queue_size().await.expect("queue_size"), 0);
+}
+
+#[tokio::test]
+async fn sqlite_upgrade_from_the_first_layout_keeps_every_package() {
+    use std::str::FromStr;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/v1.sqlite3", dir.path().display());
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+        .expect("url")
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.expect("pool");
+    let held = fill_v1!(&pool, broker_orm::Dialect::Sqlite, "up");
+    pool.close().await;
+    check_upgraded(&url, "up", held).await;
+}
+
+/// Creates a fresh database, fills it on the first layout, upgrades and checks it, and drops it.
+macro_rules! upgrade_test {
+    ($name:ident, $feature:literal, $pool:ty, $dialect:expr, $admin_url:expr, $drop_suffix:literal) => {
+        #[cfg(feature = $feature)]
+        #[tokio::test]
+        async fn $name() {
+            use sqlx::AssertSqlSafe;
+            let admin_url = $admin_url;
+            if !reachable(&admin_url).await {
+                return;
+            }
+            let (name, url) = fresh_db_url(&admin_url);
+            let admin = <$pool>::connect(&admin_url).await.expect("admin");
+            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&admin)
+                .await
+                .expect("create database");
+            let pool = <$pool>::connect(&url).await.expect("pool");
+            let held = fill_v1!(&pool, $dialect, "up");
+            pool.close().await;
+            check_upgraded(&url, "up", held).await;
+            let pool = <$pool>::connect(&url).await.expect("pool");
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM qcluster_migrations")
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+            pool.close().await;
+            sqlx::query(AssertSqlSafe(format!(
+                "DROP DATABASE {name}{}",
+                $drop_suffix
+            )))
+            .execute(&admin)
+            .await
+            .expect("drop database");
+            assert_eq!(n, broker_orm_migrations());
+        }
+    };
+}
+
+upgrade_test!(
+    postgres_upgrade_from_the_first_layout_keeps_every_package,
+    "postgres",
+    sqlx::PgPool,
+    broker_orm::Dialect::Postgres,
+    postgres_url(),
+    " WITH (FORCE)"
+);
+upgrade_test!(
+    mariadb_upgrade_from_the_first_layout_keeps_every_package,
+    "mysql",
+    sqlx::MySqlPool,
+    broker_orm::Dialect::MySql,
+    mysql_url(),
+    ""
+);
