@@ -15,7 +15,8 @@
 //! `postgres` leaves autovacuum as the server has it; `postgres-noautovacuum` turns it off for
 //! the queue table (`ALTER TABLE qcluster_queue SET (autovacuum_enabled = off)`), as a server
 //! with autovacuum off, or a long transaction holding the xmin horizon, does in effect.
-//! Env: `BENCH_N`, `QCLUSTER_TEST_POSTGRES_URL` (a database to connect to for creating the
+//! Env: `BENCH_N`, `BENCH_CHECKPOINT` (set: a `CHECKPOINT` after the large enqueue, before
+//! the drain starts, to tell the bulk load's write-back apart from the drain's own cost), `QCLUSTER_TEST_POSTGRES_URL` (a database to connect to for creating the
 //! bench's own), `QCLUSTER_TEST_REDIS_URL`.
 
 use std::sync::atomic::Ordering;
@@ -205,6 +206,15 @@ async fn drain(
         );
     }
 
+    #[cfg(feature = "orm-postgres")]
+    if windows && backend.starts_with("postgres") && std::env::var("BENCH_CHECKPOINT").is_ok() {
+        let t = Instant::now();
+        pg::checkpoint(url).await?;
+        println!(
+            "CHECKPOINT after the enqueue took {:.1} s (not timed)",
+            t.elapsed().as_secs_f64()
+        );
+    }
     let broker = cluster::Brokers::builtin().connect(&cfg).await.map_err(e)?;
     let codec = cluster::client::codec_from(&cfg).map_err(e)?;
     let cluster = Cluster::new(
@@ -325,6 +335,14 @@ mod pg {
         Ok(State {
             autovacuum: format!("server {server}, table {table}"),
         })
+    }
+
+    /// Writes every dirty buffer now (BENCH_CHECKPOINT: tells the bulk load's write-back
+    /// apart from the drain's own cost).
+    pub async fn checkpoint(url: &str) -> Result<(), String> {
+        let mut c = conn(url).await?;
+        c.execute("CHECKPOINT").await.map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     pub async fn dead_tuples(url: &str) -> Result<i64, String> {
