@@ -726,11 +726,16 @@ impl Broker for OrmBroker {
         let err = i.ctx.err("acknowledge");
         for chunk in parsed.chunks(MAX_BULK) {
             on_db!(&i.db, p => {
-                // On SQLite `+queue` keeps the planner on the primary key: with a long OR list
-                // it would otherwise pick the queue index and scan the whole queue.
+                // Keep the planner on the primary key: with a long id list it would otherwise
+                // also read the claim index for `queue = ...` (on PostgreSQL a BitmapAnd whose
+                // bitmap walks every entry of the queue, live and dead: with a large backlog the
+                // acknowledgement then costs more than the task). `+queue` (SQLite) and
+                // `queue || ''` (PostgreSQL) are not index conditions; MySQL picks the primary
+                // key by itself.
                 let head = match i.ctx.dialect {
                     Dialect::Sqlite => "DELETE FROM qcluster_queue WHERE +queue = ",
-                    _ => "DELETE FROM qcluster_queue WHERE queue = ",
+                    Dialect::Postgres => "DELETE FROM qcluster_queue WHERE queue || '' = ",
+                    Dialect::MySql => "DELETE FROM qcluster_queue WHERE queue = ",
                 };
                 let mut qb = QueryBuilder::new(head);
                 qb.push_bind(i.settings.queue.as_str()).push(" AND leased = 1 AND id IN (");

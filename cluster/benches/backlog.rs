@@ -232,6 +232,13 @@ async fn drain(
     }));
     let mut worst = f64::INFINITY;
     let (mut mark, mut at) = (0u64, t0);
+    let mut cpu_mark = cpu::sample();
+    #[cfg(feature = "orm-postgres")]
+    let mut wal_mark = if windows && backend.starts_with("postgres") {
+        pg::wal(url).await.ok()
+    } else {
+        None
+    };
     loop {
         let done = counters.processed.load(Ordering::Relaxed);
         if done >= n as u64 {
@@ -244,11 +251,30 @@ async fn drain(
             let rate = (done - mark) as f64 / at.elapsed().as_secs_f64();
             worst = worst.min(rate);
             if windows {
+                let now = cpu::sample();
+                let (ours, rest) = cpu::split(cpu_mark, now, done - mark);
+                cpu_mark = now;
+                #[allow(unused_mut)]
+                let mut extra = String::new();
+                #[cfg(feature = "orm-postgres")]
+                if let Some(before) = wal_mark
+                    && let Ok(after) = pg::wal(url).await
+                {
+                    let n = (done - mark).max(1) as f64;
+                    extra = format!(
+                        "  WAL {:>5.0} B/task, {:.3} full-page images/task",
+                        (after.1 - before.1) as f64 / n,
+                        (after.0 - before.0) as f64 / n
+                    );
+                    wal_mark = Some(after);
+                }
                 println!(
-                    "  {:>5.0} s  {:>8} done  {:>8.0} tasks/s",
+                    "  {:>5.0} s  {:>8} done  {:>8.0} tasks/s  cpu µs/task: bench {:>5.1}, rest of the machine {:>5.1}{extra}",
                     t0.elapsed().as_secs_f64(),
                     done,
-                    rate
+                    rate,
+                    ours,
+                    rest
                 );
             }
             (mark, at) = (done, Instant::now());
@@ -265,6 +291,51 @@ async fn drain(
         rate,
         worst: if worst.is_finite() { worst } else { rate },
     })
+}
+
+/// CPU time of this process and of the whole machine, to tell the cluster's cost per task from
+/// the database's (which runs beside it: PostgreSQL's backends, Redis).
+mod cpu {
+    /// (this process's CPU seconds, the machine's busy CPU seconds)
+    #[derive(Clone, Copy)]
+    pub struct Sample(f64, f64);
+
+    pub fn sample() -> Sample {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        let ours = if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+            let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+            t(u.ru_utime) + t(u.ru_stime)
+        } else {
+            f64::NAN
+        };
+        // /proc/stat's first line: user nice system idle iowait irq softirq steal, in ticks.
+        let busy = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let f: Vec<f64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                let busy = f.iter().sum::<f64>() - f.get(3)? - f.get(4)?;
+                // SAFETY: sysconf has no preconditions.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+                Some(busy / hz)
+            })
+            .unwrap_or(f64::NAN);
+        Sample(ours, busy)
+    }
+
+    /// µs of CPU per task between two samples: (this process, the rest of the machine).
+    pub fn split(a: Sample, b: Sample, tasks: u64) -> (f64, f64) {
+        let n = tasks.max(1) as f64;
+        let ours = b.0 - a.0;
+        let all = b.1 - a.1;
+        (ours * 1e6 / n, (all - ours).max(0.0) * 1e6 / n)
+    }
 }
 
 #[cfg(feature = "orm-postgres")]
@@ -343,6 +414,15 @@ mod pg {
         let mut c = conn(url).await?;
         c.execute("CHECKPOINT").await.map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// The server's WAL counters: (full-page images, bytes).
+    pub async fn wal(url: &str) -> Result<(i64, i64), String> {
+        let mut c = conn(url).await?;
+        sqlx::query_as("SELECT wal_fpi, wal_bytes::BIGINT FROM pg_stat_wal")
+            .fetch_one(&mut c)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     pub async fn dead_tuples(url: &str) -> Result<i64, String> {
