@@ -3,9 +3,12 @@
 //!
 //! One table, `qcluster_queue`, holds every queue's packages. A claim leases up to `bulk` ready
 //! rows atomically (`FOR UPDATE SKIP LOCKED` on PostgreSQL and MariaDB/MySQL; SQLite's single
-//! writer on SQLite): a leased row is invisible until `now + retry`, and comes back by itself if it
-//! is not acknowledged by then. `acknowledge` deletes the row; `fail` makes it visible again with
-//! its delivery count raised. Receipts carry the delivery count, so the late answer of a consumer
+//! writer on SQLite): a leased row is held until `lease_until = now + retry`, and comes back by
+//! itself if it is not acknowledged by then. `acknowledge` deletes the row; `fail` makes it ready
+//! again (at `due_at = now + delay`) with its delivery count raised. A claim changes no indexed
+//! column (the claim index is `(queue, tier, due_at, id)`, `tier` being the negated priority), so
+//! PostgreSQL updates the row in place, and PostgreSQL claims resume from the handle's floor
+//! rather than walking the dead entries at the head of the index (see `floor`). Receipts carry the delivery count, so the late answer of a consumer
 //! whose lease ran out never touches the lease of the consumer that holds the row now.
 //! Time is the database's clock, so clusters on machines with skewed clocks agree on leases.
 //!
@@ -1101,6 +1104,12 @@ impl Broker for OrmBroker {
                 "a requeued dead letter comes back at priority 0 (qcluster_dead keeps no priority)".into(),
             ]
             .into_iter()
+            .chain((i.ctx.dialect == Dialect::Postgres).then(|| {
+                "claims resume where the last one ended: a package that becomes ready behind that \
+                 point (a lease run out, a delayed package of higher priority coming due) is \
+                 found within a second"
+                    .into()
+            }))
             .chain(upkeep.warnings)
             .collect(),
             details,

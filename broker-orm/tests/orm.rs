@@ -558,3 +558,159 @@ upgrade_test!(
     mysql_url(),
     ""
 );
+
+/// The claim resumes from where the last one ended (on PostgreSQL, the handle's floor): these
+/// check that no package is left behind below that point. Each runs on every backend; the
+/// promise is the same everywhere.
+mod resume {
+    use super::*;
+    use broker_core::Delivery;
+
+    async fn drain_some(b: &OrmBroker, rounds: usize) -> Vec<Delivery> {
+        let mut got = Vec::new();
+        for _ in 0..rounds {
+            got.extend(b.dequeue().await.expect("dequeue"));
+        }
+        got
+    }
+
+    async fn ack(b: &OrmBroker, ds: &[Delivery]) {
+        b.acknowledge_many(&ds.iter().map(|d| d.ack.clone()).collect::<Vec<_>>())
+            .await
+            .expect("ack");
+    }
+
+    fn settings(name: &str, bulk: usize, retry: Duration) -> QueueSettings {
+        let mut s = queue(name);
+        s.bulk = bulk;
+        s.retry = retry;
+        s.wait = Duration::from_millis(200);
+        s
+    }
+
+    /// After a handle has drained part of a queue, a package of higher priority enqueued
+    /// through another handle (another process, as far as the database can tell) comes next.
+    async fn higher_priority_from_elsewhere_goes_first(url: &str) {
+        let s = settings("prio", 5, Duration::from_secs(30));
+        let a = open(url, s.clone()).await;
+        let other = open(url, s).await;
+        let low: Vec<Message> = (0..50u8).map(|k| Message::new(vec![k; 8])).collect();
+        a.enqueue_many(low).await.expect("enqueue");
+        let first = drain_some(&a, 3).await;
+        assert_eq!(first.len(), 15);
+        ack(&a, &first).await;
+        other
+            .enqueue(Message::new(b"urgent".to_vec()).with_priority(5))
+            .await
+            .expect("enqueue urgent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let next = a.dequeue().await.expect("dequeue");
+        assert_eq!(
+            next.first().map(|d| &d.payload[..]),
+            Some(&b"urgent"[..]),
+            "the higher-priority package comes first"
+        );
+        a.delete_queue().await.expect("delete queue");
+    }
+
+    /// A lease that runs out behind the point the claims have reached is delivered again while
+    /// the rest of the queue is still being worked.
+    async fn a_lapsed_lease_behind_comes_back(url: &str) {
+        let retry = Duration::from_secs(1);
+        let a = open(url, settings("lapse", 5, retry)).await;
+        let many: Vec<Message> = (0..2000u16)
+            .map(|k| Message::new(k.to_be_bytes().to_vec()))
+            .collect();
+        a.enqueue_many(many).await.expect("enqueue");
+        let first = a.dequeue().await.expect("dequeue");
+        let dropped = first[0].payload.clone();
+        // Settle all but the first: its lease runs out in `retry`.
+        ack(&a, &first[1..]).await;
+        let t0 = Instant::now();
+        loop {
+            let got = a.dequeue().await.expect("dequeue");
+            assert!(
+                !got.is_empty(),
+                "the queue ran dry before the lapsed package came back"
+            );
+            if let Some(d) = got.iter().find(|d| d.payload == dropped) {
+                assert_eq!(d.deliveries, Some(2));
+                break;
+            }
+            ack(&a, &got).await;
+            assert!(
+                t0.elapsed() < retry + Duration::from_secs(3),
+                "the lapsed package was not delivered again within retry + 3 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        a.delete_queue().await.expect("delete queue");
+    }
+
+    /// A delayed package of higher priority comes due while the claims work through
+    /// lower-priority ones: it is delivered within about a second of coming due.
+    async fn a_delayed_urgent_package_is_not_passed_over(url: &str) {
+        let a = open(url, settings("delayed", 5, Duration::from_secs(30))).await;
+        let wait = Duration::from_millis(800);
+        let t0 = Instant::now();
+        a.enqueue(
+            Message::new(b"urgent".to_vec())
+                .with_priority(5)
+                .with_delay(wait),
+        )
+        .await
+        .expect("enqueue urgent");
+        let low: Vec<Message> = (0..3000u16)
+            .map(|k| Message::new(k.to_be_bytes().to_vec()))
+            .collect();
+        a.enqueue_many(low).await.expect("enqueue");
+        loop {
+            let got = a.dequeue().await.expect("dequeue");
+            assert!(
+                !got.is_empty(),
+                "the queue ran dry before the urgent package came"
+            );
+            if got.iter().any(|d| d.payload == b"urgent") {
+                assert!(t0.elapsed() >= wait, "delivered before its delay");
+                break;
+            }
+            ack(&a, &got).await;
+            assert!(
+                t0.elapsed() < wait + Duration::from_secs(3),
+                "the urgent package was not delivered within 3 s of coming due"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        a.delete_queue().await.expect("delete queue");
+    }
+
+    async fn all(url: &str) {
+        higher_priority_from_elsewhere_goes_first(url).await;
+        a_lapsed_lease_behind_comes_back(url).await;
+        a_delayed_urgent_package_is_not_passed_over(url).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        all(&format!("sqlite://{}/resume.sqlite3", dir.path().display())).await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let url = postgres_url();
+        if reachable(&url).await {
+            all(&url).await;
+        }
+    }
+
+    #[cfg(feature = "mysql")]
+    #[tokio::test]
+    async fn mariadb() {
+        let url = mysql_url();
+        if reachable(&url).await {
+            all(&url).await;
+        }
+    }
+}

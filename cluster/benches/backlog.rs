@@ -15,6 +15,9 @@
 //! `postgres` leaves autovacuum as the server has it; `postgres-noautovacuum` turns it off for
 //! the queue table (`ALTER TABLE qcluster_queue SET (autovacuum_enabled = off)`), as a server
 //! with autovacuum off, or a long transaction holding the xmin horizon, does in effect.
+//! `postgres-autovacuum-on` (not in the default list) turns the *server's* autovacuum on for the
+//! run with `ALTER SYSTEM` and resets it after, for a server that runs with it off (as this
+//! machine's does): the figure with autovacuum working beside the one without.
 //! Env: `BENCH_N`, `BENCH_CHECKPOINT` (set: a `CHECKPOINT` after the large enqueue, before
 //! the drain starts, to tell the bulk load's write-back apart from the drain's own cost), `QCLUSTER_TEST_POSTGRES_URL` (a database to connect to for creating the
 //! bench's own), `QCLUSTER_TEST_REDIS_URL`.
@@ -96,11 +99,17 @@ async fn one(backend: &str, dir: &std::path::Path, n: usize) -> Result<String, S
             format!("sqlite://{}/backlog-redis-results.sqlite3", dir.display()),
         ),
         #[cfg(feature = "orm-postgres")]
-        "postgres" | "postgres-noautovacuum" => {
+        "postgres" | "postgres-noautovacuum" | "postgres-autovacuum-on" => {
             let url = pg::fresh_db().await?;
             (url.clone(), url)
         }
         other => return Err(format!("unknown or not compiled-in backend {other}")),
+    };
+    #[cfg(feature = "orm-postgres")]
+    let _server_autovacuum = if backend == "postgres-autovacuum-on" {
+        Some(pg::ServerAutovacuumOn::set().await?)
+    } else {
+        None
     };
     #[cfg(feature = "orm-postgres")]
     let pg_state = if backend.starts_with("postgres") {
@@ -347,6 +356,51 @@ mod pg {
     /// What the table's autovacuum counters said before the run.
     pub struct State {
         autovacuum: String,
+    }
+
+    /// `postgres-autovacuum-on`: the server's `autovacuum` turned on for the run with
+    /// `ALTER SYSTEM` (a superuser's setting, written to `postgresql.auto.conf`) and reset when
+    /// dropped, for servers that run with it off, as this machine's does.
+    pub struct ServerAutovacuumOn;
+
+    impl ServerAutovacuumOn {
+        pub async fn set() -> Result<Self, String> {
+            let mut c = conn(&admin_url()).await?;
+            c.execute("ALTER SYSTEM SET autovacuum = on")
+                .await
+                .map_err(|e| format!("ALTER SYSTEM (needs a superuser): {e}"))?;
+            c.execute("SELECT pg_reload_conf()")
+                .await
+                .map_err(|e| e.to_string())?;
+            // The postmaster reloads asynchronously.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            println!("server autovacuum turned on for this run (ALTER SYSTEM; reset after it)");
+            Ok(Self)
+        }
+    }
+
+    impl Drop for ServerAutovacuumOn {
+        fn drop(&mut self) {
+            let reset = async {
+                let mut c = conn(&admin_url()).await?;
+                c.execute("ALTER SYSTEM RESET autovacuum")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.execute("SELECT pg_reload_conf()")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            };
+            let done =
+                tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(reset));
+            match done {
+                Ok(()) => println!("server autovacuum reset (ALTER SYSTEM RESET autovacuum)"),
+                Err(e) => println!(
+                    "WARNING: could not reset the server's autovacuum ({e}); \
+                     run ALTER SYSTEM RESET autovacuum; SELECT pg_reload_conf();"
+                ),
+            }
+        }
     }
 
     fn admin_url() -> String {
