@@ -163,7 +163,6 @@ pub const MIGRATIONS: &[Migration] = &[
             // rather than by a fraction of a table whose size swings from empty to millions.
             "ALTER TABLE qcluster_queue SET (fillfactor = 60, \
             autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000, \
-            autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_vacuum_insert_threshold = 10000, \
             autovacuum_analyze_scale_factor = 0.05, autovacuum_analyze_threshold = 1000)",
         ],
         mysql: &[

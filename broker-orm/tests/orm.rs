@@ -714,3 +714,35 @@ mod resume {
         }
     }
 }
+
+/// MySQL commits each DDL statement on its own: an upgrade that stopped after its first
+/// statement completes on the next start, and no package is lost.
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn mariadb_interrupted_upgrade_completes() {
+    use sqlx::AssertSqlSafe;
+    let admin_url = mysql_url();
+    if !reachable(&admin_url).await {
+        return;
+    }
+    let (name, url) = fresh_db_url(&admin_url);
+    let admin = sqlx::MySqlPool::connect(&admin_url).await.expect("admin");
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    let pool = sqlx::MySqlPool::connect(&url).await.expect("pool");
+    let held = fill_v1!(&pool, broker_orm::Dialect::MySql, "up");
+    // The first statement of version 2 ran; the process died before the rest.
+    let v2 = &broker_orm::migrate::MIGRATIONS[1];
+    sqlx::query(AssertSqlSafe(v2.mysql[0]))
+        .execute(&pool)
+        .await
+        .expect("first statement of version 2");
+    pool.close().await;
+    check_upgraded(&url, "up", held).await;
+    sqlx::query(AssertSqlSafe(format!("DROP DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("drop database");
+}
