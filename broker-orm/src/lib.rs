@@ -1099,7 +1099,7 @@ impl Broker for OrmBroker {
             retry_secs: Some(i.settings.retry.as_secs_f64()),
             notes: vec![
                 "at least once: a package not acknowledged within `retry` is delivered again".into(),
-                "acknowledge deletes the row; fail makes it visible again with its delivery count raised".into(),
+                "acknowledge deletes the row; fail makes it ready again with its delivery count raised".into(),
                 "claims are atomic: a package is leased to one consumer at a time".into(),
                 "a requeued dead letter comes back at priority 0 (qcluster_dead keeps no priority)".into(),
             ]
