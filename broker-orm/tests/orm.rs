@@ -196,10 +196,11 @@ async fn first_start_four_at_once(url: &str) {
         .expect("enqueue after migration");
 }
 
-/// Creates a fresh database, starts four brokers on it at once, checks the schema was recorded
-/// once, and drops the database.
-macro_rules! first_start_test {
-    ($name:ident, $feature:literal, $pool:ty, $admin_url:expr, $drop_suffix:literal) => {
+/// A test on a database of its own: creates it through `$admin_url`, runs `$body(url)` (an
+/// async block given the new database's URL), checks the schema versions recorded there, and
+/// drops it.
+macro_rules! fresh_db_test {
+    ($name:ident, $feature:literal, $pool:ty, $admin_url:expr, $drop_suffix:literal, |$url:ident| $body:expr) => {
         #[cfg(feature = $feature)]
         #[tokio::test]
         async fn $name() {
@@ -208,14 +209,14 @@ macro_rules! first_start_test {
             if !reachable(&admin_url).await {
                 return;
             }
-            let (name, url) = fresh_db_url(&admin_url);
+            let (name, $url) = fresh_db_url(&admin_url);
             let admin = <$pool>::connect(&admin_url).await.expect("admin");
             sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .execute(&admin)
                 .await
                 .expect("create database");
-            first_start_four_at_once(&url).await;
-            let pool = <$pool>::connect(&url).await.expect("pool");
+            $body;
+            let pool = <$pool>::connect(&$url).await.expect("pool");
             let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM qcluster_migrations")
                 .fetch_one(&pool)
                 .await
@@ -233,19 +234,22 @@ macro_rules! first_start_test {
     };
 }
 
-first_start_test!(
+// Four brokers start at once on an empty database: every one starts, the schema is made once.
+fresh_db_test!(
     postgres_concurrent_first_start_migrates_once,
     "postgres",
     sqlx::PgPool,
     postgres_url(),
-    " WITH (FORCE)"
+    " WITH (FORCE)",
+    |url| first_start_four_at_once(&url).await
 );
-first_start_test!(
+fresh_db_test!(
     mariadb_concurrent_first_start_migrates_once,
     "mysql",
     sqlx::MySqlPool,
     mysql_url(),
-    ""
+    "",
+    |url| first_start_four_at_once(&url).await
 );
 
 #[cfg(feature = "mysql")]
@@ -503,60 +507,52 @@ async fn sqlite_upgrade_from_the_first_layout_keeps_every_package() {
     check_upgraded(&url, "up", held).await;
 }
 
-/// Creates a fresh database, fills it on the first layout, upgrades and checks it, and drops it.
-macro_rules! upgrade_test {
-    ($name:ident, $feature:literal, $pool:ty, $dialect:expr, $admin_url:expr, $drop_suffix:literal) => {
-        #[cfg(feature = $feature)]
-        #[tokio::test]
-        async fn $name() {
-            use sqlx::AssertSqlSafe;
-            let admin_url = $admin_url;
-            if !reachable(&admin_url).await {
-                return;
-            }
-            let (name, url) = fresh_db_url(&admin_url);
-            let admin = <$pool>::connect(&admin_url).await.expect("admin");
-            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&admin)
-                .await
-                .expect("create database");
-            let pool = <$pool>::connect(&url).await.expect("pool");
-            let held = fill_v1!(&pool, $dialect, "up");
-            pool.close().await;
-            check_upgraded(&url, "up", held).await;
-            let pool = <$pool>::connect(&url).await.expect("pool");
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM qcluster_migrations")
-                .fetch_one(&pool)
-                .await
-                .expect("count");
-            pool.close().await;
-            sqlx::query(AssertSqlSafe(format!(
-                "DROP DATABASE {name}{}",
-                $drop_suffix
-            )))
-            .execute(&admin)
-            .await
-            .expect("drop database");
-            assert_eq!(n, broker_orm_migrations());
-        }
-    };
-}
-
-upgrade_test!(
+// A database on the first layout, filled, then upgraded by a broker's first start.
+fresh_db_test!(
     postgres_upgrade_from_the_first_layout_keeps_every_package,
     "postgres",
     sqlx::PgPool,
-    broker_orm::Dialect::Postgres,
     postgres_url(),
-    " WITH (FORCE)"
+    " WITH (FORCE)",
+    |url| {
+        let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+        let held = fill_v1!(&pool, broker_orm::Dialect::Postgres, "up");
+        pool.close().await;
+        check_upgraded(&url, "up", held).await;
+    }
 );
-upgrade_test!(
+fresh_db_test!(
     mariadb_upgrade_from_the_first_layout_keeps_every_package,
     "mysql",
     sqlx::MySqlPool,
-    broker_orm::Dialect::MySql,
     mysql_url(),
-    ""
+    "",
+    |url| {
+        let pool = sqlx::MySqlPool::connect(&url).await.expect("pool");
+        let held = fill_v1!(&pool, broker_orm::Dialect::MySql, "up");
+        pool.close().await;
+        check_upgraded(&url, "up", held).await;
+    }
+);
+// MySQL commits each DDL statement on its own: an upgrade that stopped after its first
+// statement completes on the next start, and no package is lost.
+fresh_db_test!(
+    mariadb_interrupted_upgrade_completes,
+    "mysql",
+    sqlx::MySqlPool,
+    mysql_url(),
+    "",
+    |url| {
+        let pool = sqlx::MySqlPool::connect(&url).await.expect("pool");
+        let held = fill_v1!(&pool, broker_orm::Dialect::MySql, "up");
+        // The first statement of version 2 ran; the process died before the rest.
+        sqlx::query(AssertSqlSafe(broker_orm::migrate::MIGRATIONS[1].mysql[0]))
+            .execute(&pool)
+            .await
+            .expect("first statement of version 2");
+        pool.close().await;
+        check_upgraded(&url, "up", held).await;
+    }
 );
 
 /// The claim resumes from where the last one ended (on PostgreSQL, the handle's floor): these
@@ -713,36 +709,4 @@ mod resume {
             all(&url).await;
         }
     }
-}
-
-/// MySQL commits each DDL statement on its own: an upgrade that stopped after its first
-/// statement completes on the next start, and no package is lost.
-#[cfg(feature = "mysql")]
-#[tokio::test]
-async fn mariadb_interrupted_upgrade_completes() {
-    use sqlx::AssertSqlSafe;
-    let admin_url = mysql_url();
-    if !reachable(&admin_url).await {
-        return;
-    }
-    let (name, url) = fresh_db_url(&admin_url);
-    let admin = sqlx::MySqlPool::connect(&admin_url).await.expect("admin");
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create database");
-    let pool = sqlx::MySqlPool::connect(&url).await.expect("pool");
-    let held = fill_v1!(&pool, broker_orm::Dialect::MySql, "up");
-    // The first statement of version 2 ran; the process died before the rest.
-    let v2 = &broker_orm::migrate::MIGRATIONS[1];
-    sqlx::query(AssertSqlSafe(v2.mysql[0]))
-        .execute(&pool)
-        .await
-        .expect("first statement of version 2");
-    pool.close().await;
-    check_upgraded(&url, "up", held).await;
-    sqlx::query(AssertSqlSafe(format!("DROP DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("drop database");
 }

@@ -22,6 +22,8 @@
 //! the drain starts, to tell the bulk load's write-back apart from the drain's own cost), `QCLUSTER_TEST_POSTGRES_URL` (a database to connect to for creating the
 //! bench's own), `QCLUSTER_TEST_REDIS_URL`.
 
+mod args;
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -46,19 +48,8 @@ fn main() {
 }
 
 async fn bench() {
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let mut wanted: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if wanted.is_empty() {
-        wanted = ["postgres", "postgres-noautovacuum", "sqlite", "redis"]
-            .map(String::from)
-            .to_vec();
-    }
+    let n = args::count("BENCH_N", 1_000_000);
+    let wanted = args::backends(&["postgres", "postgres-noautovacuum", "sqlite", "redis"]);
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
         "qcluster backlog bench: {n} noop tasks enqueued at once, one cluster of {WORKERS} workers, \

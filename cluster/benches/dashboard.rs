@@ -8,6 +8,8 @@
 //! Env: `BENCH_RESULTS` (default 1000000), `QCLUSTER_TEST_POSTGRES_URL` (the bench makes and
 //! (re)creates its own database `qcluster_bench_dashboard` on that server, left for inspection).
 
+mod args;
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,17 +30,8 @@ fn main() {
 }
 
 async fn bench() {
-    let n: usize = std::env::var("BENCH_RESULTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let mut wanted: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if wanted.is_empty() {
-        wanted = vec!["sqlite".into(), "postgres".into()];
-    }
+    let n = args::count("BENCH_RESULTS", 1_000_000);
+    let wanted = args::backends(&["sqlite", "postgres"]);
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
         "qcluster dashboard bench: {n} results, {FUNCS} funcs, 10% failures; {SAMPLES} fetches each"

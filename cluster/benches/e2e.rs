@@ -26,6 +26,8 @@
 //! collecting `/metrics` costs on the cluster's own ceiling, where it weighs most.
 //! Env: `BENCH_N` (default 20000), `QCLUSTER_TEST_POSTGRES_URL`.
 
+mod args;
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -65,23 +67,8 @@ fn main() {
 }
 
 async fn bench() {
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let mut wanted: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if wanted.is_empty() {
-        wanted = vec![
-            "memory".into(),
-            "sqlite".into(),
-            "postgres".into(),
-            "modes".into(),
-            "metrics".into(),
-        ];
-    }
+    let n = args::count("BENCH_N", 20_000);
+    let mut wanted = args::backends(&["memory", "sqlite", "postgres", "modes", "metrics"]);
     let modes = wanted.iter().any(|w| w == "modes");
     let metrics = wanted.iter().any(|w| w == "metrics");
     wanted.retain(|w| w != "modes" && w != "metrics");
