@@ -446,6 +446,17 @@ macro_rules! fill_v1 {
     }};
 }
 
+/// Connects to `$url` as `$pool`, fills it on the first layout (`fill_v1!`) and returns the held
+/// package's id.
+macro_rules! v1_database {
+    ($pool:ty, $dialect:expr, $url:expr) => {{
+        let pool = <$pool>::connect($url).await.expect("pool");
+        let held = fill_v1!(&pool, $dialect, "up");
+        pool.close().await;
+        held
+    }};
+}
+
 /// Opens a broker on a database filled by `fill_v1!` (which upgrades it) and checks that every
 /// package kept its state: the held lease still counts as held and its receipt still settles
 /// it, the lapsed lease and the ready packages come back in priority order, the delayed one
@@ -515,9 +526,7 @@ fresh_db_test!(
     postgres_url(),
     " WITH (FORCE)",
     |url| {
-        let pool = sqlx::PgPool::connect(&url).await.expect("pool");
-        let held = fill_v1!(&pool, broker_orm::Dialect::Postgres, "up");
-        pool.close().await;
+        let held = v1_database!(sqlx::PgPool, broker_orm::Dialect::Postgres, &url);
         check_upgraded(&url, "up", held).await;
     }
 );
@@ -528,9 +537,7 @@ fresh_db_test!(
     mysql_url(),
     "",
     |url| {
-        let pool = sqlx::MySqlPool::connect(&url).await.expect("pool");
-        let held = fill_v1!(&pool, broker_orm::Dialect::MySql, "up");
-        pool.close().await;
+        let held = v1_database!(sqlx::MySqlPool, broker_orm::Dialect::MySql, &url);
         check_upgraded(&url, "up", held).await;
     }
 );
@@ -543,9 +550,9 @@ fresh_db_test!(
     mysql_url(),
     "",
     |url| {
-        let pool = sqlx::MySqlPool::connect(&url).await.expect("pool");
-        let held = fill_v1!(&pool, broker_orm::Dialect::MySql, "up");
+        let held = v1_database!(sqlx::MySqlPool, broker_orm::Dialect::MySql, &url);
         // The first statement of version 2 ran; the process died before the rest.
+        let pool = sqlx::MySqlPool::connect(&url).await.expect("pool");
         sqlx::query(AssertSqlSafe(broker_orm::migrate::MIGRATIONS[1].mysql[0]))
             .execute(&pool)
             .await

@@ -22,13 +22,13 @@
 //! the drain starts, to tell the bulk load's write-back apart from the drain's own cost), `QCLUSTER_TEST_POSTGRES_URL` (a database to connect to for creating the
 //! bench's own), `QCLUSTER_TEST_REDIS_URL`.
 
-mod args;
+mod harness;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cluster::config::{Secret, Url};
-use cluster::{Client, Cluster, Config, NewTask, Registry, Store};
+use cluster::{Client, Config, NewTask, Store};
 
 const WORKERS: usize = 2;
 const BENCH_SECRET: &str = "bench-secret-0123456789abcdef0123456789";
@@ -39,17 +39,12 @@ const ENQUEUE_CHUNK: usize = 5_000;
 const BENCH_DB: &str = "qcluster_bench_backlog";
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(bench());
+    harness::block_on(bench());
 }
 
 async fn bench() {
-    let n = args::count("BENCH_N", 1_000_000);
-    let wanted = args::backends(&["postgres", "postgres-noautovacuum", "sqlite", "redis"]);
+    let n = harness::count("BENCH_N", 1_000_000);
+    let wanted = harness::backends(&["postgres", "postgres-noautovacuum", "sqlite", "redis"]);
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
         "qcluster backlog bench: {n} noop tasks enqueued at once, one cluster of {WORKERS} workers, \
@@ -215,21 +210,9 @@ async fn drain(
             t.elapsed().as_secs_f64()
         );
     }
-    let broker = cluster::Brokers::builtin().connect(&cfg).await.map_err(e)?;
-    let codec = cluster::client::codec_from(&cfg).map_err(e)?;
-    let cluster = Cluster::new(
-        cfg.clone(),
-        broker,
-        store.clone(),
-        codec,
-        Registry::with_builtins(),
-    );
-    let counters = cluster.counters();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = harness::start(&cfg, &store).await?;
+    let counters = running.counters.clone();
     let t0 = Instant::now();
-    let running = tokio::spawn(cluster.run(async {
-        let _ = stop_rx.await;
-    }));
     let mut worst = f64::INFINITY;
     let (mut mark, mut at) = (0u64, t0);
     let mut cpu_mark = cpu::sample();
@@ -282,8 +265,7 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = n as f64 / t0.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    running.await.map_err(|e| e.to_string())?.map_err(e)?;
+    running.stop().await?;
     let _ = client.broker().delete_queue().await;
     let _ = store.clear(&name).await;
     Ok(Drained {

@@ -8,7 +8,7 @@
 //! Env: `BENCH_RESULTS` (default 1000000), `QCLUSTER_TEST_POSTGRES_URL` (the bench makes and
 //! (re)creates its own database `qcluster_bench_dashboard` on that server, left for inspection).
 
-mod args;
+mod harness;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -30,8 +30,8 @@ fn main() {
 }
 
 async fn bench() {
-    let n = args::count("BENCH_RESULTS", 1_000_000);
-    let wanted = args::backends(&["sqlite", "postgres"]);
+    let n = harness::count("BENCH_RESULTS", 1_000_000);
+    let wanted = harness::backends(&["sqlite", "postgres"]);
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
         "qcluster dashboard bench: {n} results, {FUNCS} funcs, 10% failures; {SAMPLES} fetches each"

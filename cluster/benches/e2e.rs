@@ -26,7 +26,7 @@
 //! collecting `/metrics` costs on the cluster's own ceiling, where it weighs most.
 //! Env: `BENCH_N` (default 20000), `QCLUSTER_TEST_POSTGRES_URL`.
 
-mod args;
+mod harness;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -58,17 +58,12 @@ fn main() {
             1
         });
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(bench());
+    harness::block_on(bench());
 }
 
 async fn bench() {
-    let n = args::count("BENCH_N", 20_000);
-    let mut wanted = args::backends(&["memory", "sqlite", "postgres", "modes", "metrics"]);
+    let n = harness::count("BENCH_N", 20_000);
+    let mut wanted = harness::backends(&["memory", "sqlite", "postgres", "modes", "metrics"]);
     let modes = wanted.iter().any(|w| w == "modes");
     let metrics = wanted.iter().any(|w| w == "metrics");
     wanted.retain(|w| w != "modes" && w != "metrics");
@@ -179,23 +174,10 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     }
     let enqueue = n as f64 / t0.elapsed().as_secs_f64();
 
-    // A handle of its own, as a cluster process has (`memory` handles share the process's queue).
-    let broker = cluster::Brokers::builtin().connect(&cfg).await.map_err(e)?;
-    let codec = cluster::client::codec_from(&cfg).map_err(e)?;
-    let cluster = Cluster::new(
-        cfg.clone(),
-        broker,
-        store.clone(),
-        codec,
-        Registry::with_builtins(),
-    );
-    let counters = cluster.counters();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = harness::start(&cfg, &store).await?;
+    let counters = running.counters.clone();
     let t0 = Instant::now();
     let cpu0 = cpu_secs();
-    let running = tokio::spawn(cluster.run(async {
-        let _ = stop_rx.await;
-    }));
     while counters.processed.load(Ordering::Relaxed) < n as u64 {
         if running.is_finished() {
             return Err("cluster stopped early".into());
@@ -231,8 +213,7 @@ async fn run(url: &str, store_url: &str, n: usize) -> Result<Figures, String> {
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     let (p50_ms, p99_ms) = (pct(0.50), pct(0.99));
-    let _ = stop_tx.send(());
-    running.await.map_err(|e| e.to_string())?.map_err(e)?;
+    running.stop().await?;
     let _ = client.broker().delete_queue().await;
     let _ = store.clear(&name).await;
 
