@@ -236,3 +236,11 @@ pub(crate) async fn connect(
 fn session_ended(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "70100")
 }
+
+/// True for SQLite's "database is busy / locked": another connection holds the write lock.
+pub fn is_busy(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), extended codes included (their low byte).
+        .is_some_and(|c| c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)))
+}

@@ -113,6 +113,12 @@ const CLAIM_ORDER: &str = "ORDER BY tier, due_at, id";
 /// Ready now: due, and nobody holds the lease.
 const READY: &str = "due_at <= NOW_US AND lease_until <= NOW_US";
 
+/// The same on PostgreSQL, against one clock reading for the whole statement: with the clock
+/// read row by row, a row could be found not yet due and a later row of the same tier due a
+/// microsecond after, and the floor would pass the first.
+const READY_PG: &str = "due_at <= (EXTRACT(EPOCH FROM statement_timestamp()) * 1000000)::BIGINT \
+    AND lease_until <= (EXTRACT(EPOCH FROM statement_timestamp()) * 1000000)::BIGINT";
+
 impl Statements {
     pub fn new(d: Dialect) -> Self {
         let r = |t: &str| -> Arc<str> { d.render(t).into() };
@@ -123,7 +129,7 @@ impl Statements {
             Dialect::Postgres => format!(
                 "UPDATE qcluster_queue SET leased = 1, lease_until = NOW_US + ?, deliveries = deliveries + 1 \
                  WHERE id IN (SELECT id FROM qcluster_queue WHERE queue = ? AND (tier, due_at, id) >= (?, ?, ?) \
-                 AND {READY} {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED) \
+                 AND {READY_PG} {CLAIM_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED) \
                  RETURNING id, payload, deliveries, tier, due_at"
             ),
             // A write statement takes SQLite's write lock when it starts: claims are serialised.

@@ -407,49 +407,72 @@ impl Claimed {
     }
 }
 
-/// Longest a start-up waits for another cluster's schema upgrade.
+/// Longest a start-up waits for another cluster's schema upgrade (the wait for the lock; the
+/// upgrade itself, which grows with the queue on a large backlog, is not cut short: a cut would
+/// roll it back, and every start would begin it again).
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between two tries for the schema lock.
+const MIGRATE_RETRY: Duration = Duration::from_millis(100);
 
 async fn migrate(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerError> {
-    match tokio::time::timeout(MIGRATE_TIMEOUT, migrate_locked(db, d, ctx)).await {
-        Ok(r) => r,
-        Err(_) => Err(BrokerError::Timeout {
-            broker: d.broker_name(),
-            operation: "migrate (waiting for the schema lock)",
-            endpoint: ctx.endpoint.clone(),
-            after: MIGRATE_TIMEOUT,
-        }),
-    }
-}
-
-async fn migrate_locked(db: &Db, d: Dialect, ctx: &Ctx) -> Result<(), BrokerError> {
     let err = ctx.err("migrate");
     let record = d.render(match d {
         Dialect::MySql => "INSERT IGNORE INTO qcluster_migrations (version, description, applied_at) VALUES (?, ?, NOW_US)",
         _ => "INSERT INTO qcluster_migrations (version, description, applied_at) VALUES (?, ?, NOW_US) ON CONFLICT (version) DO NOTHING",
     });
+    let waited_too_long = |operation: &'static str| BrokerError::Timeout {
+        broker: d.broker_name(),
+        operation,
+        endpoint: ctx.endpoint.clone(),
+        after: MIGRATE_TIMEOUT,
+    };
     on_db!(db, p => {
         let mut conn = p.acquire().await.map_err(&err)?;
         // Several clusters may start at once: one upgrades, the others wait and find it done.
         // SQLite has no named lock: its write lock, taken by BEGIN IMMEDIATE, serves.
-        let (take, release) = match d {
-            Dialect::Postgres => ("SELECT pg_advisory_lock(7215113901)", "SELECT pg_advisory_unlock(7215113901)"),
-            Dialect::MySql => ("SELECT GET_LOCK('qcluster_migrate', 60)", "SELECT RELEASE_LOCK('qcluster_migrate')"),
-            Dialect::Sqlite => ("BEGIN IMMEDIATE", "COMMIT"),
+        let release = match d {
+            Dialect::Postgres => "SELECT pg_advisory_unlock(7215113901)",
+            Dialect::MySql => "SELECT RELEASE_LOCK('qcluster_migrate')",
+            Dialect::Sqlite => "COMMIT",
         };
-        if d == Dialect::MySql {
-            // 1 = taken; 0 = timed out; NULL = error. Only 1 lets us go on.
-            let got: Option<i64> = sqlx::query_scalar(take).fetch_one(&mut *conn).await.map_err(&err)?;
-            if got != Some(1) {
-                return Err(BrokerError::Timeout {
-                    broker: d.broker_name(),
-                    operation: "migrate (GET_LOCK qcluster_migrate)",
-                    endpoint: ctx.endpoint.clone(),
-                    after: MIGRATE_TIMEOUT,
-                });
+        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        match d {
+            Dialect::MySql => {
+                // 1 = taken; 0 = timed out; NULL = error. Only 1 lets us go on.
+                let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('qcluster_migrate', 60)")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(&err)?;
+                if got != Some(1) {
+                    return Err(waited_too_long("migrate (GET_LOCK qcluster_migrate)"));
+                }
             }
-        } else {
-            conn.execute(take).await.map_err(&err)?;
+            Dialect::Postgres => loop {
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(7215113901)")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(&err)?;
+                if got {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(waited_too_long("migrate (waiting for the schema lock)"));
+                }
+                tokio::time::sleep(MIGRATE_RETRY).await;
+            },
+            Dialect::Sqlite => loop {
+                match conn.execute("BEGIN IMMEDIATE").await {
+                    Ok(_) => break,
+                    // Another process holds the write lock (perhaps upgrading a large file).
+                    Err(e) if db::is_busy(&e) => {
+                        if Instant::now() >= deadline {
+                            return Err(waited_too_long("migrate (waiting for SQLite's write lock)"));
+                        }
+                        tokio::time::sleep(MIGRATE_RETRY).await;
+                    }
+                    Err(e) => return Err(err(e)),
+                }
+            },
         }
         let result: Result<(), BrokerError> = async {
             conn.execute(migrate::bookkeeping(d)).await.map_err(&err)?;

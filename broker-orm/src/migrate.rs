@@ -155,7 +155,7 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE qcluster_queue RENAME COLUMN visible_at TO due_at",
             "ALTER TABLE qcluster_queue ADD COLUMN tier INTEGER NOT NULL DEFAULT 0",
             "ALTER TABLE qcluster_queue ADD COLUMN lease_until BIGINT NOT NULL DEFAULT 0",
-            "UPDATE qcluster_queue SET tier = -priority, lease_until = CASE WHEN leased = 1 THEN due_at ELSE 0 END",
+            "UPDATE qcluster_queue SET tier = -(priority::INTEGER), lease_until = CASE WHEN leased = 1 THEN due_at ELSE 0 END",
             "DROP INDEX IF EXISTS qcluster_queue_claim",
             "ALTER TABLE qcluster_queue DROP COLUMN priority",
             "CREATE INDEX IF NOT EXISTS qcluster_queue_ready ON qcluster_queue (queue, tier, due_at, id)",

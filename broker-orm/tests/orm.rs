@@ -410,8 +410,10 @@ macro_rules! fill_v1 {
         let now = now_us();
         let hour = 3_600_000_000i64;
         // (payload, priority, visible_at, leased, deliveries)
-        let rows: [(&[u8], i16, i64, i16, i32); 5] = [
+        let rows: [(&[u8], i16, i64, i16, i32); 6] = [
             (b"ready-p0", 0, now - 2_000_000, 0, 0),
+            // The lowest priority there is: its negation does not fit a SMALLINT.
+            (b"ready-min", i16::MIN, now - 3_000_000, 0, 0),
             (b"ready-p5", 5, now - 1_000_000, 0, 0),
             (b"delayed", 0, now + hour, 0, 0),
             (b"held", 0, now + hour, 1, 1),
@@ -472,14 +474,19 @@ async fn check_upgraded(url: &str, queue: &str, held: i64) {
     );
     assert_eq!(
         b.queue_size().await.expect("queue_size"),
-        4,
+        5,
         "ready, delayed and lapsed packages wait"
     );
     let got = b.dequeue().await.expect("dequeue");
     let payloads: Vec<&[u8]> = got.iter().map(|d| &d.payload[..]).collect();
     assert_eq!(
         payloads,
-        vec![&b"ready-p5"[..], &b"ready-p0"[..], &b"lapsed"[..]],
+        vec![
+            &b"ready-p5"[..],
+            &b"ready-p0"[..],
+            &b"lapsed"[..],
+            &b"ready-min"[..]
+        ],
         "priority first, then enqueue order; the delayed and the held package stay back"
     );
     assert_eq!(
@@ -616,36 +623,42 @@ mod resume {
         a.delete_queue().await.expect("delete queue");
     }
 
-    /// A lease that runs out behind the point the claims have reached is delivered again while
-    /// the rest of the queue is still being worked.
-    async fn a_lapsed_lease_behind_comes_back(url: &str) {
+    /// Leases that run out behind the point the claims have reached (a consumer died holding
+    /// them) are all delivered again soon after, while the rest of the queue is still being
+    /// worked, not `bulk` at a time per scan from the bottom.
+    async fn lapsed_leases_behind_come_back(url: &str) {
         let retry = Duration::from_secs(1);
         let a = open(url, settings("lapse", 5, retry)).await;
-        let many: Vec<Message> = (0..2000u16)
+        let many: Vec<Message> = (0..4000u16)
             .map(|k| Message::new(k.to_be_bytes().to_vec()))
             .collect();
         a.enqueue_many(many).await.expect("enqueue");
-        let first = a.dequeue().await.expect("dequeue");
-        let dropped = first[0].payload.clone();
-        // Settle all but the first: its lease runs out in `retry`.
-        ack(&a, &first[1..]).await;
+        // A consumer takes 20 and dies: their leases run out in `retry`.
+        let mut dropped: std::collections::HashSet<Vec<u8>> = drain_some(&a, 4)
+            .await
+            .into_iter()
+            .map(|d| d.payload)
+            .collect();
+        assert_eq!(dropped.len(), 20);
         let t0 = Instant::now();
-        loop {
+        while !dropped.is_empty() {
             let got = a.dequeue().await.expect("dequeue");
             assert!(
                 !got.is_empty(),
-                "the queue ran dry before the lapsed package came back"
+                "the queue ran dry before the lapsed packages came back"
             );
-            if let Some(d) = got.iter().find(|d| d.payload == dropped) {
-                assert_eq!(d.deliveries, Some(2));
-                break;
+            for d in &got {
+                if dropped.remove(&d.payload) {
+                    assert_eq!(d.deliveries, Some(2));
+                }
             }
             ack(&a, &got).await;
             assert!(
-                t0.elapsed() < retry + Duration::from_secs(3),
-                "the lapsed package was not delivered again within retry + 3 s"
+                t0.elapsed() < retry + Duration::from_millis(2500),
+                "{} lapsed packages not delivered again within retry + 2.5 s",
+                dropped.len()
             );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         a.delete_queue().await.expect("delete queue");
     }
@@ -689,7 +702,7 @@ mod resume {
 
     async fn all(url: &str) {
         higher_priority_from_elsewhere_goes_first(url).await;
-        a_lapsed_lease_behind_comes_back(url).await;
+        lapsed_leases_behind_come_back(url).await;
         a_delayed_urgent_package_is_not_passed_over(url).await;
     }
 
