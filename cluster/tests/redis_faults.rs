@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Guard, World, signal, wait_exit};
+use common::{Guard, World, free_port, signal, wait_exit};
 
 fn redis_url() -> String {
     std::env::var("QCLUSTER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
@@ -111,7 +111,8 @@ async fn redis_restart_mid_run_loses_nothing() {
         return;
     };
     let dir = tempfile::tempdir().expect("dir");
-    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    // A port the system just found free (a port derived from the pid could be taken).
+    let port = free_port();
     let start = || {
         Command::new(&bin)
             .args([
