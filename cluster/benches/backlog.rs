@@ -123,9 +123,9 @@ async fn one(backend: &str, dir: &std::path::Path, n: usize) -> Result<String, S
     let mut dead = "-".to_owned();
     #[cfg(feature = "orm-postgres")]
     if let Some(state) = pg_state {
-        let facts = pg::facts(&url, &state).await?;
+        let (facts, dead_tuples) = pg::facts(&url, &state).await?;
         println!("{facts}");
-        dead = pg::dead_tuples(&url).await?.to_string();
+        dead = dead_tuples.to_string();
         pg::drop_db().await?;
     }
     if backend == "sqlite" {
@@ -464,7 +464,8 @@ mod pg {
         .map_err(|e| e.to_string())
     }
 
-    pub async fn facts(url: &str, state: &State) -> Result<String, String> {
+    /// The queue table after the run, in words, and its dead tuples.
+    pub async fn facts(url: &str, state: &State) -> Result<(String, i64), String> {
         let dead = dead_tuples(url).await?;
         let mut c = conn(url).await?;
         let row: (i64, i64, i64, i64) = sqlx::query_as(
@@ -476,7 +477,7 @@ mod pg {
         .fetch_one(&mut c)
         .await
         .map_err(|e| e.to_string())?;
-        Ok(format!(
+        let words = format!(
             "qcluster_queue after the run: {dead} dead tuples, {:.1} MB with indexes, \
              {} autovacuums and {} autoanalyzes during the run ({}), {} HOT updates",
             row.0 as f64 / 1e6,
@@ -484,6 +485,7 @@ mod pg {
             row.2,
             state.autovacuum,
             row.3
-        ))
+        );
+        Ok((words, dead))
     }
 }
