@@ -25,6 +25,8 @@
 mod config;
 mod db;
 mod dialect;
+// The floor steers PostgreSQL's claims; the other backends only lower it on enqueue.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 mod floor;
 #[doc(hidden)]
 pub mod migrate;
@@ -376,6 +378,7 @@ impl OrmBroker {
 }
 
 /// A row a claim leased.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 struct Claimed {
     id: i64,
     payload: Vec<u8>,
@@ -402,6 +405,7 @@ impl Claimed {
         })
     }
 
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     fn key(&self) -> floor::Key {
         (self.tier, self.due_at, self.id)
     }

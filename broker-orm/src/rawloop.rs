@@ -96,6 +96,7 @@ macro_rules! consume {
 }
 
 /// Two connections: one `UPDATE ... RETURNING` claim, then delete the ids, until empty.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 macro_rules! claim_returning_loop {
     ($pool:expr, $claim:expr, $queue:expr, $n:expr, $bulk:expr, $consumers:expr) => {{
         let queue = $queue.to_owned();

@@ -198,13 +198,27 @@ pub(crate) fn mask(key: &str, value: serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// Keys whose values are secrets whatever they look like: `*password*`, `*secret*`, `*token*`,
-/// `*_key` (not `*key_file`), `credentials`.
+/// Keys whose values are secrets whatever they look like: `*password*`, `*passwd*`, `*pwd*`,
+/// `*secret*`, `*token*`, `*credential*`, `*webhook*`, `*auth*` (Disque's, Redis' `AUTH`),
+/// `*dsn*`, `*private*`, `*cookie*`, `*key` (not `*key_file`). An adapter's own secret keys must
+/// be named so that this rule hides them (README, "Write your own broker").
 fn secret_leaf(key: &str) -> bool {
     let leaf = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
-    ["password", "secret", "token", "credential", "webhook"]
-        .iter()
-        .any(|w| leaf.contains(w))
+    [
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "token",
+        "credential",
+        "webhook",
+        "auth",
+        "dsn",
+        "private",
+        "cookie",
+    ]
+    .iter()
+    .any(|w| leaf.contains(w))
         || (leaf.ends_with("key") && !leaf.ends_with("key_file"))
 }
 
@@ -274,8 +288,9 @@ impl Default for Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ReporterSection {
     /// The URL to POST each report to (`http://` or `https://`); none reports nothing. Its
-    /// whole value is a secret (webhook URLs carry their token in the path): never shown.
-    pub webhook: Option<Url>,
+    /// whole value is a secret (webhook URLs carry their token in the path): never shown, not
+    /// even by `Debug`.
+    pub webhook: Option<Secret>,
     /// Seconds one POST may take.
     #[serde(with = "secs")]
     pub timeout: Duration,
@@ -427,6 +442,10 @@ impl Secret {
     /// The secret's bytes, for the codec.
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
+    }
+    /// The secret as text, for the one place that uses it (a webhook URL, a DSN).
+    pub(crate) fn reveal(&self) -> &str {
+        &self.0
     }
 }
 
@@ -1177,6 +1196,33 @@ mod tests {
         }
         assert!(!format!("{c:?}").contains("pw-xyz"));
         assert!(!format!("{c:?}").contains("tok-xyz"));
+    }
+
+    #[test]
+    fn adapter_and_reporter_secrets_never_print() {
+        let mut c = Config::default();
+        c.set("disque.auth", "disque-pw-xyz").expect("set");
+        c.set("redis.password", "redis-pw-xyz").expect("set");
+        c.set("mine.api_key", "key-xyz").expect("set");
+        c.set("mine.dsn", "dsn-xyz").expect("set");
+        c.error_reporter.webhook = Some(Secret::new("https://hooks.example/T0/B0/path-token-xyz"));
+        c.error_reporter.sentry_dsn = Some(Secret::new("https://dsn-key-xyz@sentry.example/1"));
+        let dbg = format!("{c:?}");
+        let json = serde_json::to_string(&c).expect("json");
+        for out in [dbg, json] {
+            for leak in [
+                "disque-pw-xyz",
+                "redis-pw-xyz",
+                "key-xyz",
+                "dsn-xyz",
+                "path-token-xyz",
+            ] {
+                assert!(!out.contains(leak), "{leak} in {out}");
+            }
+        }
+        // Masking is by key name: a plain value keeps showing.
+        c.set("disque.nodes", "127.0.0.1:7711").expect("set");
+        assert!(format!("{c:?}").contains("127.0.0.1:7711"));
     }
 }
 

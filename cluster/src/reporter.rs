@@ -129,7 +129,7 @@ pub(crate) fn start(
     let webhook = match &section.webhook {
         Some(url) => {
             let bad = |m: &str| ConfigError::new("error_reporter.webhook", m.to_owned());
-            let url = reqwest::Url::parse(&url.0).map_err(|_| bad("is not a URL"))?;
+            let url = reqwest::Url::parse(url.reveal()).map_err(|_| bad("is not a URL"))?;
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(bad("must be an http:// or https:// URL").into());
             }
