@@ -6,9 +6,13 @@
 //! `Authorization: Bearer …` or by the dashboard's login cookie); with no token set the
 //! dashboard is read-only. When a token is set, `/metrics` and `/stats.json` need it too; when
 //! the address is beyond loopback, everything but `/health` and the login page needs it (and
-//! such an address is refused without a token). The login cookie is `HttpOnly` and
-//! `SameSite=Strict`, so another site's page cannot post a form with it. Every value shown on a
-//! page is escaped (task arguments and results are user data); the token is never shown.
+//! such an address is refused without a token), and `/health` answers a stranger with its
+//! status code and `{"healthy": …}` only (hosts, pids and errors need the token). The login
+//! cookie is `HttpOnly` and `SameSite=Strict`, so another site's page cannot post a form with
+//! it, and holds an HMAC of the token, not the token: a cookie read from a browser profile or a
+//! proxy log does not give the bearer token away, and changing the token ends every login.
+//! Every value shown on a page is escaped (task arguments and results are user data); the
+//! token is never shown. The server speaks plain HTTP: beyond loopback, put TLS in front.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +44,8 @@ pub(crate) struct Web {
     pub store: Store,
     pub client: Client,
     token: Option<Arc<str>>,
+    /// The login cookie's value: HMAC-SHA256 of a fixed label under the token, hex.
+    session: Option<Arc<str>>,
     /// Reads need no token (the address is loopback).
     open_reads: bool,
     /// The port served, for the `Host` check on loopback.
@@ -68,13 +74,15 @@ impl Web {
         dashboard: bool,
         live: Option<Live>,
     ) -> Self {
+        let token: Option<Arc<str>> = config
+            .http
+            .token
+            .as_ref()
+            .map(|t| String::from_utf8_lossy(t.expose()).into());
         Self {
             broker: client.broker().clone(),
-            token: config
-                .http
-                .token
-                .as_ref()
-                .map(|t| String::from_utf8_lossy(t.expose()).into()),
+            session: token.as_deref().map(|t| session_of(t).into()),
+            token,
             open_reads: addr.ip().is_loopback(),
             port: addr.port(),
             config,
@@ -87,7 +95,7 @@ impl Web {
 
     /// The request carries the token (bearer header or login cookie).
     pub fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(token) = &self.token else {
+        let (Some(token), Some(session)) = (&self.token, &self.session) else {
             return false;
         };
         let bearer = headers
@@ -104,7 +112,7 @@ impl Web {
                 .flat_map(|v| v.split(';'))
                 .filter_map(|c| c.trim().strip_prefix(COOKIE_NAME))
                 .filter_map(|c| c.strip_prefix('='))
-                .any(|v| same(v.as_bytes(), token.as_bytes()))
+                .any(|v| same(v.as_bytes(), session.as_bytes()))
     }
 
     /// A state change may go ahead: the token, and (for a browser) a request from our own
@@ -125,6 +133,12 @@ impl Web {
         (self.token.is_none() && self.open_reads) || self.authorized(headers)
     }
 
+    /// `/health` may show its details (clusters' hosts and pids, errors, upkeep figures): to
+    /// whoever may read the pages.
+    fn may_see_health(&self, headers: &HeaderMap) -> bool {
+        self.may_read(headers)
+    }
+
     /// A token is set (the dashboard offers a login).
     pub fn has_token(&self) -> bool {
         self.token.is_some()
@@ -133,14 +147,31 @@ impl Web {
     /// The login cookie for `token`, if it is the right one.
     pub fn login_cookie(&self, token: &str) -> Option<HeaderValue> {
         let t = self.token.as_ref()?;
+        let session = self.session.as_ref()?;
         if !same(token.trim().as_bytes(), t.as_bytes()) {
             return None;
         }
         HeaderValue::from_str(&format!(
-            "{COOKIE_NAME}={t}; HttpOnly; SameSite=Strict; Path=/"
+            "{COOKIE_NAME}={session}; HttpOnly; SameSite=Strict; Path=/"
         ))
         .ok()
     }
+}
+
+/// The login cookie's value for `token`: HMAC-SHA256 of a fixed label keyed by the token, in
+/// hex. Only the server, which holds the token, can make it; it does not reveal the token.
+fn session_of(token: &str) -> String {
+    use hmac::{Hmac, Mac};
+    // HMAC takes a key of any length: this cannot fail.
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(token.as_bytes()) else {
+        return String::new();
+    };
+    mac.update(b"qcluster dashboard login v1");
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// False when a browser says the request comes from another origin (tools such as curl send
@@ -265,8 +296,10 @@ fn refused(status: StatusCode, why: &str) -> Response {
 const NEEDS_TOKEN: &str = "needs the token: `Authorization: Bearer <http.token>`";
 
 /// `/health`: 200 when the broker and the store answer and a cluster of this name published
-/// its status within 3 guard cycles (at least 10 s), else 503; JSON as `qcluster health --json`.
-async fn health(State(web): State<Web>) -> Response {
+/// its status within 3 guard cycles (at least 10 s), else 503; JSON as `qcluster health --json`
+/// to whoever may read the pages, `{"healthy": …}` alone to others (a load balancer needs only
+/// the code).
+async fn health(State(web): State<Web>, headers: HeaderMap) -> Response {
     let max_age = (web.config.guard_cycle * 3).max(Duration::from_secs(10));
     let h = crate::health::assess(&web.config, &web.broker, &web.store, max_age).await;
     let status = if h.healthy {
@@ -274,7 +307,15 @@ async fn health(State(web): State<Web>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(h)).into_response()
+    if web.may_see_health(&headers) {
+        (status, axum::Json(h)).into_response()
+    } else {
+        (
+            status,
+            axum::Json(serde_json::json!({ "healthy": h.healthy })),
+        )
+            .into_response()
+    }
 }
 
 async fn live_figures(live: &Live) -> (crate::metrics::Gauges, crate::counters::Summary) {

@@ -288,9 +288,93 @@ async fn dashboard_pages_escape_and_guard_state_changes(db: Backend) {
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
     );
+    // The cookie is not the token, and it is what authorizes a browser's state change.
+    assert!(!cookie.contains(TOKEN), "{cookie}");
+    let session = cookie
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let (status, _, _) = http(
+        port2,
+        "POST",
+        "/schedules/nope/pause",
+        &[form, ("Cookie", &session)],
+        "",
+    );
+    assert_eq!(status, 303, "the login cookie may act");
+    let raw = format!("qcluster_token={TOKEN}");
+    let (status, _, _) = http(
+        port2,
+        "POST",
+        "/schedules/nope/pause",
+        &[form, ("Cookie", &raw)],
+        "",
+    );
+    assert_eq!(
+        status, 403,
+        "a cookie holding the token itself is not a login"
+    );
     // The token is never printed on a page.
     let (_, _, page) = http(port2, "GET", "/", &[("Authorization", BEARER)], "");
     assert!(!page.contains(TOKEN));
+}
+
+/// Beyond loopback every page needs the token, and `/health` tells a stranger its status only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_loopback_reads_need_the_token() {
+    let w = World::new("http_wide", None);
+    let _c = Guard(w.start());
+    let port = free_port();
+    let _d = Guard(
+        w.cmd(&["dashboard", "--listen", &format!("0.0.0.0:{port}")])
+            .env("QCLUSTER_HTTP__TOKEN", TOKEN)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("dashboard"),
+    );
+    wait_http(port, "/health", 200, Duration::from_secs(30));
+    let (_, _, body) = http(port, "GET", "/health", &[], "");
+    let h: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(h, serde_json::json!({ "healthy": true }), "{body}");
+    let (_, _, body) = http(port, "GET", "/health", &[("Authorization", BEARER)], "");
+    let h: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(h["healthy"], true, "{body}");
+    assert!(
+        h["clusters"].as_array().is_some_and(|c| !c.is_empty()),
+        "{body}"
+    );
+    for page in ["/", "/tasks", "/dead", "/schedules"] {
+        let (status, _, body) = http(port, "GET", page, &[], "");
+        assert!(
+            status == 401 || status == 303,
+            "{page} without the token: {status} {body}"
+        );
+        assert!(!body.contains("<table"), "{page}: {body}");
+        let (status, _, _) = http(port, "GET", page, &[("Authorization", BEARER)], "");
+        assert_eq!(status, 200, "{page} with the token");
+    }
+    // The login page itself answers, and its cookie opens the pages.
+    assert_eq!(http(port, "GET", "/login", &[], "").0, 200);
+    let (status, headers, _) = http(
+        port,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &format!("token={TOKEN}"),
+    );
+    assert_eq!(status, 303);
+    let session = headers["set-cookie"]
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    assert_eq!(
+        http(port, "GET", "/tasks", &[("Cookie", &session)], "").0,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

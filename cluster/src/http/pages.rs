@@ -347,17 +347,17 @@ fn url_params(params: &[(&str, Option<&str>)]) -> String {
     s
 }
 
-/// Percent-encodes a query value.
+/// Everything but RFC 3986's unreserved characters is encoded (in a query value or a path
+/// segment alike).
+const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Percent-encodes a query value or a path segment.
 fn percent(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(v, ENCODED).to_string()
 }
 
 fn pretty(json: &str) -> String {
