@@ -1,6 +1,7 @@
 //! The scheduler through the real `qcluster` binary, on SQLite and PostgreSQL: every slot of an
 //! every-second schedule fires exactly once while three clusters are killed (`kill -9`) and
-//! started; `repeats`; `catch_up = false` after an outage; a malformed row is skipped; bad input
+//! started; `repeats`; `catch_up = false` after an outage, and with it (the default) every
+//! missed slot run; `scheduler = false`; a malformed row is skipped; bad input
 //! is refused naming what is wrong.
 
 #[macro_use]
@@ -208,6 +209,79 @@ async fn no_catch_up_fires_one_slot_after_an_outage(b: Backend) {
     assert!(after > before, "the missed slots were not run at all");
 }
 
+/// `scheduler = false` fires nothing; then, with `catch_up` (the default), every slot missed
+/// while no cluster scheduled runs once the scheduler is back.
+async fn catch_up_runs_every_missed_slot(b: Backend) {
+    sqlx::any::install_default_drivers();
+    let Some(mut w) = world("schedup", b).await else {
+        return;
+    };
+    ok(
+        &w,
+        &[
+            "schedule",
+            "add",
+            "sec",
+            "echo",
+            "--args",
+            "0",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
+    let id: TaskId = show(&w, "sec")["id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("uuid");
+    w.set("QCLUSTER_SCHEDULER", "false");
+    {
+        let _c = Guard(w.start());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            rows_named(&w, "sec").await.is_empty(),
+            "a cluster with scheduler = false fired a slot"
+        );
+    }
+    assert!(show(&w, "sec")["last_run"].is_null());
+    // Nobody schedules for 5 s more, then a cluster with the scheduler on runs for 3 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    w.set("QCLUSTER_SCHEDULER", "true");
+    {
+        let _c = Guard(w.start());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ok(&w, &["schedule", "pause", "sec"]);
+        let s = show(&w, "sec");
+        let last = micros(&s["last_run"]);
+        let slots: Vec<i64> = (0..)
+            .map(|k| micros(&s["anchor"]) + k * 1_000_000)
+            .take_while(|&t| t <= last)
+            .collect();
+        assert!(
+            slots.len() >= 9,
+            "only {} slots fired after 11 s: the missed ones were not caught up",
+            slots.len()
+        );
+        let expected: Vec<TaskId> = slots.iter().map(|&t| slot_task_id(id, t)).collect();
+        let store = w.store().await;
+        let t = Instant::now();
+        loop {
+            let done = store.done_count(&expected).await.expect("count");
+            if done == expected.len() as u64 {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{done} of {} slots ran",
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let rows = rows_named(&w, "sec").await;
+        assert_eq!(rows.len(), expected.len(), "one task per slot");
+    }
+}
+
 async fn a_malformed_row_is_skipped_and_the_rest_fire(b: Backend) {
     sqlx::any::install_default_drivers();
     let Some(w) = world("schedbad", b).await else {
@@ -250,14 +324,54 @@ async fn a_malformed_row_is_skipped_and_the_rest_fire(b: Backend) {
         .execute(&pool)
         .await
         .expect("edit by hand");
-    let mut c = Guard(w.start());
+    // A second row with a cron expression that does not parse.
+    ok(
+        &w,
+        &[
+            "schedule",
+            "add",
+            "badcron",
+            "echo",
+            "--args",
+            "1",
+            "--cron",
+            "* * * * * *",
+        ],
+    );
+    let sql = if w.url.starts_with("postgres") {
+        "UPDATE qcluster_schedule SET cron = 'every full moon' WHERE name = 'badcron' AND cluster = $1"
+    } else {
+        "UPDATE qcluster_schedule SET cron = 'every full moon' WHERE name = 'badcron' AND cluster = ?"
+    };
+    sqlx::query(sql)
+        .bind(w.name.clone())
+        .execute(&pool)
+        .await
+        .expect("edit by hand");
+    let log_dir = tempfile::tempdir().expect("dir");
+    let log_path = log_dir.path().join("run.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut c = Guard(
+        w.cmd(&["run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run"),
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(c.0.try_wait().expect("wait").is_none(), "the cluster died");
     assert!(rows_named(&w, "good").await.len() >= 2);
     assert!(rows_named(&w, "bad").await.is_empty());
-    // `list` still shows both.
+    assert!(rows_named(&w, "badcron").await.is_empty());
+    // Each bad row is reported by name, once (not once per guard cycle).
+    let text = std::fs::read_to_string(&log_path).expect("log");
+    for name in ["bad", "badcron"] {
+        let said = format!("schedule `{name}` skipped");
+        assert_eq!(text.matches(&said).count(), 1, "{said}:\n{text}");
+    }
+    // `list` still shows all three.
     let list = w.json(&["schedule", "list", "--json"], 0);
-    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(3), "{list}");
 }
 
 /// A cluster that claimed a slot and died before enqueueing it: another cluster enqueues the
@@ -393,6 +507,7 @@ on_sqlite_and_postgres!(
     every_second_fires_each_slot_once_across_three_clusters,
     repeats_three_fires_three_times,
     no_catch_up_fires_one_slot_after_an_outage,
+    catch_up_runs_every_missed_slot,
     a_malformed_row_is_skipped_and_the_rest_fire,
     a_slot_claimed_by_a_dead_cluster_is_recovered,
 );

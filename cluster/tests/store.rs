@@ -398,4 +398,76 @@ async fn schedule_slots(store: &Store, cluster: &str) {
             .expect("remove")
     );
     assert!(store.schedules(cluster).await.expect("list").is_empty());
+    claims_race(store, cluster, now).await;
+}
+
+/// Six claimers race for each of 20 slots at once (as clusters whose guard cycles meet do):
+/// exactly one wins each slot, and the winner's `next_run` is what the others see.
+async fn claims_race(store: &Store, cluster: &str, now: i64) {
+    let row = cluster::store::ScheduleRow {
+        id: TaskId::new().to_string(),
+        cluster: cluster.to_owned(),
+        name: "race".into(),
+        func: "echo".into(),
+        args: "1".into(),
+        options: "{}".into(),
+        kind: "minutes".into(),
+        minutes: Some(1),
+        cron: None,
+        tz: None,
+        repeats: -1,
+        anchor: now,
+        next_run: Some(now),
+        last_run: None,
+        last_task: None,
+        pending: None,
+        pending_since: None,
+        enabled: true,
+        created: now,
+        updated: now,
+    };
+    assert!(store.add_schedule(&row).await.expect("add"));
+    let mut slot = now;
+    for round in 0..20 {
+        let next = slot + 60_000_000;
+        let tries = (0..6).map(|k| {
+            let store = store.clone();
+            let id = row.id.clone();
+            tokio::spawn(async move {
+                store
+                    .claim_slot(
+                        &id,
+                        slot,
+                        Some(next),
+                        -1,
+                        slot,
+                        &format!("t{round}-{k}"),
+                        slot,
+                    )
+                    .await
+                    .expect("claim")
+            })
+        });
+        let won = futures::future::join_all(tries)
+            .await
+            .into_iter()
+            .map(|r| r.expect("join"))
+            .filter(|&w| w)
+            .count();
+        assert_eq!(won, 1, "round {round}: {won} claimers won one slot");
+        let got = store
+            .schedule(cluster, "race")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!((got.next_run, got.pending), (Some(next), Some(slot)));
+        store.confirm_slot(&row.id, slot).await.expect("confirm");
+        slot = next;
+    }
+    assert!(
+        store
+            .remove_schedule(cluster, "race")
+            .await
+            .expect("remove")
+    );
 }
