@@ -52,6 +52,11 @@ pub struct AmqpConfig {
     /// The `connection_name` client property shown by `rabbitmqctl list_connections` and the
     /// management UI. Default: `qcluster <queue>`.
     pub connection_name: Option<String>,
+    /// Quorum queues only: declare the queue with `x-delivery-limit` (at least 1). A package
+    /// given back more often than this (`fail`, a lease or prefetch given back, a closed
+    /// channel: RabbitMQ counts every return) is dead-lettered by the server into
+    /// `<queue>.dead`. Default: none, the server's own (unlimited in 3.x, 20 in 4.x).
+    pub delivery_limit: Option<u32>,
 }
 
 impl Default for AmqpConfig {
@@ -63,6 +68,7 @@ impl Default for AmqpConfig {
             prefetch: None,
             max_priority: None,
             connection_name: None,
+            delivery_limit: None,
         }
     }
 }
@@ -125,6 +131,21 @@ impl AmqpConfig {
             }
             _ => {}
         }
+        match (self.delivery_limit, self.queue_type) {
+            (Some(0), _) => {
+                return Err(BrokerError::config(
+                    "amqp.delivery_limit",
+                    "must be at least 1",
+                ));
+            }
+            (Some(_), QueueType::Classic) => {
+                return Err(BrokerError::config(
+                    "amqp.delivery_limit",
+                    "classic queues have no delivery limit; set queue_type = \"quorum\" or remove delivery_limit",
+                ));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -138,6 +159,7 @@ impl fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("max_priority", &self.max_priority)
             .field("connection_name", &self.connection_name)
+            .field("delivery_limit", &self.delivery_limit)
             .finish()
     }
 }

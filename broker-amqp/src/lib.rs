@@ -3,10 +3,11 @@
 //! Layout on the server, for a cluster queue `Q` (any name up to 191 bytes, not starting
 //! with `amq.`):
 //! - `Q`: a durable queue (`x-queue-type` = `quorum` by default, or `classic`), reached through
-//!   the default exchange; packages are persistent messages (delivery mode 2) whose
-//!   `message_id` is the id `enqueue` returned;
-//! - `Q.dead`: a durable queue of the same type holding dead letters, each a copy of the package
-//!   with the headers `x-qcluster-reason` and `x-qcluster-dead-at-us`;
+//!   the default exchange, whose own dead-letter route is `Q.dead` (see below); packages are
+//!   persistent messages (delivery mode 2) whose `message_id` is the id `enqueue` returned;
+//! - `Q.dead`: a durable queue of the same type holding dead letters: the adapter's, each a copy
+//!   of the package with the headers `x-qcluster-reason` and `x-qcluster-dead-at-us`, and those
+//!   the server dead-lettered by itself;
 //! - `Q.delay.<ms>`: holding queues of delayed packages, one per delay (see below).
 //!
 //! `requeue_dead` and `delete_dead` **scan `Q.dead`** for the id (AMQP cannot fetch a message
@@ -15,6 +16,40 @@
 //! once (their order in `Q.dead` may change). The cost is one round trip per dead letter before
 //! the one wanted. `requeue_dead` publishes the package to `Q` as a fresh message (a new
 //! `message_id`, confirmed) before it acknowledges the dead letter.
+//!
+//! # What the server dead-letters
+//!
+//! RabbitMQ drops what it dead-letters from a queue without a dead-letter exchange, and it does
+//! dead-letter by itself: a quorum queue message returned more often than the delivery limit
+//! (`x-delivery-limit`, config `delivery_limit`; unlimited by default in 3.x, 20 in 4.x), where
+//! every return counts (`fail`, a lease or an idle handle's prefetch given back, a closed
+//! channel), and a reject without requeue (this adapter sends none). So `Q` is declared with
+//! `x-dead-letter-exchange = ""` and `x-dead-letter-routing-key = Q.dead`, and on quorum queues
+//! `x-dead-letter-strategy = at-least-once` with `x-overflow = reject-publish` (which that
+//! strategy needs; without a length limit it changes nothing): the message stays in `Q` until
+//! `Q.dead` confirmed it. Classic queues dead-letter at most once, and only on a reject or a
+//! limit an operator's policy adds. `dead_letters` lists such a message with the reason and
+//! time of the newest `x-death` entry (`RabbitMQ dead-lettered it: delivery_limit (queue Q)`;
+//! without one, `dead-lettered by RabbitMQ` and the time it was published); `requeue_dead` and
+//! `delete_dead` treat it like the adapter's own.
+//!
+//! # A queue declared by an older version
+//!
+//! Versions before these arguments declared `Q` without them, and RabbitMQ refuses a
+//! declaration whose arguments differ from the existing queue's (PRECONDITION_FAILED, which
+//! also closes the channel). The adapter then declares `Q` with the arguments the older version
+//! used (which still checks its type and priorities; any other mismatch is a
+//! [`BrokerError::Config`] naming `amqp.queue_type` or `amqp.delivery_limit`) and **runs on with
+//! the queue as it is**, logging at every connection a `warn!` with the `rabbitmqctl
+//! set_policy` command that gives that queue the dead-letter settings in place (`info` shows it
+//! as `dead_letter_fix`), or else to delete the queue once it is empty. It does not refuse to
+//! run: that would stop every worker and every `enqueue`, and the only way to make the
+//! declaration pass would be to delete the queue, so an operator in a hurry could lose what it
+//! holds; running on keeps every package and is no worse than before the upgrade, and the
+//! policy closes the gap without moving a message. While the queue lacks the arguments, the
+//! declaration with them is tried (at each connection, and when a consumer or publish finds the
+//! queue gone) on a channel of its own, so the refusal never closes a working channel, and the
+//! other declarations of `Q` are passive; a queue deleted and declared again gets them.
 //!
 //! # Delays
 //!
@@ -166,6 +201,11 @@ struct Inner {
     server: OnceLock<Option<String>>,
     /// The holding queues this handle published to, by delay in ms (they outlive connections).
     holding: Mutex<HashMap<u64, Holding>>,
+    /// `<queue>` is not known to have its dead-letter arguments: set until a declaration with
+    /// them succeeds, and while the queue refuses them (declared by an older version; see the
+    /// module docs). While set, `declare` tries them on a channel of its own and the other
+    /// declarations of `<queue>` are passive.
+    legacy: AtomicBool,
 }
 
 /// A holding queue (`<queue>.delay.<ms>`) this handle knows.
@@ -299,7 +339,9 @@ impl AmqpBroker {
     /// Connects, declares `<queue>` and `<queue>.dead` (durable, of `queue_type`) and opens the
     /// channels. Fails with [`BrokerError::Unreachable`] or [`BrokerError::Timeout`] (within
     /// `connect_timeout`) when the server does not answer, [`BrokerError::Config`] for invalid
-    /// settings or a queue declared before with other arguments.
+    /// settings or a queue declared before with another type, priorities or delivery limit. A
+    /// queue declared by an older version without dead-letter arguments is used as it is, with
+    /// a warning (see the module docs).
     pub async fn connect(
         config: &AmqpConfig,
         settings: QueueSettings,
@@ -346,6 +388,7 @@ impl AmqpBroker {
             consumer_seq: AtomicU64::new(0),
             server: OnceLock::new(),
             holding: Mutex::new(HashMap::new()),
+            legacy: AtomicBool::new(true),
             settings,
         });
         inner.conn().await?;
@@ -458,16 +501,91 @@ fn random_u64() -> u64 {
     u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
 }
 
-fn queue_args(cfg: &AmqpConfig, main: bool) -> FieldTable {
+/// The arguments of `Q` (`main`) or `Q.dead`. `dead_letters_to`: `Q`'s dead-letter route (its
+/// dead-letter queue) and, on quorum queues, at-least-once dead-lettering and the configured
+/// delivery limit; `None` gives the arguments versions before it declared.
+fn queue_args(cfg: &AmqpConfig, main: bool, dead_letters_to: Option<&str>) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString(cfg.queue_type.as_str().into()),
     );
-    if main && let Some(p) = cfg.max_priority {
+    if !main {
+        return args;
+    }
+    if let Some(p) = cfg.max_priority {
         args.insert("x-max-priority".into(), AMQPValue::LongInt(i32::from(p)));
     }
+    let Some(dead) = dead_letters_to else {
+        return args;
+    };
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dead.into()),
+    );
+    if cfg.queue_type == QueueType::Quorum {
+        // At least once: the server keeps the message until the dead-letter queue confirmed
+        // it. It needs `reject-publish` (no effect without a length limit).
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        if let Some(n) = cfg.delivery_limit {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(n)),
+            );
+        }
+    }
     args
+}
+
+/// A refusal to declare a queue that exists with other arguments (the server closes the channel).
+fn precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(p) if p.get_id() == 406)
+}
+
+/// `s` quoted for a POSIX shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `s` as a JSON string.
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A regular expression matching exactly `s` (RabbitMQ policies match names with PCRE).
+fn regex_exact(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    out.push('^');
+    for c in s.chars() {
+        if "\\^$.|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('$');
+    out
 }
 
 impl Inner {
@@ -486,13 +604,25 @@ impl Inner {
     fn err(&self, op: &str, e: &lapin::Error) -> BrokerError {
         let message = self.scrub(&format!("{op}: {e}"));
         match e.kind() {
-            ErrorKind::ProtocolError(p) if p.get_id() == 406 => BrokerError::Config {
-                key: "amqp.queue_type".into(),
-                message: format!(
-                    "{message} (the queue exists with other arguments: another queue_type or \
-                     max_priority?)"
-                ),
-            },
+            ErrorKind::ProtocolError(p) if p.get_id() == 406 => {
+                if p.get_message().as_str().contains("x-delivery-limit") {
+                    BrokerError::Config {
+                        key: "amqp.delivery_limit".into(),
+                        message: format!(
+                            "{message} (the queue exists with another delivery limit: set \
+                             delivery_limit as it was, or delete the queue once it is empty)"
+                        ),
+                    }
+                } else {
+                    BrokerError::Config {
+                        key: "amqp.queue_type".into(),
+                        message: format!(
+                            "{message} (the queue exists with other arguments: another \
+                             queue_type or max_priority?)"
+                        ),
+                    }
+                }
+            }
             ErrorKind::ProtocolError(_) | ErrorKind::ParsingError(_) => BrokerError::Backend {
                 broker: NAME,
                 message,
@@ -684,6 +814,30 @@ impl Inner {
             broken: AtomicBool::new(false),
         };
         self.declare(&conn).await?;
+        if self.legacy.load(Ordering::SeqCst) {
+            let limit = if self.cfg.delivery_limit.is_some() {
+                "; delivery_limit is not in effect either"
+            } else {
+                ""
+            };
+            warn!(
+                queue = %self.settings.queue,
+                "amqp: queue {q:?} was declared by an older version, without a dead-letter \
+                 exchange: whatever RabbitMQ dead-letters from it by itself (a quorum queue's \
+                 delivery limit, 20 returns by default on RabbitMQ 4) is DROPPED, not moved to \
+                 {dead:?}{limit}. Running on with the queue as it is. Fix it in place, without \
+                 moving a message: {fix} (a queue follows one policy: if another one matches \
+                 it, add these keys to that one instead). Or, once the queue is empty, delete \
+                 it (rabbitmqctl delete_queue -p {vhost} {qq}) and connect again: it is \
+                 declared with them. This warning comes back at every connection while the \
+                 queue's own arguments lack them (AMQP cannot see policies).",
+                q = self.settings.queue,
+                dead = self.dead,
+                fix = self.policy_fix(),
+                vhost = sh_quote(&self.vhost()),
+                qq = sh_quote(&self.settings.queue),
+            );
+        }
         debug!(queue = %self.settings.queue, generation, endpoint = %self.endpoint, "amqp: connected");
         Ok(conn)
     }
@@ -694,19 +848,28 @@ impl Inner {
 
     /// Declares (idempotently) and returns the ready count. Counting on the consuming channel
     /// orders the count after this handle's own acks and nacks (the server handles one
-    /// channel's methods in order), so a just-failed package is counted.
+    /// channel's methods in order), so a just-failed package is counted. `<queue>` without its
+    /// dead-letter arguments ([`Inner::legacy`]) is declared passively: a declaration with
+    /// them would close the channel, and one without them could create it that way.
     async fn declare_on(&self, conn: &Conn, ch: &Channel, main: bool) -> Result<u64, BrokerError> {
         let name = if main {
             &self.settings.queue
         } else {
             &self.dead
         };
+        let passive = main && self.legacy.load(Ordering::SeqCst);
+        let (options, args) = if passive {
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::durable()
+            };
+            (options, FieldTable::default())
+        } else {
+            let args = queue_args(&self.cfg, main, Some(&self.dead));
+            (QueueDeclareOptions::durable(), args)
+        };
         let q = ch
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions::durable(),
-                queue_args(&self.cfg, main),
-            )
+            .queue_declare(name.as_str().into(), options, args)
             .await
             .map_err(|e| {
                 conn.broken.store(true, Ordering::SeqCst);
@@ -715,10 +878,102 @@ impl Inner {
         Ok(u64::from(q.message_count()))
     }
 
+    /// Declares `<queue>` with its dead-letter arguments when it has them or is new. Until one
+    /// such declaration succeeded ([`Inner::legacy`]) it is tried on a channel of its own,
+    /// because a queue declared by an older version refuses them (PRECONDITION_FAILED), which
+    /// closes the channel; such a queue is then declared with the arguments that version used
+    /// (which checks its type and priorities) and stays as it is (see the module docs). A
+    /// queue deleted and declared again later gets them.
+    async fn declare_main(&self, conn: &Conn) -> Result<(), BrokerError> {
+        if self.legacy.load(Ordering::SeqCst) {
+            let name = self.settings.queue.as_str();
+            let probe = conn
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| self.err("open channel", &e))?;
+            match probe
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions::durable(),
+                    queue_args(&self.cfg, true, Some(&self.dead)),
+                )
+                .await
+            {
+                Ok(_) => {
+                    let _ = probe.close(200, "declared".into()).await;
+                    self.legacy.store(false, Ordering::SeqCst);
+                }
+                Err(refused) if precondition_failed(&refused) => {
+                    // The server closed `probe`. Without its dead-letter arguments, the queue
+                    // must match the older declaration; if it does not, the refusal is about
+                    // something else (its type, priorities or delivery limit).
+                    conn.admin
+                        .queue_declare(
+                            name.into(),
+                            QueueDeclareOptions::durable(),
+                            queue_args(&self.cfg, true, None),
+                        )
+                        .await
+                        .map_err(|e| {
+                            conn.broken.store(true, Ordering::SeqCst);
+                            let e = if precondition_failed(&e) {
+                                &refused
+                            } else {
+                                &e
+                            };
+                            self.err("queue.declare", e)
+                        })?;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = probe.close(200, "failed".into()).await;
+                    return Err(self.err("queue.declare", &e));
+                }
+            }
+        }
+        self.declare_on(conn, &conn.admin, true).await.map(|_| ())
+    }
+
     async fn declare(&self, conn: &Conn) -> Result<(), BrokerError> {
-        self.declare_one(conn, true).await?;
+        self.declare_main(conn).await?;
         self.declare_one(conn, false).await?;
         Ok(())
+    }
+
+    /// The virtual host of the URL (`/` by default).
+    fn vhost(&self) -> String {
+        self.cfg
+            .url
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.vhost)
+            .unwrap_or_else(|_| "/".to_owned())
+    }
+
+    /// The `rabbitmqctl set_policy` command that gives `<queue>` the dead-letter settings it
+    /// lacks when an older version declared it (a policy applies to an existing queue at once,
+    /// and its arguments left them unset).
+    fn policy_fix(&self) -> String {
+        let mut def = format!(
+            "{{\"dead-letter-exchange\":\"\",\"dead-letter-routing-key\":{}",
+            json_str(&self.dead)
+        );
+        if self.cfg.queue_type == QueueType::Quorum {
+            def.push_str(
+                ",\"dead-letter-strategy\":\"at-least-once\",\"overflow\":\"reject-publish\"",
+            );
+            if let Some(n) = self.cfg.delivery_limit {
+                def.push_str(&format!(",\"delivery-limit\":{n}"));
+            }
+        }
+        def.push('}');
+        format!(
+            "rabbitmqctl set_policy -p {} --apply-to queues --priority 10 {} {} {}",
+            sh_quote(&self.vhost()),
+            sh_quote(&format!("qcluster-dlx-{}", self.settings.queue)),
+            sh_quote(&regex_exact(&self.settings.queue)),
+            sh_quote(&def)
+        )
     }
 
     /// Publishes all messages (persistent, mandatory) then awaits every confirm. Holding queues
@@ -1320,6 +1575,71 @@ fn header_int(h: Option<&FieldTable>, key: &str) -> Option<i64> {
     }
 }
 
+/// A listed dead letter. Ours carry the reason and the time in headers; one RabbitMQ
+/// dead-lettered by itself (delivery limit, a reject without requeue) has the server's `x-death`
+/// header instead (newest event first), else only `x-first-death-*`.
+fn dead_letter_of(props: &BasicProperties, payload: Vec<u8>) -> DeadLetter {
+    let h = props.headers().as_ref();
+    let (reason, dead_at_us) = match header_str(h, REASON_HEADER) {
+        Some(reason) => (reason, header_int(h, DEAD_AT_HEADER)),
+        None => {
+            let (reason, at) = server_death(h);
+            let sent = props
+                .timestamp()
+                .and_then(|s| i64::try_from(s).ok())
+                .map(|s| s.saturating_mul(1_000_000));
+            (reason, at.or(sent))
+        }
+    };
+    DeadLetter {
+        message_id: MessageId(
+            props
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+        ),
+        reason,
+        deliveries: header_int(h, DELIVERIES_HEADER).and_then(|n| u32::try_from(n).ok()),
+        dead_at_us: dead_at_us.unwrap_or(0),
+        payload,
+    }
+}
+
+/// Why and when (µs) RabbitMQ dead-lettered a message, from its headers.
+fn server_death(h: Option<&FieldTable>) -> (String, Option<i64>) {
+    let newest = match h.and_then(|h| h.inner().get("x-death")) {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().iter().find_map(|v| match v {
+            AMQPValue::FieldTable(t) => Some(t),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let (reason, queue, at) = match newest {
+        Some(t) => (
+            header_str(Some(t), "reason"),
+            header_str(Some(t), "queue"),
+            match t.inner().get("time") {
+                Some(AMQPValue::Timestamp(s)) => {
+                    i64::try_from(*s).ok().map(|s| s.saturating_mul(1_000_000))
+                }
+                _ => None,
+            },
+        ),
+        None => (
+            header_str(h, "x-first-death-reason"),
+            header_str(h, "x-first-death-queue"),
+            None,
+        ),
+    };
+    let text = match (reason, queue) {
+        (Some(r), Some(q)) => format!("RabbitMQ dead-lettered it: {r} (queue {q})"),
+        (Some(r), None) => format!("RabbitMQ dead-lettered it: {r}"),
+        (None, _) => "dead-lettered by RabbitMQ".to_owned(),
+    };
+    (text, at)
+}
+
 #[async_trait]
 impl Broker for AmqpBroker {
     fn name(&self) -> &'static str {
@@ -1533,21 +1853,7 @@ impl Broker for AmqpBroker {
                 Ok(Some(m)) => {
                     total.get_or_insert(u64::from(m.message_count) + 1);
                     let d = m.delivery;
-                    let h = d.properties.headers().as_ref();
-                    out.push(DeadLetter {
-                        message_id: MessageId(
-                            d.properties
-                                .message_id()
-                                .as_ref()
-                                .map(|s| s.as_str().to_owned())
-                                .unwrap_or_default(),
-                        ),
-                        reason: header_str(h, REASON_HEADER).unwrap_or_default(),
-                        deliveries: header_int(h, DELIVERIES_HEADER)
-                            .and_then(|n| u32::try_from(n).ok()),
-                        dead_at_us: header_int(h, DEAD_AT_HEADER).unwrap_or(0),
-                        payload: d.data,
-                    });
+                    out.push(dead_letter_of(&d.properties, d.data));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -1779,6 +2085,23 @@ impl Broker for AmqpBroker {
         if let Some(p) = i.cfg.max_priority {
             details.insert("max_priority".into(), p.to_string());
         }
+        details.insert(
+            "delivery_limit".into(),
+            i.cfg
+                .delivery_limit
+                .map_or_else(|| "server default".to_owned(), |n| n.to_string()),
+        );
+        if i.legacy.load(Ordering::SeqCst) {
+            details.insert(
+                "dead_letter_exchange".into(),
+                "none: the queue was declared by an older version; what RabbitMQ dead-letters \
+                 from it is dropped"
+                    .into(),
+            );
+            details.insert("dead_letter_fix".into(), i.policy_fix());
+        } else {
+            details.insert("dead_letter_exchange".into(), format!("\"\" -> {}", i.dead));
+        }
         if let Some(c) = i.current() {
             details.insert("connected".into(), c.healthy().to_string());
         }
@@ -1808,6 +2131,10 @@ impl Broker for AmqpBroker {
                 ),
                 "enqueue returns after the publisher confirm; messages are persistent in a \
                  durable queue"
+                    .into(),
+                "what RabbitMQ dead-letters by itself (a quorum queue's delivery limit, a \
+                 reject) goes to <queue>.dead too (at least once on quorum queues), listed with \
+                 the reason from its x-death header"
                     .into(),
                 "requeue_dead and delete_dead scan <queue>.dead with basic.get (one round trip \
                  per dead letter before the one wanted; those passed over are put back when the \
@@ -1933,6 +2260,107 @@ mod tests {
     }
 
     #[test]
+    fn server_dead_letters_are_described_from_their_headers() {
+        let entry = |reason: &str, queue: &str, time: u64| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            t.insert("queue".into(), AMQPValue::LongString(queue.into()));
+            t.insert("time".into(), AMQPValue::Timestamp(time));
+            t.insert("count".into(), AMQPValue::LongLongInt(1));
+            AMQPValue::FieldTable(t)
+        };
+        // Newest first: the delivery limit, not the holding queue's expiry before it.
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![
+                    entry("delivery_limit", "jobs", 1_700_000_100),
+                    entry("expired", "jobs.delay.1000", 1_700_000_000),
+                ]
+                .into(),
+            ),
+        );
+        h.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("expired".into()),
+        );
+        let props = BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_timestamp(1_600_000_000)
+            .with_headers(h);
+        let d = dead_letter_of(&props, b"p".to_vec());
+        assert_eq!(
+            d.reason,
+            "RabbitMQ dead-lettered it: delivery_limit (queue jobs)"
+        );
+        assert_eq!(d.dead_at_us, 1_700_000_100_000_000);
+        assert_eq!(d.message_id.0, "m1");
+        assert_eq!(d.deliveries, None);
+        // Without x-death: x-first-death-*, then the message's own timestamp.
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("rejected".into()),
+        );
+        let props = BasicProperties::default()
+            .with_timestamp(1_600_000_000)
+            .with_headers(h);
+        let d = dead_letter_of(&props, Vec::new());
+        assert_eq!(d.reason, "RabbitMQ dead-lettered it: rejected");
+        assert_eq!(d.dead_at_us, 1_600_000_000_000_000);
+        let d = dead_letter_of(&BasicProperties::default(), Vec::new());
+        assert_eq!(
+            (d.reason.as_str(), d.dead_at_us),
+            ("dead-lettered by RabbitMQ", 0)
+        );
+        // Ours keep their own reason, time and count.
+        let mut h = FieldTable::default();
+        h.insert(REASON_HEADER.into(), AMQPValue::LongString("bad".into()));
+        h.insert(DEAD_AT_HEADER.into(), AMQPValue::LongLongInt(42));
+        h.insert(DELIVERIES_HEADER.into(), AMQPValue::LongLongInt(3));
+        let d = dead_letter_of(&BasicProperties::default().with_headers(h), Vec::new());
+        assert_eq!(
+            (d.reason.as_str(), d.dead_at_us, d.deliveries),
+            ("bad", 42, Some(3))
+        );
+    }
+
+    #[test]
+    fn the_advised_policy_command_quotes_what_it_names() {
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        assert_eq!(regex_exact("a.b(c)"), "^a\\.b\\(c\\)$");
+        let args = queue_args(
+            &AmqpConfig {
+                delivery_limit: Some(4),
+                ..AmqpConfig::default()
+            },
+            true,
+            Some("q.dead"),
+        );
+        let keys: Vec<&str> = args.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "x-dead-letter-exchange",
+                "x-dead-letter-routing-key",
+                "x-dead-letter-strategy",
+                "x-delivery-limit",
+                "x-overflow",
+                "x-queue-type"
+            ]
+        );
+        let classic = AmqpConfig {
+            queue_type: QueueType::Classic,
+            ..AmqpConfig::default()
+        };
+        assert_eq!(queue_args(&classic, true, Some("q.dead")).inner().len(), 3);
+        assert_eq!(queue_args(&classic, true, None).inner().len(), 1);
+        assert_eq!(queue_args(&classic, false, Some("q.dead")).inner().len(), 1);
+    }
+
+    #[test]
     fn config_defaults_and_masking() {
         let c: AmqpConfig = serde_json::from_str(
             r#"{"url":"amqp://bob:s3cret-pw@h:5672/%2f","queue_type":"classic","max_priority":5}"#,
@@ -1956,5 +2384,19 @@ mod tests {
                 .to_string()
                 .contains("max_priority")
         );
+        for (queue_type, limit) in [(QueueType::Classic, 3), (QueueType::Quorum, 0)] {
+            let c = AmqpConfig {
+                queue_type,
+                delivery_limit: Some(limit),
+                ..AmqpConfig::default()
+            };
+            assert!(
+                matches!(c.validate(), Err(BrokerError::Config { key, .. }) if key == "amqp.delivery_limit"),
+                "{queue_type:?} {limit}"
+            );
+        }
+        let c: AmqpConfig = serde_json::from_str(r#"{"delivery_limit":20}"#).unwrap();
+        assert_eq!(c.delivery_limit, Some(20));
+        assert!(c.validate().is_ok());
     }
 }

@@ -1,7 +1,8 @@
 //! What the AMQP adapter promises beyond the kit, against RabbitMQ at 127.0.0.1:5672: publisher
 //! confirms, the adapter lease and stale receipts on a live channel, extend, dead letters with
-//! their reason, and a connection closed mid-run. Skips loudly when RabbitMQ is down (panics
-//! under `QCLUSTER_REQUIRE_SERVICES=1`).
+//! their reason (the adapter's and the server's own), a queue declared by an older version,
+//! and a connection closed mid-run. Skips loudly when RabbitMQ is down (panics under
+//! `QCLUSTER_REQUIRE_SERVICES=1`).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -33,14 +34,16 @@ fn settings(q: &str, retry: Duration) -> QueueSettings {
 async fn open(cfg: &AmqpConfig, s: QueueSettings) -> Option<AmqpBroker> {
     match AmqpBroker::connect(cfg, s).await {
         Ok(b) => Some(b),
-        Err(e) => {
-            if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!("RabbitMQ required but unreachable: {e}");
-            }
-            eprintln!("skipped: RabbitMQ unreachable: {e}");
-            None
-        }
+        Err(e) => unreachable_server(e),
     }
+}
+
+fn unreachable_server<T>(e: impl std::fmt::Display) -> Option<T> {
+    if std::env::var("QCLUSTER_REQUIRE_SERVICES").as_deref() == Ok("1") {
+        panic!("RabbitMQ required but unreachable: {e}");
+    }
+    eprintln!("skipped: RabbitMQ unreachable: {e}");
+    None
 }
 
 fn cfg_named(name: &str) -> AmqpConfig {
@@ -482,4 +485,280 @@ async fn delays_wait_in_holding_queues() {
         }
         cleanup(&b, &q).await;
     }
+}
+
+/// Fails the package (requeue) on every delivery until the server dead-letters it; returns how
+/// many times it was failed and the dead letters then listed.
+async fn fail_until_dead(
+    b: &AmqpBroker,
+    within: Duration,
+) -> (usize, Vec<broker_core::DeadLetter>) {
+    let deadline = Instant::now() + within;
+    let mut fails = 0;
+    loop {
+        for d in b.dequeue().await.expect("dequeue") {
+            b.fail(&d.ack).await.unwrap();
+            fails += 1;
+        }
+        let dead = b.dead_letters(10).await.unwrap();
+        if !dead.is_empty() {
+            return (fails, dead);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not dead-lettered after {fails} fails within {within:?}"
+        );
+    }
+}
+
+/// What RabbitMQ dead-letters by itself lands in `<queue>.dead`: with `delivery_limit = 2`, a
+/// package failed (requeued) until the server gives up on it is listed with the delivery limit
+/// as its reason (not the `expired` of the holding queue it came through), has left the queue,
+/// and `requeue_dead` brings it back as a fresh package that is dequeued and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delivery_limit_dead_letters_into_the_dead_letter_queue() {
+    let q = queue("dlimit");
+    let cfg = AmqpConfig {
+        delivery_limit: Some(2),
+        ..AmqpConfig::new(url())
+    };
+    let Some(b) = open(&cfg, settings(&q, Duration::from_secs(30))).await else {
+        return;
+    };
+    assert_eq!(
+        b.info().await.unwrap().details["dead_letter_exchange"],
+        format!("\"\" -> {q}.dead")
+    );
+    let t0 = broker_core::now_us();
+    // Through a holding queue first: its message then carries an `expired` x-death entry.
+    let id = b
+        .enqueue(Message::new(b"poison".to_vec()).with_delay(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    let (fails, dead) = fail_until_dead(&b, Duration::from_secs(20)).await;
+    eprintln!("dead-lettered after {fails} fails: {dead:?}");
+    // RabbitMQ counts every return (our idle give-backs too): at most limit + 1 fails.
+    assert!((1..=3).contains(&fails), "{fails} fails");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let d = &dead[0];
+    assert_eq!(d.message_id, id);
+    assert_eq!(d.payload, b"poison");
+    assert_eq!(
+        d.reason,
+        format!("RabbitMQ dead-lettered it: delivery_limit (queue {q})")
+    );
+    let now = broker_core::now_us();
+    assert!(
+        d.dead_at_us >= t0 - 1_000_000 && d.dead_at_us <= now + 1_000_000,
+        "dead at {} (test ran {t0}..{now})",
+        d.dead_at_us
+    );
+    assert_eq!(b.queue_size().await.unwrap(), 0, "still in the queue");
+    assert_eq!(b.dead_letter_size().await.unwrap(), Some(1));
+    // Requeued like one of ours: a fresh package in the queue, gone from the dead letters.
+    assert!(b.requeue_dead(&id).await.unwrap());
+    assert_eq!(b.dead_letter_size().await.unwrap(), Some(0));
+    assert_eq!(b.queue_size().await.unwrap(), 1);
+    let back = drain(&b, 1, Duration::from_secs(5)).await;
+    assert_eq!(back[0].payload, b"poison");
+    assert_ne!(back[0].message_id, id, "requeued as a fresh message");
+    assert_eq!(back[0].deliveries, Some(1));
+    b.acknowledge(&back[0].ack).await.unwrap();
+    assert_eq!(b.queue_size().await.unwrap(), 0);
+    assert!(b.dequeue().await.unwrap().is_empty());
+    assert!(b.dead_letters(10).await.unwrap().is_empty());
+    // A delivery limit on a classic queue is refused, naming the key.
+    let classic = AmqpConfig {
+        queue_type: QueueType::Classic,
+        ..cfg.clone()
+    };
+    match AmqpBroker::connect(&classic, settings(&q, Duration::from_secs(30))).await {
+        Err(BrokerError::Config { key, .. }) => assert_eq!(key, "amqp.delivery_limit"),
+        other => panic!("delivery_limit on a classic queue gave {other:?}"),
+    }
+    cleanup(&b, &q).await;
+}
+
+fn rabbitmqctl_works() -> bool {
+    Command::new("rabbitmqctl")
+        .args(["-q", "status"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The policy `rabbitmqctl list_queues` shows for queue `q` (empty for none).
+fn policy_of(q: &str) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "policy"])
+        .output()
+        .expect("rabbitmqctl list_queues");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| {
+            let (name, policy) = l.split_once('\t')?;
+            (name == q).then(|| policy.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// A queue declared by an older version (no dead-letter arguments) refuses the new declaration
+/// (PRECONDITION_FAILED). The adapter runs on with it as it is, losing nothing it holds, and
+/// reports the missing dead-letter exchange with the `rabbitmqctl set_policy` command that adds
+/// it; that command works (the server then dead-letters into `<queue>.dead`); `delete_queue`
+/// declares it again with the arguments; a queue with another delivery limit is refused,
+/// naming `amqp.delivery_limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_of_an_older_version_runs_on_and_the_advised_policy_works() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let q = queue("legacy");
+    let raw = match lapin::Connection::connect(&url(), lapin::ConnectionProperties::default()).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _: Option<()> = unreachable_server(e);
+            return;
+        }
+    };
+    // Declared the way earlier versions did (x-queue-type alone), with a package in it.
+    let ch = raw.create_channel().await.unwrap();
+    for n in [q.clone(), format!("{q}.dead")] {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(n.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await
+            .unwrap();
+    }
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        q.as_str().into(),
+        BasicPublishOptions::default(),
+        b"old",
+        lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id("old-1".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = raw.close(200, "declared the old way".into()).await;
+
+    let cfg = AmqpConfig {
+        delivery_limit: Some(1),
+        ..AmqpConfig::new(url())
+    };
+    let s = settings(&q, Duration::from_secs(30));
+    let b = AmqpBroker::connect(&cfg, s.clone())
+        .await
+        .expect("a queue of an older version is used as it is");
+    let info = b.info().await.unwrap();
+    assert!(
+        info.details["dead_letter_exchange"].starts_with("none"),
+        "{:?}",
+        info.details
+    );
+    let fix = info.details["dead_letter_fix"].clone();
+    eprintln!("advised: {fix}");
+    assert!(fix.starts_with("rabbitmqctl set_policy -p '/' --apply-to queues"));
+    assert!(fix.contains(&format!("\"dead-letter-routing-key\":\"{q}.dead\"")));
+    assert!(fix.contains("\"delivery-limit\":1"));
+    // Nothing lost, and the channels stay usable (no declaration closes them).
+    for _ in 0..3 {
+        assert_eq!(b.queue_size().await.unwrap(), 1);
+        b.ping().await.unwrap();
+    }
+    let second = open(&cfg, s.clone()).await.unwrap();
+    second.enqueue(Message::new(b"new".to_vec())).await.unwrap();
+    let mut got = drain(&b, 2, Duration::from_secs(5)).await;
+    got.sort_by(|x, y| x.payload.cmp(&y.payload));
+    assert_eq!(got[0].payload, b"new");
+    assert_eq!(got[1].payload, b"old");
+    assert_eq!(got[1].message_id.0, "old-1");
+    b.acknowledge(&got[0].ack).await.unwrap();
+    b.fail(&got[1].ack).await.unwrap();
+    assert_eq!(
+        b.info()
+            .await
+            .unwrap()
+            .details
+            .get("connected")
+            .map(String::as_str),
+        Some("true")
+    );
+    drop(second);
+
+    if rabbitmqctl_works() {
+        // The advised command, run as printed: the server dead-letters into <queue>.dead.
+        let out = Command::new("sh").args(["-c", &fix]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{fix}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let policy = format!("qcluster-dlx-{q}");
+        let until = Instant::now() + Duration::from_secs(10);
+        while policy_of(&q) != policy {
+            assert!(
+                Instant::now() < until,
+                "policy not applied: {:?}",
+                policy_of(&q)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (fails, dead) = fail_until_dead(&b, Duration::from_secs(20)).await;
+        eprintln!("dead-lettered under the policy after {fails} more fails: {dead:?}");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].message_id.0, "old-1");
+        assert_eq!(
+            dead[0].reason,
+            format!("RabbitMQ dead-lettered it: delivery_limit (queue {q})")
+        );
+        assert!(dead[0].dead_at_us > 0);
+        assert!(b.requeue_dead(&dead[0].message_id).await.unwrap());
+        let back = drain(&b, 1, Duration::from_secs(5)).await;
+        assert_eq!(back[0].payload, b"old");
+        b.acknowledge(&back[0].ack).await.unwrap();
+        let out = Command::new("rabbitmqctl")
+            .args(["clear_policy", "-p", "/", &policy])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    } else {
+        eprintln!("skipped the policy check: no rabbitmqctl");
+    }
+
+    // delete_queue declares it again, now with its dead-letter arguments.
+    b.delete_queue().await.unwrap();
+    assert_eq!(
+        b.info().await.unwrap().details["dead_letter_exchange"],
+        format!("\"\" -> {q}.dead")
+    );
+    let fresh = open(&cfg, s.clone()).await.unwrap();
+    assert!(
+        !fresh
+            .info()
+            .await
+            .unwrap()
+            .details
+            .contains_key("dead_letter_fix")
+    );
+    // The queue now has a delivery limit of 1: another one is refused, naming the key.
+    let other = AmqpConfig {
+        delivery_limit: Some(5),
+        ..cfg.clone()
+    };
+    match AmqpBroker::connect(&other, s).await {
+        Err(BrokerError::Config { key, message }) => {
+            assert_eq!(key, "amqp.delivery_limit", "{message}")
+        }
+        other => panic!("another delivery limit gave {other:?}"),
+    }
+    cleanup(&b, &q).await;
 }
