@@ -11,7 +11,10 @@
 //!   them and slow down.
 //! - MySQL / MariaDB: InnoDB's history list length (`trx_rseg_history_len`): undo the purge
 //!   thread has not caught up with, which long transactions make grow.
-//! - SQLite: free pages in the file and the journal mode.
+//! - SQLite: free pages in the file, the journal mode and the size of the write-ahead log
+//!   (`<file>-wal`). The log is reset only when a checkpoint reaches its end; a reader that
+//!   never lets go (a long read transaction, a stuck process) keeps it growing with every
+//!   write, and every read then searches it.
 //!
 //! A figure past its threshold adds a note starting with `WARNING:`.
 
@@ -22,6 +25,10 @@ use crate::db::{Db, on_db};
 /// Dead tuples past which a warning is given (and past a fifth of the live ones).
 #[cfg(feature = "postgres")]
 const DEAD_TUPLES_WARN: i64 = 100_000;
+/// SQLite write-ahead log size past which a warning is given (a healthy one stays near
+/// `wal_autocheckpoint`'s 1,000 pages, 4 MiB).
+#[cfg(feature = "sqlite")]
+const WAL_WARN: u64 = 256 << 20;
 /// InnoDB history list length past which a warning is given.
 #[cfg(feature = "mysql")]
 const HISTORY_WARN: i64 = 1_000_000;
@@ -161,6 +168,24 @@ impl Backend for sqlx::SqlitePool {
             .await
         {
             u.details.insert("server.journal_mode".into(), mode);
+        }
+        // The main database's file; none for an in-memory one.
+        let file: Option<String> =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_optional(self)
+                .await
+                .ok()
+                .flatten()
+                .filter(|f: &String| !f.is_empty());
+        if let Some(file) = file {
+            let wal = std::fs::metadata(format!("{file}-wal")).map_or(0, |m| m.len());
+            u.details.insert("server.wal_bytes".into(), wal.to_string());
+            if wal > WAL_WARN {
+                u.warnings.push(format!(
+                    "WARNING: the write-ahead log {file}-wal holds {} MiB: checkpoints cannot                      reach its end (a long read transaction, or a process that holds one                      open?), and every read searches it",
+                    wal >> 20
+                ));
+            }
         }
     }
 }

@@ -273,6 +273,56 @@ async fn mariadb_limit_follows_max_allowed_packet() {
     assert!(cap > 1024 * 1024 && cap <= 16 * 1024 * 1024, "limit {cap}");
 }
 
+/// `info` shows what matters for the upkeep of each backend's queue: InnoDB's history list on
+/// MariaDB, the write-ahead log and free pages on SQLite.
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn mariadb_info_shows_the_history_list() {
+    let url = mysql_url();
+    if !reachable(&url).await {
+        return;
+    }
+    let b = open(&url, queue("upkeep")).await;
+    let info = b.info().await.expect("info");
+    let h = info
+        .details
+        .get("server.innodb_history_list_length")
+        .unwrap_or_else(|| panic!("no history list length: {:?}", info.details));
+    assert!(h.parse::<i64>().is_ok_and(|h| h >= 0), "{h}");
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_info_shows_the_write_ahead_log() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}/upkeep.sqlite3", dir.path().display());
+    let b = open(&url, queue("upkeep")).await;
+    for _ in 0..200 {
+        b.enqueue(Message::new(vec![7u8; 4096]))
+            .await
+            .expect("enqueue");
+    }
+    let info = b.info().await.expect("info");
+    let d = &info.details;
+    assert_eq!(
+        d.get("server.journal_mode").map(String::as_str),
+        Some("wal"),
+        "{d:?}"
+    );
+    let wal: u64 = d
+        .get("server.wal_bytes")
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no WAL size: {d:?}"));
+    let on_disk = std::fs::metadata(dir.path().join("upkeep.sqlite3-wal")).map_or(0, |m| m.len());
+    assert!(wal > 0 && wal == on_disk, "wal {wal}, file {on_disk}");
+    assert!(d.contains_key("server.free_bytes"), "{d:?}");
+    assert!(
+        info.notes.iter().all(|n| !n.starts_with("WARNING")),
+        "{:?}",
+        info.notes
+    );
+}
+
 /// With LISTEN/NOTIFY a waiting consumer wakes when another connection enqueues, long before its
 /// poll interval: without the notification this dequeue would come back empty after 8 s.
 #[cfg(feature = "postgres")]

@@ -455,9 +455,23 @@ async fn health_reports_the_queue_tables_upkeep_on_postgres() {
             .expect("psql");
         assert!(ok.success(), "{sql}");
     };
+    /// Puts the shared test database's setting back even when an assertion below fails.
+    struct Reset(String);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("psql")
+                .args([
+                    self.0.as_str(),
+                    "-qc",
+                    "ALTER TABLE qcluster_queue RESET (autovacuum_enabled)",
+                ])
+                .status();
+        }
+    }
+    let reset = Reset(url.clone());
     psql("ALTER TABLE qcluster_queue SET (autovacuum_enabled = off)");
     let h = w.json(&["health", "--json"], 1);
-    psql("ALTER TABLE qcluster_queue RESET (autovacuum_enabled)");
+    drop(reset);
     let autovacuum = h["upkeep"]["queue_table.autovacuum"].as_str().unwrap_or("");
     assert!(autovacuum.starts_with("off"), "{h}");
     let warnings = h["warnings"].as_array().expect("warnings");
