@@ -93,7 +93,18 @@ fn echo_with_hook(id: TaskId, args: &str, group: &str) -> TaskPackage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_runs_exactly_once_per_task_also_after_duplicate_deliveries() {
-    let w = World::new("hook1", None);
+    hook_runs_exactly_once("async").await;
+}
+
+/// The same with process workers: the hook runs in a child like any task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_runs_exactly_once_with_process_workers() {
+    hook_runs_exactly_once("process").await;
+}
+
+async fn hook_runs_exactly_once(mode: &str) {
+    let mut w = World::new(&format!("hook1{mode}"), None);
+    w.set("QCLUSTER_WORKER_MODE", mode);
     let parent = enqueue_id(
         &w,
         &[

@@ -310,6 +310,71 @@ async fn final_failures_are_posted_to_the_webhook_with_retries() {
     assert!(!shown.contains("secret-path-token"), "{shown}");
 }
 
+/// A webhook that accepts connections and never answers: each POST gives up after
+/// `error_reporter.timeout`, and the workers never wait for it (100 tasks, 20 of them failing,
+/// finish long before 20 reports could have timed out one after another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_webhook_never_holds_the_workers() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Read nothing, answer nothing, keep the connection open.
+            held.push(sock);
+        }
+    });
+    let mut w = World::new("reporter_hang", None);
+    w.set(
+        "QCLUSTER_ERROR_REPORTER__WEBHOOK",
+        format!("http://{addr}/hook"),
+    )
+    .set("QCLUSTER_ERROR_REPORTER__TIMEOUT", 2)
+    .set("QCLUSTER_ERROR_REPORTER__RETRIES", 0)
+    .set("QCLUSTER_MAX_ATTEMPTS", 1)
+    .set("QCLUSTER_WORKERS", 2);
+    let lines: Vec<String> = (0..100)
+        .map(|i| {
+            if i % 5 == 0 {
+                format!(r#"{{"func": "fail", "args": "no {i}"}}"#)
+            } else {
+                format!(r#"{{"func": "echo", "args": {i}}}"#)
+            }
+        })
+        .collect();
+    let ids = w.enqueue_lines(&lines);
+    let (mut run, _log) = run_logged(&w);
+    let t = Instant::now();
+    w.wait_done(&ids, Duration::from_secs(30)).await;
+    let took = t.elapsed();
+    // Twenty reports one after another would take 40 s at 2 s each.
+    assert!(
+        took < Duration::from_secs(15),
+        "100 tasks took {took:?} with a hanging webhook"
+    );
+    // The reporter did try: a POST is waiting on the silent server, and a second one comes
+    // once the first timed out.
+    let t = Instant::now();
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the reporter did not go on after a timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the cluster stops promptly, the webhook still silent.
+    common::signal(&run.0, "TERM");
+    assert_eq!(
+        common::wait_exit(&mut run.0, Duration::from_secs(20)),
+        Some(0)
+    );
+}
+
 /// On a terminal `result --wait` says what it waits for; piped, it prints nothing extra.
 /// (`script` from util-linux gives the command a terminal.)
 #[test]

@@ -72,7 +72,8 @@ fn ensure_secret(config: &crate::Config) -> Res {
         .map_err(|e| Fail::runtime(format!("cannot write {}: {e}", path.display())))?;
     println!(
         "created a random signing secret in {} (mode 0600); producers and clusters of this \
-         project must share it",
+         project must share it (elsewhere, make one with `head -c 32 /dev/urandom | base64` \
+         and set QCLUSTER_SECRET or secret_file)",
         path.display()
     );
     Ok(())
