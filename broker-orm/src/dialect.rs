@@ -202,8 +202,8 @@ impl Statements {
                  WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1"),
             delete: r("DELETE FROM qcluster_queue WHERE id = ? AND queue = ?"),
             dead_copy: r(
-                "INSERT INTO qcluster_dead (queue, message_id, payload, reason, deliveries, dead_at) \
-                 SELECT queue, id, payload, ?, deliveries, NOW_US FROM qcluster_queue \
+                "INSERT INTO qcluster_dead (queue, message_id, payload, reason, deliveries, dead_at, tier) \
+                 SELECT queue, id, payload, ?, deliveries, NOW_US, tier FROM qcluster_queue \
                  WHERE id = ? AND queue = ? AND deliveries = ? AND leased = 1",
             ),
             dead_delete: r(
@@ -217,14 +217,13 @@ impl Statements {
             dead_lock: match d {
                 Dialect::Sqlite => None,
                 _ => Some(r(
-                    "SELECT id FROM qcluster_dead WHERE queue = ? AND message_id = ? FOR UPDATE",
+                    "SELECT tier FROM qcluster_dead WHERE queue = ? AND message_id = ? FOR UPDATE",
                 )),
             },
-            // A fresh package: never delivered, due now, default priority (the dead-letter
-            // table keeps no priority).
+            // A fresh package: never delivered, due now, at the priority it had.
             dead_requeue: r(
                 "INSERT INTO qcluster_queue (queue, payload, tier, due_at, lease_until, leased, deliveries, enqueued_at) \
-                 SELECT queue, payload, 0, NOW_US, 0, 0, 0, NOW_US FROM qcluster_dead \
+                 SELECT queue, payload, tier, NOW_US, 0, 0, 0, NOW_US FROM qcluster_dead \
                  WHERE queue = ? AND message_id = ?",
             ),
             dead_remove: r("DELETE FROM qcluster_dead WHERE queue = ? AND message_id = ?"),

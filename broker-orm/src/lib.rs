@@ -948,18 +948,20 @@ impl Broker for OrmBroker {
         let i = &self.inner;
         let err = i.ctx.err("requeue_dead");
         let queue = i.settings.queue.as_str();
-        let moved = on_db!(&i.db, p => {
+        let (moved, tier) = on_db!(&i.db, p => {
             let mut tx = p.begin().await.map_err(&err)?;
-            let present = match &i.sql.dead_lock {
-                Some(sql) => !sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            // The dead letter's tier, locked (SQLite: the write lock of the transaction serves,
+            // and the floor the tier is for is PostgreSQL's alone).
+            let tier: Option<i32> = match &i.sql.dead_lock {
+                Some(sql) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
                     .bind(queue)
                     .bind(mid)
-                    .fetch_all(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await
-                    .map_err(&err)?
-                    .is_empty(),
-                None => true,
+                    .map_err(&err)?,
+                None => Some(0),
             };
+            let present = tier.is_some();
             let mut moved = false;
             if present {
                 let inserted = sqlx::query(sqlx::AssertSqlSafe(i.sql.dead_requeue.clone()))
@@ -980,10 +982,10 @@ impl Broker for OrmBroker {
             }
             #[cfg(feature = "postgres")]
             if moved && i.ctx.dialect == Dialect::Postgres {
-                // A fresh package at priority 0, due now: the start of tier 0 covers it.
+                // A fresh package due now: the start of its tier covers it.
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(LISTEN_CHANNEL)
-                    .bind(floor::notice((0, i64::MIN, i64::MIN), queue))
+                    .bind(floor::notice((tier.unwrap_or(0), i64::MIN, i64::MIN), queue))
                     .execute(&mut *tx)
                     .await
                     .map_err(&err)?;
@@ -993,10 +995,10 @@ impl Broker for OrmBroker {
             } else {
                 tx.rollback().await.map_err(&err)?;
             }
-            moved
+            (moved, tier.unwrap_or(0))
         });
         if moved {
-            i.floor.lower((0, i64::MIN, i64::MIN));
+            i.floor.lower((tier, i64::MIN, i64::MIN));
             i.wake.notify_waiters();
             tracing::info!(queue, message_id = mid, "dead letter requeued");
         }
@@ -1128,7 +1130,7 @@ impl Broker for OrmBroker {
                 "at least once: a package not acknowledged within `retry` is delivered again".into(),
                 "acknowledge deletes the row; fail makes it ready again with its delivery count raised".into(),
                 "claims are atomic: a package is leased to one consumer at a time".into(),
-                "a requeued dead letter comes back at priority 0 (qcluster_dead keeps no priority)".into(),
+                "a requeued dead letter comes back as a first delivery, due now, at its priority".into(),
             ]
             .into_iter()
             .chain((i.ctx.dialect == Dialect::Postgres).then(|| {

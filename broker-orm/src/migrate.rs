@@ -178,7 +178,19 @@ pub const MIGRATIONS: &[Migration] = &[
             Some(MYSQL_PRIORITY_GONE),
         ],
     },
+    Migration {
+        version: 3,
+        description: "dead letters keep their tier, so a requeued one keeps its priority",
+        // Adding a column with a constant default rewrites nothing on any of the three.
+        sqlite: &["ALTER TABLE qcluster_dead ADD COLUMN tier INTEGER NOT NULL DEFAULT 0"],
+        postgres: &["ALTER TABLE qcluster_dead ADD COLUMN tier INTEGER NOT NULL DEFAULT 0"],
+        mysql: &["ALTER TABLE qcluster_dead ADD COLUMN tier INT NOT NULL DEFAULT 0"],
+        mysql_done_if: &[Some(MYSQL_DEAD_HAS_TIER)],
+    },
 ];
+
+const MYSQL_DEAD_HAS_TIER: &str = "SELECT COUNT(*) FROM information_schema.columns \
+    WHERE table_schema = DATABASE() AND table_name = 'qcluster_dead' AND column_name = 'tier'";
 
 const MYSQL_HAS_DUE_AT: &str = "SELECT COUNT(*) FROM information_schema.columns \
     WHERE table_schema = DATABASE() AND table_name = 'qcluster_queue' AND column_name = 'due_at'";

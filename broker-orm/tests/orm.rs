@@ -750,7 +750,33 @@ mod resume {
         a.delete_queue().await.expect("delete queue");
     }
 
+    /// A dead letter of priority 5, requeued behind 30 packages of priority 0, comes first.
+    async fn a_requeued_dead_letter_keeps_its_priority(url: &str) {
+        let a = open(url, settings("deadprio", 5, Duration::from_secs(30))).await;
+        a.enqueue(Message::new(b"urgent".to_vec()).with_priority(5))
+            .await
+            .expect("enqueue urgent");
+        let got = a.dequeue().await.expect("dequeue");
+        assert_eq!(got.len(), 1);
+        a.dead_letter(&got[0].ack, "test").await.expect("dead letter");
+        let dead = a.dead_letters(10).await.expect("dead letters");
+        assert_eq!(dead.len(), 1);
+        let low: Vec<Message> = (0..30u8).map(|k| Message::new(vec![k; 8])).collect();
+        a.enqueue_many(low).await.expect("enqueue");
+        let first = a.dequeue().await.expect("dequeue");
+        ack(&a, &first).await;
+        assert!(a.requeue_dead(&dead[0].message_id).await.expect("requeue"));
+        let next = a.dequeue().await.expect("dequeue");
+        assert_eq!(
+            next.first().map(|d| &d.payload[..]),
+            Some(&b"urgent"[..]),
+            "the requeued dead letter kept its priority"
+        );
+        a.delete_queue().await.expect("delete queue");
+    }
+
     async fn all(url: &str) {
+        a_requeued_dead_letter_keeps_its_priority(url).await;
         higher_priority_from_elsewhere_goes_first(url).await;
         lapsed_leases_behind_come_back(url).await;
         a_delayed_urgent_package_is_not_passed_over(url).await;

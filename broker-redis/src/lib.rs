@@ -747,6 +747,11 @@ impl Broker for RedisBroker {
                 .await
                 .map_err(self.err("dead_letters"))?;
             let info = info.unwrap_or_default();
+            // `P<priority>|` first since version 3 of the layout; older entries lack it.
+            let info = match info.strip_prefix('P') {
+                Some(rest) => rest.split_once('|').map_or("", |(_, r)| r),
+                None => info.as_str(),
+            };
             let mut parts = info.splitn(3, '|');
             let deliveries = parts.next().and_then(|s| s.parse().ok());
             let at_ms: i64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -761,7 +766,7 @@ impl Broker for RedisBroker {
         Ok(out)
     }
 
-    /// One script: the package goes to the end of band 0 with a new id, then leaves the dead
+    /// One script: the package goes to the end of its priority's band with a new id, then leaves the dead
     /// letters (reliable mode only, like `dead_letter`).
     async fn requeue_dead(&self, id: &MessageId) -> Result<bool, BrokerError> {
         let i = &self.inner;

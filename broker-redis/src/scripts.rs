@@ -14,7 +14,8 @@
 //!   delivery) names a batch that is gone;
 //! - `seq` (counter of ids, never deleted; batch ids come from the client: a random prefix per
 //!   handle and a counter, never reused), `signal` (LIST that wakes blocked
-//!   consumers), `dead` (ZSET id → ms), `deadinfo` (HASH id → `deliveries|ms|reason`),
+//!   consumers), `dead` (ZSET id → ms), `deadinfo` (HASH id → `P<priority>|deliveries|ms|reason`;
+//!   written before version 3 without the `P<priority>|` part, read as priority 0),
 //!   `deaddata` (HASH id → payload).
 //!
 //! The scripts do no per-package string work on the hot path (that is what made Lua the cost):
@@ -277,7 +278,7 @@ pub fn dead_letter() -> String {
         r#"
 local blob = take(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[4])
 if not blob then return 0 end
-local id, n, at = string.match(blob, '^(%d+):(%d+):%-?%d+:()')
+local id, n, p, at = string.match(blob, '^(%d+):(%d+):(%-?%d+):()')
 local payload = blob
 if id then
   payload = string.sub(blob, at)
@@ -285,10 +286,11 @@ if id then
 else
   id = 'malformed-' .. string.format('%d', redis.call('INCR', KEYS[7]))
   n = 1
+  p = '0'
 end
 local now = string.format('%d', clock())
 redis.call('HSET', KEYS[6], id, payload)
-redis.call('HSET', KEYS[5], id, n .. '|' .. now .. '|' .. ARGV[3])
+redis.call('HSET', KEYS[5], id, 'P' .. p .. '|' .. n .. '|' .. now .. '|' .. ARGV[3])
 redis.call('ZADD', KEYS[4], now, id)
 return 1
 "#
@@ -296,8 +298,8 @@ return 1
 }
 
 /// KEYS: seq, ready base, bands, signal, dead, deadinfo, deaddata. ARGV: id (as `dead` lists
-/// it). Puts dead letter `id` back at the end of band 0 as a fresh package (a new id, no
-/// delivery yet; dead letters keep no priority) and removes it from `dead`, `deadinfo` and
+/// it). Puts dead letter `id` back at the end of its priority's band as a fresh package (a new
+/// id, no delivery yet) and removes it from `dead`, `deadinfo` and
 /// `deaddata`, in one step. Returns 1, or 0 when there is no such dead letter.
 pub fn requeue_dead() -> String {
     format!(
@@ -305,8 +307,10 @@ pub fn requeue_dead() -> String {
         r#"
 if not redis.call('ZSCORE', KEYS[5], ARGV[1]) then return 0 end
 local payload = redis.call('HGET', KEYS[7], ARGV[1]) or ''
+local info = redis.call('HGET', KEYS[6], ARGV[1]) or ''
+local p = string.match(info, '^P(%-?%d+)|') or '0'
 local id = redis.call('INCR', KEYS[1])
-push(KEYS[2], KEYS[3], string.format('%d', id) .. ':0:0:' .. payload, false)
+push(KEYS[2], KEYS[3], string.format('%d', id) .. ':0:' .. p .. ':' .. payload, false)
 redis.call('LPUSH', KEYS[4], 1)
 redis.call('LTRIM', KEYS[4], 0, 63)
 redis.call('ZREM', KEYS[5], ARGV[1])

@@ -224,3 +224,38 @@ async fn claims_survive_a_script_flush() {
     assert_eq!(b.lock_size().await.expect("lock_size"), Some(0));
     b.delete_queue().await.expect("delete_queue");
 }
+
+/// A dead letter of priority 5, requeued behind 30 packages of priority 0, comes first; the
+/// listing still reads its deliveries and reason.
+#[tokio::test]
+async fn a_requeued_dead_letter_keeps_its_priority() {
+    let Some((b, _)) = open("deadprio", 5).await else {
+        return;
+    };
+    b.enqueue(Message::new(b"urgent".to_vec()).with_priority(5))
+        .await
+        .expect("enqueue urgent");
+    let got = b.dequeue().await.expect("dequeue");
+    assert_eq!(got.len(), 1);
+    b.dead_letter(&got[0].ack, "given up | twice")
+        .await
+        .expect("dead letter");
+    let dead = b.dead_letters(10).await.expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "given up | twice");
+    assert_eq!(dead[0].deliveries, Some(1));
+    assert!(dead[0].dead_at_us > 0);
+    let low: Vec<Message> = (0..30u8).map(|k| Message::new(vec![k; 8])).collect();
+    b.enqueue_many(low).await.expect("enqueue");
+    let first = b.dequeue().await.expect("dequeue");
+    let acks: Vec<_> = first.iter().map(|d| d.ack.clone()).collect();
+    b.acknowledge_many(&acks).await.expect("ack");
+    assert!(b.requeue_dead(&dead[0].message_id).await.expect("requeue"));
+    let next = b.dequeue().await.expect("dequeue");
+    assert_eq!(
+        next.first().map(|d| &d.payload[..]),
+        Some(&b"urgent"[..]),
+        "the requeued dead letter kept its priority"
+    );
+    b.delete_queue().await.expect("delete queue");
+}
