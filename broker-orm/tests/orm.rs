@@ -758,7 +758,9 @@ mod resume {
             .expect("enqueue urgent");
         let got = a.dequeue().await.expect("dequeue");
         assert_eq!(got.len(), 1);
-        a.dead_letter(&got[0].ack, "test").await.expect("dead letter");
+        a.dead_letter(&got[0].ack, "test")
+            .await
+            .expect("dead letter");
         let dead = a.dead_letters(10).await.expect("dead letters");
         assert_eq!(dead.len(), 1);
         let low: Vec<Message> = (0..30u8).map(|k| Message::new(vec![k; 8])).collect();
