@@ -428,7 +428,9 @@ async fn concurrent_dead_letters_of_one_receipt_keep_exactly_one_copy() {
 #[tokio::test]
 async fn an_expired_lease_counts_as_waiting() {
     let Some(db) = Db::new().await else { return };
-    let b = db.open(Db::settings("lapsed", 2, 300)).await;
+    // A lease long enough that the stand-in server, slow under a loaded machine, answers the
+    // two counts below well within it.
+    let b = db.open(Db::settings("lapsed", 2, 3000)).await;
     b.enqueue_many(vec![
         Message::new(b"a".to_vec()),
         Message::new(b"b".to_vec()),
@@ -439,7 +441,7 @@ async fn an_expired_lease_counts_as_waiting() {
     assert_eq!(held.len(), 2);
     assert_eq!(b.lock_size().await.expect("lock"), Some(2));
     assert_eq!(b.queue_size().await.expect("size"), 0);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     // Nobody holds them any more: they wait to be delivered again, and purge takes them.
     assert_eq!(b.lock_size().await.expect("lock"), Some(0));
     assert_eq!(b.queue_size().await.expect("size"), 2);

@@ -243,11 +243,38 @@ impl Store {
             message: redact(&message, password.as_deref()),
             fault: StoreFault::Transient,
         };
+        let sqlite = dialect == Dialect::Sqlite;
         let pool = tokio::time::timeout(
             timeout + Duration::from_millis(500),
             AnyPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(timeout)
+                // SQLite: the write-ahead log (as the SQL broker sets on its file), and with it
+                // `synchronous = NORMAL`, which syncs at checkpoints rather than at every
+                // commit: as safe against a crash of the process, only a power cut may lose
+                // the last commits. With a rollback journal and `FULL`, every saved batch and
+                // run claim waits for several fsyncs while the single connection is held, and
+                // on a busy disk the workers' reads queue behind it past the acquire timeout.
+                // Switching to WAL cannot wait for a lock: if another process is switching the
+                // file at the same moment, this connection keeps what the file has.
+                .after_connect(move |conn, _meta| {
+                    Box::pin(async move {
+                        if sqlite {
+                            let _ = sqlx::query("PRAGMA journal_mode = WAL")
+                                .execute(&mut *conn)
+                                .await;
+                            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                                .fetch_one(&mut *conn)
+                                .await?;
+                            if mode.eq_ignore_ascii_case("wal") {
+                                sqlx::query("PRAGMA synchronous = NORMAL")
+                                    .execute(&mut *conn)
+                                    .await?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
                 .connect(&url),
         )
         .await

@@ -32,6 +32,23 @@ fn ok(w: &World, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Adds schedule `name`: `echo` with `args`, on the cron `* * * * * *` (every second).
+fn every_second(w: &World, name: &str, args: &str) {
+    ok(
+        w,
+        &[
+            "schedule",
+            "add",
+            name,
+            "echo",
+            "--args",
+            args,
+            "--cron",
+            "* * * * * *",
+        ],
+    );
+}
+
 fn show(w: &World, name: &str) -> serde_json::Value {
     w.json(&["schedule", "show", name, "--json"], 0)
 }
@@ -71,19 +88,7 @@ async fn every_second_fires_each_slot_once_across_three_clusters(b: Backend) {
     w.set("QCLUSTER_GUARD_CYCLE", 0.2)
         .set("QCLUSTER_TIMEOUT", 2)
         .set("QCLUSTER_RETRY", 5);
-    ok(
-        &w,
-        &[
-            "schedule",
-            "add",
-            "tick",
-            "echo",
-            "--args",
-            "1",
-            "--cron",
-            "* * * * * *",
-        ],
-    );
+    every_second(&w, "tick", "1");
     let s = show(&w, "tick");
     let id: TaskId = s["id"].as_str().expect("id").parse().expect("uuid");
     let mut clusters: Vec<Guard> = (0..3).map(|_| Guard(w.start())).collect();
@@ -171,19 +176,7 @@ async fn no_catch_up_fires_one_slot_after_an_outage(b: Backend) {
     let Some(mut w) = world("schedcatch", b).await else {
         return;
     };
-    ok(
-        &w,
-        &[
-            "schedule",
-            "add",
-            "sec",
-            "echo",
-            "--args",
-            "0",
-            "--cron",
-            "* * * * * *",
-        ],
-    );
+    every_second(&w, "sec", "0");
     {
         let _c = Guard(w.start());
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -216,19 +209,7 @@ async fn catch_up_runs_every_missed_slot(b: Backend) {
     let Some(mut w) = world("schedup", b).await else {
         return;
     };
-    ok(
-        &w,
-        &[
-            "schedule",
-            "add",
-            "sec",
-            "echo",
-            "--args",
-            "0",
-            "--cron",
-            "* * * * * *",
-        ],
-    );
+    every_second(&w, "sec", "0");
     let id: TaskId = show(&w, "sec")["id"]
         .as_str()
         .expect("id")
@@ -287,32 +268,8 @@ async fn a_malformed_row_is_skipped_and_the_rest_fire(b: Backend) {
     let Some(w) = world("schedbad", b).await else {
         return;
     };
-    ok(
-        &w,
-        &[
-            "schedule",
-            "add",
-            "good",
-            "echo",
-            "--args",
-            "1",
-            "--cron",
-            "* * * * * *",
-        ],
-    );
-    ok(
-        &w,
-        &[
-            "schedule",
-            "add",
-            "bad",
-            "echo",
-            "--args",
-            "1",
-            "--cron",
-            "* * * * * *",
-        ],
-    );
+    every_second(&w, "good", "1");
+    every_second(&w, "bad", "1");
     let pool = sqlx::AnyPool::connect(&w.url).await.expect("pool");
     let sql = if w.url.starts_with("postgres") {
         "UPDATE qcluster_schedule SET kind = 'fortnightly' WHERE name = 'bad' AND cluster = $1"
@@ -325,19 +282,7 @@ async fn a_malformed_row_is_skipped_and_the_rest_fire(b: Backend) {
         .await
         .expect("edit by hand");
     // A second row with a cron expression that does not parse.
-    ok(
-        &w,
-        &[
-            "schedule",
-            "add",
-            "badcron",
-            "echo",
-            "--args",
-            "1",
-            "--cron",
-            "* * * * * *",
-        ],
-    );
+    every_second(&w, "badcron", "1");
     let sql = if w.url.starts_with("postgres") {
         "UPDATE qcluster_schedule SET cron = 'every full moon' WHERE name = 'badcron' AND cluster = $1"
     } else {

@@ -168,7 +168,16 @@ async fn store_semantics(url: &str) {
 #[tokio::test]
 async fn sqlite() {
     let dir = tempfile::tempdir().expect("dir");
-    store_semantics(&format!("sqlite://{}/s.sqlite3", dir.path().display())).await;
+    let url = format!("sqlite://{}/s.sqlite3", dir.path().display());
+    store_semantics(&url).await;
+    // A store on a file of its own writes ahead (commits need no fsync each).
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.expect("pool");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .expect("journal_mode");
+    assert_eq!(mode, "wal");
 }
 
 #[cfg(feature = "orm-postgres")]
@@ -274,13 +283,12 @@ async fn run_claims_and_iterator_pruning(store: &Store, cluster: &str) {
     assert!(store.known(&[item]).await.expect("known").is_empty());
 }
 
-/// Schedule rows: one per name, slots claimed by one caller only, pending slots recovered.
-async fn schedule_slots(store: &Store, cluster: &str) {
-    let now = now_us();
-    let row = cluster::store::ScheduleRow {
+/// A `minutes` schedule of `cluster` named `name`, every minute from `now`, due now.
+fn every_minute(cluster: &str, name: &str, now: i64) -> cluster::store::ScheduleRow {
+    cluster::store::ScheduleRow {
         id: TaskId::new().to_string(),
         cluster: cluster.to_owned(),
-        name: "every".into(),
+        name: name.into(),
         func: "echo".into(),
         args: "1".into(),
         options: "{}".into(),
@@ -298,7 +306,13 @@ async fn schedule_slots(store: &Store, cluster: &str) {
         enabled: true,
         created: now,
         updated: now,
-    };
+    }
+}
+
+/// Schedule rows: one per name, slots claimed by one caller only, pending slots recovered.
+async fn schedule_slots(store: &Store, cluster: &str) {
+    let now = now_us();
+    let row = every_minute(cluster, "every", now);
     assert!(store.add_schedule(&row).await.expect("add"));
     assert!(
         !store.add_schedule(&row).await.expect("add again"),
@@ -404,28 +418,7 @@ async fn schedule_slots(store: &Store, cluster: &str) {
 /// Six claimers race for each of 20 slots at once (as clusters whose guard cycles meet do):
 /// exactly one wins each slot, and the winner's `next_run` is what the others see.
 async fn claims_race(store: &Store, cluster: &str, now: i64) {
-    let row = cluster::store::ScheduleRow {
-        id: TaskId::new().to_string(),
-        cluster: cluster.to_owned(),
-        name: "race".into(),
-        func: "echo".into(),
-        args: "1".into(),
-        options: "{}".into(),
-        kind: "minutes".into(),
-        minutes: Some(1),
-        cron: None,
-        tz: None,
-        repeats: -1,
-        anchor: now,
-        next_run: Some(now),
-        last_run: None,
-        last_task: None,
-        pending: None,
-        pending_since: None,
-        enabled: true,
-        created: now,
-        updated: now,
-    };
+    let row = every_minute(cluster, "race", now);
     assert!(store.add_schedule(&row).await.expect("add"));
     let mut slot = now;
     for round in 0..20 {
