@@ -475,6 +475,14 @@ fn holding_args(queue: &str, ms: u64) -> FieldTable {
         "x-expires".into(),
         AMQPValue::LongLongInt(i64::try_from(expires).unwrap_or(i64::MAX)),
     );
+    dead_letter_into(&mut args, queue, true);
+    args
+}
+
+/// Routes what the server dead-letters from a queue into `queue` (through the default
+/// exchange); `at_least_once` (quorum queues only) keeps each message until `queue` confirmed
+/// it, which needs `reject-publish` (no effect without a length limit).
+fn dead_letter_into(args: &mut FieldTable, queue: &str, at_least_once: bool) {
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString("".into()),
@@ -483,15 +491,16 @@ fn holding_args(queue: &str, ms: u64) -> FieldTable {
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(queue.into()),
     );
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        AMQPValue::LongString("at-least-once".into()),
-    );
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    args
+    if at_least_once {
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
 }
 
 fn random_u64() -> u64 {
@@ -519,31 +528,13 @@ fn queue_args(cfg: &AmqpConfig, main: bool, dead_letters_to: Option<&str>) -> Fi
     let Some(dead) = dead_letters_to else {
         return args;
     };
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(dead.into()),
-    );
-    if cfg.queue_type == QueueType::Quorum {
-        // At least once: the server keeps the message until the dead-letter queue confirmed
-        // it. It needs `reject-publish` (no effect without a length limit).
+    let quorum = cfg.queue_type == QueueType::Quorum;
+    dead_letter_into(&mut args, dead, quorum);
+    if quorum && let Some(n) = cfg.delivery_limit {
         args.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(n)),
         );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
-        if let Some(n) = cfg.delivery_limit {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(n)),
-            );
-        }
     }
     args
 }

@@ -49,6 +49,24 @@ fn every_second(w: &World, name: &str, args: &str) {
     );
 }
 
+/// Waits until every slot's task in `expected` has a final result; panics after `limit`.
+async fn wait_slots_ran(w: &World, expected: &[TaskId], limit: Duration) {
+    let store = w.store().await;
+    let t = Instant::now();
+    loop {
+        let done = store.done_count(expected).await.expect("count");
+        if done == expected.len() as u64 {
+            return;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "{done} of {} slots ran: a slot was lost",
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn show(w: &World, name: &str) -> serde_json::Value {
     w.json(&["schedule", "show", name, "--json"], 0)
 }
@@ -118,20 +136,7 @@ async fn every_second_fires_each_slot_once_across_three_clusters(b: Backend) {
     assert!(slots.len() >= 18, "only {} slots in 20 s", slots.len());
     let expected: Vec<TaskId> = slots.iter().map(|&t| slot_task_id(id, t)).collect();
     // Every slot has run by now or runs within a few seconds (the clusters keep running).
-    let store = w.store().await;
-    let t = Instant::now();
-    loop {
-        let done = store.done_count(&expected).await.expect("count");
-        if done == expected.len() as u64 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{done} of {} slots ran: a slot was lost",
-            expected.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_slots_ran(&w, &expected, Duration::from_secs(30)).await;
     let rows = rows_named(&w, "tick").await;
     let ids: HashSet<TaskId> = rows.iter().map(|r| r.id).collect();
     let want: HashSet<TaskId> = expected.iter().copied().collect();
@@ -244,20 +249,7 @@ async fn catch_up_runs_every_missed_slot(b: Backend) {
             slots.len()
         );
         let expected: Vec<TaskId> = slots.iter().map(|&t| slot_task_id(id, t)).collect();
-        let store = w.store().await;
-        let t = Instant::now();
-        loop {
-            let done = store.done_count(&expected).await.expect("count");
-            if done == expected.len() as u64 {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "{done} of {} slots ran",
-                expected.len()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_slots_ran(&w, &expected, Duration::from_secs(20)).await;
         let rows = rows_named(&w, "sec").await;
         assert_eq!(rows.len(), expected.len(), "one task per slot");
     }
