@@ -74,11 +74,7 @@ impl Web {
         dashboard: bool,
         live: Option<Live>,
     ) -> Self {
-        let token: Option<Arc<str>> = config
-            .http
-            .token
-            .as_ref()
-            .map(|t| String::from_utf8_lossy(t.expose()).into());
+        let token: Option<Arc<str>> = config.http.token.as_ref().map(|t| t.reveal().into());
         Self {
             broker: client.broker().clone(),
             session: token.as_deref().map(|t| session_of(t).into()),
@@ -131,12 +127,6 @@ impl Web {
     /// `/metrics` and `/stats.json` may be read.
     fn may_scrape(&self, headers: &HeaderMap) -> bool {
         (self.token.is_none() && self.open_reads) || self.authorized(headers)
-    }
-
-    /// `/health` may show its details (clusters' hosts and pids, errors, upkeep figures): to
-    /// whoever may read the pages.
-    fn may_see_health(&self, headers: &HeaderMap) -> bool {
-        self.may_read(headers)
     }
 
     /// A token is set (the dashboard offers a login).
@@ -307,7 +297,8 @@ async fn health(State(web): State<Web>, headers: HeaderMap) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    if web.may_see_health(&headers) {
+    // Details (hosts, pids, errors, upkeep figures) to whoever may read the pages.
+    if web.may_read(&headers) {
         (status, axum::Json(h)).into_response()
     } else {
         (

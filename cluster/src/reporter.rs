@@ -141,13 +141,12 @@ pub(crate) fn start(
         Some(dsn) => {
             let key = "error_reporter.sentry_dsn";
             // The DSN holds the project's key: never echoed, not even in the error.
-            let dsn: sentry::types::Dsn =
-                String::from_utf8_lossy(dsn.expose()).parse().map_err(|_| {
-                    ConfigError::new(
-                        key,
-                        "is not a Sentry DSN (https://KEY@HOST/PROJECT_ID)".to_owned(),
-                    )
-                })?;
+            let dsn: sentry::types::Dsn = dsn.reveal().parse().map_err(|_| {
+                ConfigError::new(
+                    key,
+                    "is not a Sentry DSN (https://KEY@HOST/PROJECT_ID)".to_owned(),
+                )
+            })?;
             let http = http_client(section.timeout, key)?;
             let mut options = sentry::ClientOptions::default();
             options.dsn = Some(dsn);
